@@ -1,0 +1,283 @@
+"""The one training loop every method uses.
+
+What it guarantees: the learning rate at iteration i depends only on i (so a ticket retrained from
+step k sees exactly the schedule the dense run saw there); the batches of epoch e depend only on the
+data seed and e (so a resumed run replays them without replaying earlier epochs); a checkpoint is
+written atomically at every epoch end and holds everything needed to continue bit-for-bit on CPU.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lottery.engine.callbacks import Callback
+from lottery.engine.checkpoint import load_checkpoint, save_checkpoint
+from lottery.engine.evaluate import evaluate
+from lottery.engine.schedule import LRSchedule
+from lottery.step import Step
+from lottery.errors import CheckpointError, NumericalError
+from lottery.hparams import TrainingHparams
+
+
+def make_optimizer(
+    params: Iterable[nn.Parameter] | Sequence[dict],
+    hp: TrainingHparams,
+    *,
+    weight_decay: float | None = None,
+) -> torch.optim.Optimizer:
+    """The recipe's optimizer over ``params``; ``weight_decay`` overrides the recipe's (CS logits: 0)."""
+    wd = hp.weight_decay if weight_decay is None else weight_decay
+    params = list(params)
+    if hp.optimizer == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(
+            params, lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov, weight_decay=wd
+        )
+    else:
+        opt = torch.optim.Adam(params, lr=hp.lr, weight_decay=wd)
+    for group in opt.param_groups:
+        group["base_lr"] = group["lr"]
+    return opt
+
+
+class Trainer:
+    """Trains ``model`` from ``start`` to the end of ``hp.training_steps`` with the given optimizers.
+
+    ``eval_loaders`` maps a split name ("val", "test") to a loader evaluated every ``hp.eval_every``
+    and at the end. ``checkpoint_path``: where to save at every epoch end and resume from if present.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train_loader,
+        hp: TrainingHparams,
+        *,
+        optimizers: Sequence[torch.optim.Optimizer] | None = None,
+        eval_loaders: dict[str, Any] | None = None,
+        callbacks: Sequence[Callback] = (),
+        device: str | torch.device = "cpu",
+        checkpoint_path: str | Path | None = None,
+        start: str | int = 0,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+        progress: bool = True,
+        desc: str = "train",
+        log: Callable[[str], None] | None = None,
+    ):
+        self.model = model
+        self.train_loader = train_loader
+        self.hp = hp
+        self.device = torch.device(device)
+        self.optimizers = list(optimizers) if optimizers is not None else [make_optimizer(model.parameters(), hp)]
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group.setdefault("base_lr", group["lr"])
+        self.eval_loaders = dict(eval_loaders or {})
+        self.callbacks = list(callbacks)
+        self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
+        self.loss_fn = loss_fn
+        self.progress = progress
+        self.desc = desc
+        self.log = log or _default_log
+
+        self.iterations_per_epoch = len(train_loader)
+        if self.iterations_per_epoch == 0:
+            raise ValueError("the training loader yields no batches (is the training set smaller than a batch?)")
+        self.schedule = LRSchedule(hp, self.iterations_per_epoch)
+        self.end = Step.parse(hp.training_steps, self.iterations_per_epoch)
+        self.start = Step.parse(start, self.iterations_per_epoch)
+        if self.start > self.end:
+            raise ValueError(f"start step {self.start} is after the end of training {self.end}")
+        self.eval_interval = Step.parse(hp.eval_every, self.iterations_per_epoch).iteration
+        self.iteration = self.start.iteration
+        self.history: list[dict[str, Any]] = []
+        self.wall_seconds = 0.0
+        self.last_loss: torch.Tensor | None = None
+        self._train_loss_sum = torch.zeros((), device=self.device)
+        self._train_loss_count = 0
+
+    # -- public ------------------------------------------------------------------------------------
+    @property
+    def step(self) -> Step:
+        return Step(self.iteration, self.iterations_per_epoch)
+
+    @property
+    def epoch(self) -> int:
+        return self.iteration // self.iterations_per_epoch
+
+    def lr(self) -> float:
+        return self.optimizers[0].param_groups[0]["lr"]
+
+    def fit(self) -> list[dict[str, Any]]:
+        """Train to the end (resuming from the checkpoint when there is one); return metrics rows."""
+        self._maybe_resume()
+        self.model.to(self.device)
+        self.model.train()
+        for cb in self.callbacks:
+            cb.on_fit_start(self)
+        t_start = time.perf_counter() - self.wall_seconds
+        while self.iteration < self.end.iteration:
+            self._run_epoch(t_start)
+        self.wall_seconds = time.perf_counter() - t_start
+        for cb in self.callbacks:
+            cb.on_fit_end(self)
+        return self.history
+
+    def evaluate_now(self) -> dict[str, Any]:
+        """Evaluate every eval split now and record one metrics row."""
+        row: dict[str, Any] = {"step": self.iteration, "epoch": round(self.step.epochs, 4), "lr": self.lr()}
+        if self._train_loss_count:
+            row["train_loss"] = (self._train_loss_sum / self._train_loss_count).item()
+        for split, loader in self.eval_loaders.items():
+            m = evaluate(self.model, loader, self.device)
+            row[f"{split}_loss"] = m["loss"]
+            row[f"{split}_accuracy"] = m["top1"]
+            row[f"{split}_top5"] = m["top5"]
+        for cb in self.callbacks:
+            cb.on_evaluate(self, row)
+        self.history.append(row)
+        return row
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def _run_epoch(self, t_start: float) -> None:
+        epoch = self.epoch
+        skip = self.iteration - epoch * self.iterations_per_epoch
+        if hasattr(self.train_loader, "set_epoch"):
+            self.train_loader.set_epoch(epoch)
+        for cb in self.callbacks:
+            cb.on_epoch_start(self, epoch)
+        self._train_loss_sum.zero_()
+        self._train_loss_count = 0
+        t0 = time.perf_counter()
+        remaining = min(self.iterations_per_epoch - skip, self.end.iteration - self.iteration)
+        batches = itertools.islice(iter(self.train_loader), skip, skip + remaining)
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=remaining, desc=f"{self.desc} ep {epoch + 1}/{math.ceil(self.end.epochs)}",
+                       leave=False, unit="it", dynamic_ncols=True)
+        for x, y in batches:
+            self._train_step(x, y)
+            if bar is not None:
+                bar.update(1)
+            if self.iteration % self.eval_interval == 0 or self.iteration == self.end.iteration:
+                row = self.evaluate_now()
+                if self.iteration % self.iterations_per_epoch != 0 and self.iteration != self.end.iteration:
+                    continue
+                self._log_row(row, time.perf_counter() - t0)
+        if bar is not None:
+            bar.close()
+        for cb in self.callbacks:
+            cb.on_epoch_end(self, epoch)
+        self.wall_seconds = time.perf_counter() - t_start
+        self._save()
+
+    def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        mult = self.schedule(self.iteration)
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * mult
+        for cb in self.callbacks:
+            cb.on_step_start(self)
+        x = x.to(self.device, non_blocking=True)
+        y = y.to(self.device, non_blocking=True)
+        logits = self.model(x)
+        task_loss = self.loss_fn(logits, y)
+        loss = task_loss
+        for cb in self.callbacks:
+            extra = cb.extra_loss(self)
+            if extra is not None:
+                loss = loss + extra
+        if not torch.isfinite(loss):
+            raise NumericalError(
+                f"the loss became {loss.item()} at step {self.step} (iteration {self.iteration}); the last good "
+                f"checkpoint is kept. Try a smaller learning rate (now {self.lr():g})"
+                " or, for sparsity methods, a smaller penalty (lam)."
+            )
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for opt in self.optimizers:
+            opt.step()
+        self.iteration += 1
+        self.last_loss = task_loss.detach()
+        self._train_loss_sum += self.last_loss
+        self._train_loss_count += 1
+        for cb in self.callbacks:
+            cb.on_step_end(self)
+
+    def _log_row(self, row: dict[str, Any], seconds: float) -> None:
+        parts = [f"{self.desc} epoch {row['epoch']:g}/{self.end.epochs:g}"]
+        if "train_loss" in row:
+            parts.append(f"loss {row['train_loss']:.4f}")
+        for split in self.eval_loaders:
+            parts.append(f"{split} {100 * row[f'{split}_accuracy']:.2f}%")
+        extras = [k for k in row if k not in {"step", "epoch", "lr", "train_loss"} and not k.startswith(tuple(self.eval_loaders))]
+        for k in extras:
+            v = row[k]
+            parts.append(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}")
+        parts.append(f"lr {row['lr']:.3g}")
+        parts.append(f"{seconds:.1f}s")
+        self.log("  ".join(parts))
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def _save(self) -> None:
+        if self.checkpoint_path is None:
+            return
+        save_checkpoint(
+            self.checkpoint_path,
+            model_state=self.model.state_dict(),
+            optimizer_states=[opt.state_dict() for opt in self.optimizers],
+            info={
+                "iteration": self.iteration,
+                "iterations_per_epoch": self.iterations_per_epoch,
+                "history": self.history,
+                "wall_seconds": self.wall_seconds,
+                "callbacks": [cb.state_dict() for cb in self.callbacks],
+                "hparams": self.hp.to_dict(),
+            },
+        )
+
+    def _maybe_resume(self) -> None:
+        if self.checkpoint_path is None or not self.checkpoint_path.exists():
+            return
+        ckpt = load_checkpoint(self.checkpoint_path)
+        info = ckpt.info
+        if info.get("iterations_per_epoch") != self.iterations_per_epoch:
+            raise CheckpointError(
+                f"{self.checkpoint_path} was written with {info.get('iterations_per_epoch')} iterations per epoch, "
+                f"this run has {self.iterations_per_epoch}: it belongs to another configuration"
+            )
+        if info.get("hparams") != self.hp.to_dict():
+            raise CheckpointError(f"{self.checkpoint_path} was written with other training hparams; "
+                                  "use another output folder or delete the checkpoint")
+        try:
+            self.model.load_state_dict(ckpt.model_state)
+        except RuntimeError as e:
+            raise CheckpointError(f"{self.checkpoint_path} does not fit this model: {e}") from None
+        if len(ckpt.optimizer_states) != len(self.optimizers):
+            raise CheckpointError(f"{self.checkpoint_path} holds {len(ckpt.optimizer_states)} optimizer states, "
+                                  f"this run has {len(self.optimizers)}")
+        for opt, state in zip(self.optimizers, ckpt.optimizer_states):
+            opt.load_state_dict(state)
+        for cb, state in zip(self.callbacks, info.get("callbacks", [])):
+            cb.load_state_dict(state)
+        ckpt.restore_rng()
+        self.iteration = int(info["iteration"])
+        self.history = list(info.get("history", []))
+        self.wall_seconds = float(info.get("wall_seconds", 0.0))
+        self.log(f"{self.desc}: resumed from {self.checkpoint_path} at step {self.step}")
+
+
+def _default_log(msg: str) -> None:
+    from tqdm.auto import tqdm
+
+    tqdm.write(msg)

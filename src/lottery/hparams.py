@@ -1,0 +1,247 @@
+"""Typed, frozen hyperparameters: validated on creation, hashed to name run folders, turned into flags.
+
+Following open_lth: every group of hparams is a frozen dataclass. Frozen, because they are hashed to
+name run folders (a mutable hparam that changes after hashing would file a run under the wrong name).
+Only fields that differ from their default enter the hash, so adding a new field with a default keeps
+every existing folder name valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+from lottery.step import validate_step_spec
+from lottery.errors import ConfigError
+
+
+class Hparams:
+    """Mixin for frozen hparams dataclasses. Subclasses set ``_prefix`` and may add ``_help``."""
+
+    _prefix: ClassVar[str] = ""
+    _help: ClassVar[dict[str, str]] = {}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}  # type: ignore[arg-type]
+
+    def non_default_dict(self) -> dict[str, Any]:
+        out = {}
+        for f in fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if value != _field_default(f):
+                out[f.name] = _plain(value)
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(d) - set(known))
+        if unknown:
+            raise ConfigError(f"{cls.__name__}: unknown field(s) {', '.join(unknown)}; known: {', '.join(known)}")
+        kwargs = {}
+        for name, value in d.items():
+            if isinstance(value, list):
+                value = tuple(value)
+            kwargs[name] = value
+        return cls(**kwargs)
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+    # -- validation helpers used by subclasses' __post_init__ --------------------------------------
+    def _positive(self, *names: str) -> None:
+        for n in names:
+            v = getattr(self, n)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
+                raise ConfigError(f"{type(self).__name__}.{n} must be a positive number, got {v!r}")
+
+    def _non_negative(self, *names: str) -> None:
+        for n in names:
+            v = getattr(self, n)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
+                raise ConfigError(f"{type(self).__name__}.{n} must be a non-negative number, got {v!r}")
+
+    def _finite(self, *names: str) -> None:
+        for n in names:
+            v = getattr(self, n)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                raise ConfigError(f"{type(self).__name__}.{n} must be a finite number, got {v!r}")
+
+    def _choice(self, name: str, choices: tuple[str, ...]) -> None:
+        v = getattr(self, name)
+        if v not in choices:
+            raise ConfigError(f"{type(self).__name__}.{name} must be one of {', '.join(choices)}; got {v!r}")
+
+    def _step(self, *names: str) -> None:
+        for n in names:
+            validate_step_spec(getattr(self, n), f"{type(self).__name__}.{n}")
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return dataclasses.MISSING
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def hparams_hash(*groups: Hparams, extra: dict[str, Any] | None = None) -> str:
+    """A short stable hash of the non-default fields of several hparams groups.
+
+    Stable across runs and Python versions (JSON with sorted keys, SHA-256), and unchanged when a new
+    field with a default is added to any group.
+    """
+    payload: dict[str, Any] = {}
+    for g in groups:
+        nd = g.non_default_dict()
+        if nd:
+            payload[type(g).__name__] = nd
+    if extra:
+        payload["extra"] = extra
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def field_type(cls: type, name: str) -> Any:
+    """The resolved annotation of a dataclass field (handles ``from __future__ import annotations``)."""
+    hints = typing.get_type_hints(cls)
+    return hints[name]
+
+
+def scalar_type(tp: Any) -> tuple[type, bool, bool]:
+    """Reduce an annotation to (scalar type, is_optional, is_tuple) for command-line parsing."""
+    optional = False
+    is_tuple = False
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(tp))
+        tp = args[0]
+        origin = typing.get_origin(tp)
+    if origin is tuple:
+        is_tuple = True
+        tp = typing.get_args(tp)[0]
+    return tp, optional, is_tuple
+
+
+# --------------------------------------------------------------------------------------------------
+# The groups every run has. Method-specific groups live beside their method (lottery.methods.*).
+
+
+@dataclass(frozen=True)
+class DataHparams(Hparams):
+    """Which data, and how much of the training files is held out for validation."""
+
+    dataset: str = "fashion-mnist"
+    val_size: int = 5000
+    augment: bool | None = None  # None: the data set's default (crop+flip for CIFAR, none for MNIST-like)
+    # Held-out examples are drawn with this seed, independent of the training seed, so that every
+    # run of a comparison is validated on the same images.
+    split_seed: int = 0
+
+    _prefix = "data"
+    _help = {
+        "dataset": "data set name (fashion-mnist, mnist, cifar10, cifar100, imagenet, synthetic)",
+        "val_size": "training examples held out for validation (0: none)",
+        "augment": "random crop + flip on training batches (default: per data set)",
+        "split_seed": "seed of the validation split",
+    }
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.dataset, str) or not self.dataset:
+            raise ConfigError("DataHparams.dataset must be a data set name")
+        self._non_negative("val_size")
+
+
+@dataclass(frozen=True)
+class ModelHparams(Hparams):
+    """Which network, and which of its weights are never pruned."""
+
+    model: str = "lenet_300_100"
+    width: int | None = None  # width multiplier for families that have one (CIFAR ResNets)
+    # None: the model's default ignore list (METHODS.md); () prunes every Conv/Linear weight.
+    prune_ignore: tuple[str, ...] | None = None
+
+    _prefix = "model"
+    _help = {
+        "model": "registered model name (lottery models lists them)",
+        "width": "width multiplier, for model families that take one",
+        "prune_ignore": "comma-separated parameter names or patterns never pruned (default: the model's own)",
+    }
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model:
+            raise ConfigError("ModelHparams.model must be a model name")
+        if self.width is not None:
+            self._positive("width")
+
+
+@dataclass(frozen=True)
+class TrainingHparams(Hparams):
+    """One training recipe: optimizer, schedule and length. Steps are written '20ep', '500it'."""
+
+    training_steps: str = "40ep"
+    batch_size: int = 128
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    schedule: str = "constant"  # constant | multistep | cosine
+    milestones: tuple[str, ...] = ()  # for multistep: steps where the LR is multiplied by gamma
+    gamma: float = 0.1
+    warmup_steps: str = "0it"  # linear warm-up from 0 to lr
+    # Data order (and augmentation) seed; None means the experiment seed. The stability analysis
+    # trains two copies that differ only here.
+    data_order_seed: int | None = None
+    eval_every: str = "1ep"
+
+    _prefix = "train"
+    _help = {
+        "training_steps": "length of training, e.g. 40ep or 500it",
+        "batch_size": "examples per step",
+        "optimizer": "sgd or adam",
+        "lr": "peak learning rate",
+        "momentum": "SGD momentum",
+        "nesterov": "Nesterov momentum",
+        "weight_decay": "L2 weight decay",
+        "schedule": "learning-rate schedule: constant, multistep or cosine",
+        "milestones": "comma-separated steps where multistep multiplies the LR by gamma",
+        "gamma": "multistep decay factor",
+        "warmup_steps": "linear warm-up length",
+        "data_order_seed": "seed of the data order (default: the run seed)",
+        "eval_every": "evaluate every this many steps (e.g. 1ep)",
+    }
+
+    def __post_init__(self) -> None:
+        self._step("training_steps", "warmup_steps", "eval_every")
+        for m in self.milestones:
+            validate_step_spec(m, "TrainingHparams.milestones")
+        from lottery.step import parse_step_spec
+
+        if parse_step_spec(self.training_steps) == (0, 0):
+            raise ConfigError("TrainingHparams.training_steps must be positive, e.g. '20ep'")
+        if parse_step_spec(self.eval_every) == (0, 0):
+            raise ConfigError("TrainingHparams.eval_every must be positive, e.g. '1ep'")
+        if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size <= 0:
+            raise ConfigError(f"TrainingHparams.batch_size must be a positive integer, got {self.batch_size!r}")
+        self._positive("lr", "gamma")
+        self._non_negative("momentum", "weight_decay")
+        self._choice("optimizer", ("sgd", "adam"))
+        self._choice("schedule", ("constant", "multistep", "cosine"))
+        if self.nesterov and self.momentum == 0:
+            raise ConfigError("TrainingHparams.nesterov needs momentum > 0")
+        if self.schedule == "multistep" and not self.milestones:
+            raise ConfigError("TrainingHparams.milestones: the multistep schedule needs at least one milestone")

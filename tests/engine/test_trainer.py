@@ -1,0 +1,116 @@
+import pytest
+import torch
+
+from conftest import TensorBatches, blobs, tiny_mlp
+from lottery.engine import Callback, Trainer, evaluate, load_checkpoint, make_optimizer
+from lottery.errors import CheckpointError, NumericalError
+from lottery.hparams import TrainingHparams
+
+HP = TrainingHparams(training_steps="4ep", batch_size=32, lr=0.1, momentum=0.9, weight_decay=1e-4,
+                     schedule="multistep", milestones=("2ep",))
+
+
+def _run(tiny_data, path=None, callbacks=(), hp=HP):
+    train, test = tiny_data
+    model = tiny_mlp()
+    trainer = Trainer(model, train, hp, eval_loaders={"test": test}, checkpoint_path=path,
+                      callbacks=list(callbacks), progress=False, log=lambda m: None)
+    trainer.fit()
+    return model, trainer
+
+
+def test_training_reduces_loss_and_records_metrics(tiny_data):
+    train, test = tiny_data
+    before = evaluate(tiny_mlp(), test)
+    model, trainer = _run(tiny_data)
+    after = evaluate(model, test)
+    assert after["loss"] < before["loss"]
+    assert after["top1"] > 0.8
+    assert [r["step"] for r in trainer.history] == [8, 16, 24, 32]
+    assert trainer.history[-1]["test_accuracy"] == pytest.approx(after["top1"])
+    assert trainer.history[-1]["lr"] == pytest.approx(0.01)
+
+
+def test_same_seed_same_weights(tiny_data):
+    a, _ = _run(tiny_data)
+    b, _ = _run(tiny_data)
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(va, vb), ka
+
+
+class Crash(Callback):
+    def __init__(self, at):
+        self.at = at
+
+    def on_step_end(self, trainer):
+        if trainer.iteration == self.at:
+            raise KeyboardInterrupt("simulated crash")
+
+
+@pytest.mark.parametrize("crash_at", [3, 8, 13, 30])
+def test_resume_is_bit_for_bit(tiny_data, tmp_path, crash_at):
+    """Killed mid-epoch (or right after a checkpoint) and restarted: the same weights as uninterrupted."""
+    reference, ref_trainer = _run(tiny_data)
+    path = tmp_path / "ckpt.safetensors"
+    with pytest.raises(KeyboardInterrupt):
+        _run(tiny_data, path, callbacks=[Crash(crash_at)])
+    resumed, trainer = _run(tiny_data, path)
+    assert trainer.iteration == ref_trainer.iteration
+    for k, v in reference.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+    assert [r["step"] for r in trainer.history] == [r["step"] for r in ref_trainer.history]
+    assert trainer.history[-1]["test_accuracy"] == ref_trainer.history[-1]["test_accuracy"]
+
+
+def test_start_mid_run_uses_schedule_from_there(tiny_data):
+    train, _ = tiny_data
+    seen = []
+
+    class Record(Callback):
+        def on_step_start(self, trainer):
+            seen.append((trainer.iteration, trainer.lr()))
+
+    trainer = Trainer(tiny_mlp(), train, HP, start="2ep3it", callbacks=[Record()], progress=False, log=lambda m: None)
+    trainer.fit()
+    assert seen[0] == (19, pytest.approx(0.01))
+    assert seen[-1][0] == 31 and len(seen) == 13
+
+
+def test_nan_loss_stops_with_step_and_hint(tiny_data, tmp_path):
+    train, _ = tiny_data
+
+    class Poison(Callback):
+        def extra_loss(self, trainer):
+            return torch.tensor(float("nan")) if trainer.iteration == 10 else None
+
+    model = tiny_mlp()
+    path = tmp_path / "c.safetensors"
+    trainer = Trainer(model, train, HP, callbacks=[Poison()], checkpoint_path=path, progress=False, log=lambda m: None)
+    with pytest.raises(NumericalError, match=r"step 1ep2it.*learning rate"):
+        trainer.fit()
+    assert load_checkpoint(path).info["iteration"] == 8  # the last good checkpoint is kept
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tiny_data, tmp_path):
+    path = tmp_path / "c.safetensors"
+    path.write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(CheckpointError, match="corrupt"):
+        _run(tiny_data, path)
+
+
+def test_checkpoint_of_other_hparams_is_refused(tiny_data, tmp_path):
+    path = tmp_path / "c.safetensors"
+    with pytest.raises(KeyboardInterrupt):
+        _run(tiny_data, path, callbacks=[Crash(10)])
+    with pytest.raises(CheckpointError, match="other training hparams"):
+        _run(tiny_data, path, hp=HP.replace(lr=0.05))
+
+
+def test_two_optimizers_follow_the_schedule(tiny_data):
+    train, _ = tiny_data
+    model = tiny_mlp()
+    first, second = list(model.parameters())[:2], list(model.parameters())[2:]
+    opts = [make_optimizer(first, HP), make_optimizer(second, HP, weight_decay=0.0)]
+    Trainer(model, train, HP, optimizers=opts, progress=False, log=lambda m: None).fit()
+    assert opts[1].param_groups[0]["weight_decay"] == 0.0
+    assert opts[0].param_groups[0]["lr"] == pytest.approx(0.01) == opts[1].param_groups[0]["lr"]
