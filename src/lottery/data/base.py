@@ -29,6 +29,18 @@ class ArrayDataset:
     def input_shape(self) -> tuple[int, int, int]:
         return tuple(self.images.shape[1:])  # type: ignore[return-value]
 
+    def subset(self, indices: torch.Tensor) -> "ArrayDataset":
+        """The samples at ``indices`` (a copy), with this data set's class count and normalisation."""
+        indices = torch.as_tensor(indices, dtype=torch.int64)
+        return ArrayDataset(
+            self.images.index_select(0, indices),
+            self.labels.index_select(0, indices),
+            self.num_classes,
+            self.mean,
+            self.std,
+            self.name,
+        )
+
 
 @dataclass
 class Splits:
