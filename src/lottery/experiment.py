@@ -1,0 +1,273 @@
+"""Experiments: run folders named by a hash of their hparams, stages that skip when done, results.
+
+This is the only layer that knows about folders. A run folder holds ``hparams.json`` (everything
+needed to rerun it), ``metrics.csv`` (one row per evaluation), ``checkpoint.safetensors`` (while
+training; the run resumes from it), the final weights and ``results.json``. A stage whose output file
+exists returns it at once, so re-running a killed command continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from lottery.engine import Callback, Trainer
+from lottery.errors import ConfigError, LotteryError
+from lottery.hparams import DataHparams, Hparams, ModelHparams, TrainingHparams, hparams_hash
+from lottery.io import atomic_write_bytes, read_json, save_tensors, write_json
+
+
+@dataclass
+class RunOptions:
+    """Where and how to run; not part of a run's identity (not hashed)."""
+
+    out: Path = Path("runs")
+    data_dir: str | None = None
+    device: str = "cpu"
+    progress: bool = True
+    download: bool = True
+    log: Any = None  # a callable taking one line; default: tqdm.write
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        self.device = resolve_device(self.device)
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no CUDA GPU is visible to PyTorch; use --device cpu")
+    if device not in ("cpu",) and not device.startswith("cuda") and device != "mps":
+        raise ConfigError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto")
+    return device
+
+
+def log_line(options: RunOptions, msg: str) -> None:
+    if options.log is not None:
+        options.log(msg)
+    else:
+        from tqdm.auto import tqdm
+
+        tqdm.write(msg)
+
+
+# -- run folders -----------------------------------------------------------------------------------
+def run_folder_name(kind: str, data: DataHparams, model: ModelHparams, *groups: Hparams, seed: int = 0) -> str:
+    """``{kind}_{model}_{dataset}_{hash}``: readable, and unique per non-default hparams + seed."""
+    extra = {"seed": seed} if seed != 0 else None
+    digest = hparams_hash(data, model, *groups, extra=extra)
+    return f"{kind}_{model.model}_{data.dataset}_s{seed}_{digest}"
+
+
+def describe_run(kind: str, seed: int, **groups: Hparams) -> dict[str, Any]:
+    return {"kind": kind, "seed": seed, **{name: g.to_dict() for name, g in groups.items()}}
+
+
+def prepare_run_folder(path: Path, description: dict[str, Any]) -> Path:
+    """Create the folder and its hparams.json; refuse a folder that holds a different configuration."""
+    path.mkdir(parents=True, exist_ok=True)
+    hp_file = path / "hparams.json"
+    if hp_file.exists():
+        existing = read_json(hp_file)
+        if existing != description:
+            diffs = _dict_diff(existing, description)
+            raise ConfigError(
+                f"{path} holds a run with other hparams ({'; '.join(diffs[:8])}); "
+                "choose another --out or delete that folder"
+            )
+    else:
+        write_json(hp_file, description)
+    return path
+
+
+def _dict_diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _dict_diff(a.get(k, "<missing>"), b.get(k, "<missing>"), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [f"{prefix.rstrip('.')}: {a!r} there, {b!r} now"]
+
+
+@contextmanager
+def folder_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on a run folder, so two processes never write the same run."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(path / ".lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise LotteryError(
+            f"another process is already running in {path} (lock file {path / '.lock'}); "
+            "wait for it to finish, or stop it first"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+# -- metrics -------------------------------------------------------------------------------------
+def write_metrics_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    columns: list[str] = []
+    for row in rows:
+        for k in row:
+            if k not in columns:
+                columns.append(k)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow(row)
+    atomic_write_bytes(path, buf.getvalue().encode())
+
+
+class MetricsCSV(Callback):
+    """Rewrites ``metrics.csv`` from the trainer's history at every epoch end (atomic, so always whole)."""
+
+    def __init__(self, path: Path, prefix_rows: list[dict[str, Any]] | None = None, extra: dict[str, Any] | None = None):
+        self.path = path
+        self.prefix_rows = prefix_rows or []
+        self.extra = extra or {}
+
+    def _write(self, trainer: Trainer) -> None:
+        rows = self.prefix_rows + [{**self.extra, **r} for r in trainer.history]
+        write_metrics_csv(self.path, rows)
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int) -> None:
+        self._write(trainer)
+
+    def on_fit_end(self, trainer: Trainer) -> None:
+        self._write(trainer)
+
+
+# -- data and models -----------------------------------------------------------------------------
+@dataclass
+class DataBundle:
+    splits: Any
+    num_classes: int
+    input_shape: tuple[int, int, int]
+    augment: bool
+
+
+_SPLITS_CACHE: dict[tuple, Any] = {}
+
+
+def load_data(data: DataHparams, options: RunOptions) -> DataBundle:
+    """Load (once per process) the splits of a data set, with its validation hold-out."""
+    from lottery import data as data_mod
+
+    key = (data.dataset, options.data_dir, data.val_size, data.split_seed)
+    if key not in _SPLITS_CACHE:
+        _SPLITS_CACHE[key] = data_mod.load_splits(
+            data.dataset, data_dir=options.data_dir, val_size=data.val_size, seed=data.split_seed,
+            download=options.download,
+        )
+    splits = _SPLITS_CACHE[key]
+    augment = data.augment if data.augment is not None else data_mod.default_augment(data.dataset)
+    # Class count and shape come from the loaded data, not the data set's nominal entry: a small
+    # image folder or a synthetic set has its own.
+    return DataBundle(splits, int(splits.train.num_classes), tuple(splits.train.input_shape), bool(augment))
+
+
+def make_loaders(bundle: DataBundle, training: TrainingHparams, seed: int, options: RunOptions):
+    """The training loader (seeded data order) and the evaluation loaders {val, test}."""
+    from lottery.data import make_loader
+
+    order_seed = training.data_order_seed if training.data_order_seed is not None else seed
+    train = make_loader(bundle.splits.train, training.batch_size, train=True, seed=order_seed,
+                        augment=bundle.augment, device=options.device)
+    eval_bs = max(training.batch_size, 1000)
+    evals = {}
+    if bundle.splits.val is not None and len(bundle.splits.val) > 0:
+        evals["val"] = make_loader(bundle.splits.val, eval_bs, train=False, seed=0, augment=False, device=options.device)
+    evals["test"] = make_loader(bundle.splits.test, eval_bs, train=False, seed=0, augment=False, device=options.device)
+    return train, evals
+
+
+def build_model(model: ModelHparams, bundle: DataBundle, seed: int) -> nn.Module:
+    """Build the network for the data's shape; its initial weights depend only on ``seed``."""
+    from lottery.models import build_model as build
+
+    kwargs = {}
+    if model.width is not None:
+        kwargs["width"] = model.width
+    torch.manual_seed(seed)
+    return build(model.model, input_shape=bundle.input_shape, num_classes=bundle.num_classes, **kwargs)
+
+
+def prune_ignore(model: ModelHparams) -> tuple[str, ...]:
+    from lottery.models import get_model_spec
+
+    return tuple(model.prune_ignore) if model.prune_ignore is not None else get_model_spec(model.model).prune_ignore
+
+
+def final_row(history: list[dict[str, Any]]) -> dict[str, Any]:
+    return history[-1] if history else {}
+
+
+# -- the dense training job ------------------------------------------------------------------------
+@dataclass
+class DenseJob:
+    data: DataHparams = field(default_factory=DataHparams)
+    model: ModelHparams = field(default_factory=ModelHparams)
+    training: TrainingHparams = field(default_factory=TrainingHparams)
+    seed: int = 0
+
+
+def train_dense(job: DenseJob, options: RunOptions) -> dict[str, Any]:
+    """Train a dense network; write its run folder; return ``results.json``'s content."""
+    folder = options.out / run_folder_name("train", job.data, job.model, job.training, seed=job.seed)
+    desc = describe_run("train", job.seed, data=job.data, model=job.model, training=job.training)
+    prepare_run_folder(folder, desc)
+    results_path = folder / "results.json"
+    if results_path.exists():
+        log_line(options, f"{folder}: already finished, reusing its results")
+        return read_json(results_path)
+    with folder_lock(folder):
+        bundle = load_data(job.data, options)
+        model = build_model(job.model, bundle, job.seed)
+        train_loader, evals = make_loaders(bundle, job.training, job.seed, options)
+        trainer = Trainer(
+            model, train_loader, job.training, eval_loaders=evals, device=options.device,
+            checkpoint_path=folder / "checkpoint.safetensors", callbacks=[MetricsCSV(folder / "metrics.csv")],
+            progress=options.progress, desc="dense", log=options.log,
+        )
+        history = trainer.fit()
+        save_tensors(folder / "model.safetensors", model.state_dict())
+        last = final_row(history)
+        results = {
+            "kind": "train",
+            "method": "dense",
+            "model": job.model.model,
+            "dataset": job.data.dataset,
+            "seed": job.seed,
+            "test_accuracy": last.get("test_accuracy"),
+            "val_accuracy": last.get("val_accuracy"),
+            "test_loss": last.get("test_loss"),
+            "density": 1.0,
+            "epochs": trainer.step.epochs,
+            "wall_seconds": trainer.wall_seconds,
+            "run_dir": str(folder),
+        }
+        write_json(results_path, results)
+        _remove_quietly(folder / "checkpoint.safetensors")
+        return results
+
+
+def _remove_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

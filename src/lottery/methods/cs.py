@@ -1,0 +1,298 @@
+"""Continuous Sparsification (Savarese, Silva & Maire, NeurIPS 2020), as METHODS.md states it.
+
+Every prunable weight ``w`` gets a mask logit ``s`` (initialised to ``s0``); the network uses
+``w * m`` with the soft mask ``m = sigmoid(beta * s) / sigmoid(s0)``. The loss adds
+``lam * sum(m)``, a smooth stand-in for the L0 norm. The temperature ``beta`` grows from 1 to
+``beta_final`` within each round, so the sigmoid hardens into a step function and the mask becomes
+binary; the final mask is ``1[s > 0]``.
+
+Between rounds the weights are NOT rewound, the LR schedule restarts, beta returns to 1 and the logits
+are reset with ``s <- min(beta_final * s, s0)``: a logit that went negative stays pruned (its sigmoid
+at beta = 1 of a large negative number is ~0), the rest start again at ``s0``. The reference code sets
+beta to 1 *before* that reset and so really runs ``min(s, s0)``, letting nearly-pruned weights come
+back; this module implements the paper's intent (METHODS.md).
+
+Two ways to use it: ``ContinuousSparsification`` inside your own training loop (a penalty call and an
+epoch-end call), or ``search`` / ``retrain_ticket`` on lottery's engine.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from lottery import masking
+from lottery.engine import Callback, Trainer, make_optimizer
+from lottery.errors import ConfigError
+from lottery.hparams import Hparams, TrainingHparams
+from lottery.masks import Mask
+
+
+@dataclass(frozen=True)
+class CSHparams(Hparams):
+    """The hparams of a CS search. Defaults follow the reference ResNet-20 run (METHODS.md)."""
+
+    s0: float = 0.0
+    lam: float = 1e-8
+    beta_final: float = 200.0
+    rounds: int = 3
+    scale_by_s0: bool = True
+    penalty: str = "sum"  # sum: lam * sum(m) (the reference); mean: lam * sum(m) / number of masked weights
+    temperature_schedule: str = "epoch"  # epoch: beta grows once per epoch (reference); iteration: every step
+    rewind: str = "2ep"  # the rewind point k, saved during round 0
+    round_steps: str | None = None  # length of a search round; None: the training recipe's length
+    round_milestones: tuple[str, ...] | None = None  # LR milestones within a round; None: the recipe's
+    mask_lr: float | None = None  # None: the weights' learning rate
+    mask_momentum: float = 0.9
+    mask_nesterov: bool = True
+    finetune_steps: str = "0ep"  # pruning mode: fine-tuning of the pruned network
+
+    _prefix = "cs"
+    _help = {
+        "s0": "initial mask logit; steers sparsity (0.1 denser, -0.1 sparser)",
+        "lam": "penalty weight on the soft mask's sum",
+        "beta_final": "temperature at the last epoch of each round",
+        "rounds": "number of search rounds",
+        "scale_by_s0": "divide the soft mask by sigmoid(s0) so it starts at exactly 1",
+        "penalty": "sum (reference) or mean (normalised by the number of masked weights)",
+        "temperature_schedule": "anneal beta per epoch (reference) or per iteration",
+        "rewind": "rewind point k saved during round 0, e.g. 2ep or 500it",
+        "round_steps": "length of one search round (default: the training length)",
+        "round_milestones": "LR milestones within a round (default: the training recipe's)",
+        "mask_lr": "learning rate of the mask logits (default: the weights')",
+        "mask_momentum": "SGD momentum of the mask logits",
+        "mask_nesterov": "Nesterov momentum for the mask logits",
+        "finetune_steps": "pruning mode: fine-tune the pruned network this long",
+    }
+
+    def __post_init__(self) -> None:
+        self._finite("s0")
+        self._non_negative("lam", "mask_momentum")
+        self._positive("beta_final")
+        if self.beta_final < 1:
+            raise ConfigError(f"CSHparams.beta_final must be >= 1 (beta starts at 1), got {self.beta_final}")
+        if not isinstance(self.rounds, int) or isinstance(self.rounds, bool) or self.rounds < 1:
+            raise ConfigError(f"CSHparams.rounds must be a positive integer, got {self.rounds!r}")
+        self._choice("penalty", ("sum", "mean"))
+        self._choice("temperature_schedule", ("epoch", "iteration"))
+        self._step("rewind", "finetune_steps")
+        if self.round_steps is not None:
+            self._step("round_steps")
+        if self.mask_lr is not None:
+            self._positive("mask_lr")
+        if self.mask_nesterov and self.mask_momentum == 0:
+            raise ConfigError("CSHparams.mask_nesterov needs mask_momentum > 0")
+
+    def round_recipe(self, training: TrainingHparams) -> TrainingHparams:
+        """The training recipe of one search round."""
+        changes: dict[str, Any] = {}
+        if self.round_steps is not None:
+            changes["training_steps"] = self.round_steps
+        if self.round_milestones is not None:
+            changes["milestones"] = tuple(self.round_milestones)
+            if not self.round_milestones and training.schedule == "multistep":
+                changes["schedule"] = "constant"
+        return training.replace(**changes) if changes else training
+
+
+# -- the math, as plain functions (tested against direct computations) ------------------------------
+def temperature(progress_index: int, progress_total: int, beta_final: float) -> float:
+    """``beta_final ** (e / (E - 1))``: 1 at the first epoch (or step) of a round, beta_final at the last."""
+    if progress_total <= 1:
+        return float(beta_final)
+    return float(beta_final) ** (progress_index / (progress_total - 1))
+
+
+def mask_penalty(model: nn.Module, lam: float, mode: str = "sum") -> torch.Tensor:
+    """``lam * sum over layers of sum(m)`` (or divided by the number of masked weights for ``mean``)."""
+    values = masking.soft_mask_values(model)
+    if not values:
+        raise ConfigError("the model has no soft masks: attach them first (ContinuousSparsification does)")
+    total = sum(v.sum() for v in values.values())
+    if mode == "mean":
+        total = total / sum(v.numel() for v in values.values())
+    return lam * total
+
+
+# -- use inside your own training loop --------------------------------------------------------------
+class ContinuousSparsification:
+    """CS inside any training loop: add ``penalty()`` to the loss and call ``epoch_end()`` per epoch.
+
+    ``optimizer`` (the user's, over the weights) gets the mask logits as an extra parameter group with
+    no weight decay (METHODS.md: the logits are never decayed) and momentum ``mask_momentum``; its
+    learning rate and any LR scheduler the user steps apply to the logits too.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        epochs_per_round: int,
+        rounds: int = 3,
+        s0: float = 0.0,
+        lam: float = 1e-8,
+        beta_final: float = 200.0,
+        penalty: str = "sum",
+        scale_by_s0: bool = True,
+        ignore: Sequence[str] | None = None,
+        mask_lr: float | None = None,
+        mask_momentum: float = 0.9,
+        mask_nesterov: bool = True,
+    ):
+        if not isinstance(epochs_per_round, int) or epochs_per_round < 1:
+            raise ConfigError(f"epochs_per_round must be a positive integer, got {epochs_per_round!r}")
+        self.hp = CSHparams(s0=s0, lam=lam, beta_final=beta_final, rounds=rounds, penalty=penalty,
+                            scale_by_s0=scale_by_s0, mask_lr=mask_lr, mask_momentum=mask_momentum,
+                            mask_nesterov=mask_nesterov)
+        self.model = model
+        self.epochs_per_round = epochs_per_round
+        names = list(masking.prunable_weights(model, ignore=tuple(ignore or ())))
+        masking.attach_soft_mask(model, names, s0=s0, scale_by_s0=scale_by_s0)
+        self.epoch = 0  # epochs completed, over all rounds
+        masking.set_temperature(model, 1.0)
+        self.optimizer = optimizer
+        if optimizer is not None:
+            group = {"params": list(masking.mask_logits(model).values()), "weight_decay": 0.0}
+            if mask_lr is not None:
+                group["lr"] = mask_lr
+            if isinstance(optimizer, torch.optim.SGD):
+                group["momentum"] = mask_momentum
+                group["nesterov"] = mask_nesterov
+                group["dampening"] = 0.0
+            optimizer.add_param_group(group)
+
+    @property
+    def total_epochs(self) -> int:
+        return self.hp.rounds * self.epochs_per_round
+
+    @property
+    def round(self) -> int:
+        return min(self.epoch // self.epochs_per_round, self.hp.rounds - 1)
+
+    @property
+    def beta(self) -> float:
+        return temperature(self.epoch % self.epochs_per_round if self.epoch < self.total_epochs else self.epochs_per_round - 1,
+                           self.epochs_per_round, self.hp.beta_final)
+
+    def logits(self) -> list[nn.Parameter]:
+        """The mask logits, for users who prefer their own separate optimizer."""
+        return list(masking.mask_logits(self.model).values())
+
+    def penalty(self) -> torch.Tensor:
+        return mask_penalty(self.model, self.hp.lam, self.hp.penalty)
+
+    def density(self) -> float:
+        return self.mask().density()
+
+    def epoch_end(self) -> dict[str, float]:
+        """Advance the temperature; at a round's end reset the logits for the next round."""
+        self.epoch += 1
+        finished_round = self.epoch % self.epochs_per_round == 0
+        if finished_round and self.epoch < self.total_epochs:
+            masking.cs_reset_logits_(self.model, self.hp.beta_final, self.hp.s0)
+        masking.set_temperature(self.model, self.beta)
+        return {"beta": self.beta, "density": self.density(), "round": self.round}
+
+    def mask(self) -> Mask:
+        """The hard mask ``1[s > 0]``."""
+        return masking.hard_mask_from_logits(self.model)
+
+    def finish(self) -> Mask:
+        """Remove the soft masks: the model becomes plain with ``w * 1[s > 0]`` (exact zeros)."""
+        return masking.remove_soft_mask(self.model, hard=True)
+
+
+# -- on lottery's engine ----------------------------------------------------------------------------
+class TemperatureCallback(Callback):
+    """Sets beta before each epoch (or step) of a round: 1 first, beta_final last."""
+
+    def __init__(self, hp: CSHparams):
+        self.hp = hp
+
+    def _set(self, trainer: Trainer) -> None:
+        if self.hp.temperature_schedule == "epoch":
+            beta = temperature(trainer.epoch, math.ceil(trainer.end.epochs), self.hp.beta_final)
+        else:
+            beta = temperature(trainer.iteration, trainer.end.iteration, self.hp.beta_final)
+        masking.set_temperature(trainer.model, beta)
+        self.beta = beta
+
+    def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
+        self._set(trainer)
+
+    def on_step_start(self, trainer: Trainer) -> None:
+        if self.hp.temperature_schedule == "iteration":
+            self._set(trainer)
+
+
+class PenaltyCallback(Callback):
+    """Adds ``lam * sum(m)`` to the loss and reports beta, hard-mask density and the penalty."""
+
+    def __init__(self, hp: CSHparams, temperature_cb: TemperatureCallback, round_index: int):
+        self.hp = hp
+        self.temperature_cb = temperature_cb
+        self.round_index = round_index
+        self.last_penalty = 0.0
+
+    def extra_loss(self, trainer: Trainer) -> torch.Tensor:
+        p = mask_penalty(trainer.model, self.hp.lam, self.hp.penalty)
+        self.last_penalty = p.detach()
+        return p
+
+    def on_evaluate(self, trainer: Trainer, row: dict[str, Any]) -> None:
+        row["round"] = self.round_index
+        row["beta"] = float(getattr(self.temperature_cb, "beta", 1.0))
+        row["density"] = masking.hard_mask_from_logits(trainer.model).density()
+        row["penalty"] = float(self.last_penalty)
+
+
+class SnapshotCallback(Callback):
+    """Hands a copy of the model's raw weights and buffers (mask keys dropped) at one iteration to
+    ``on_snapshot``: the rewind point."""
+
+    def __init__(self, iteration: int, on_snapshot):
+        self.iteration = iteration
+        self.on_snapshot = on_snapshot
+
+    def _take(self, trainer: Trainer) -> None:
+        state = masking.to_plain_state_dict(trainer.model.state_dict(), apply_masks=False)
+        self.on_snapshot({k: v.detach().clone() for k, v in state.items()})
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        if trainer.iteration == self.iteration:
+            self._take(trainer)
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        if trainer.iteration == self.iteration:
+            self._take(trainer)
+
+
+class EnforceMaskCallback(Callback):
+    """Re-zeroes pruned weights after every step: pruned weights are exactly 0 at every step."""
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        masking.enforce_masks(trainer.model)
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        masking.enforce_masks(trainer.model)
+
+
+def make_search_optimizers(model: nn.Module, training: TrainingHparams, hp: CSHparams) -> list[torch.optim.Optimizer]:
+    """Two optimizers (reference code): the weights with the recipe, the logits without weight decay."""
+    logits = list(masking.mask_logits(model).values())
+    logit_ids = {id(p) for p in logits}
+    weights = [p for p in model.parameters() if id(p) not in logit_ids]
+    mask_recipe = training.replace(
+        optimizer="sgd", lr=hp.mask_lr or training.lr, momentum=hp.mask_momentum, nesterov=hp.mask_nesterov
+    )
+    return [make_optimizer(weights, training), make_optimizer(logits, mask_recipe, weight_decay=0.0)]
+
+
+def search_round_callbacks(hp: CSHparams, round_index: int) -> list[Callback]:
+    t = TemperatureCallback(hp)
+    return [t, PenaltyCallback(hp, t, round_index)]

@@ -1,0 +1,245 @@
+"""CS ticket search and CS pruning as resumable jobs over a run folder.
+
+Folder layout (each file marks a finished stage; a killed run restarts at the first missing one)::
+
+    search-cs_<model>_<dataset>_s<seed>_<hash>/
+      hparams.json
+      rewind.safetensors          weights and buffers at the rewind point k (round 0)
+      round_0/state.safetensors   weights + mask logits at the end of each round
+      round_0/history.json        that round's metrics rows
+      mask.safetensors, mask.json the final hard mask 1[s > 0] and its sparsity report
+      ticket/model.safetensors    the retrained ticket (pruned weights exactly 0)   [ticket mode]
+      pruned/model.safetensors    final weights x mask, optionally fine-tuned       [prune mode]
+      metrics.csv, results.json
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lottery import masking
+from lottery.engine import Trainer, evaluate, make_optimizer
+from lottery.errors import CheckpointError, ConfigError
+from lottery.experiment import (
+    DenseJob, MetricsCSV, RunOptions, build_model, describe_run, folder_lock, load_data, log_line,
+    make_loaders, prepare_run_folder, prune_ignore, run_folder_name, train_dense, write_metrics_csv,
+)
+from lottery.hparams import DataHparams, ModelHparams, TrainingHparams
+from lottery.io import load_tensors, read_json, save_tensors, write_json
+from lottery.masks import Mask
+from lottery.methods.cs import (
+    CSHparams, EnforceMaskCallback, SnapshotCallback, make_search_optimizers, search_round_callbacks,
+)
+from lottery.step import Step
+
+
+@dataclass
+class CSJob:
+    data: DataHparams = field(default_factory=DataHparams)
+    model: ModelHparams = field(default_factory=ModelHparams)
+    training: TrainingHparams = field(default_factory=TrainingHparams)
+    cs: CSHparams = field(default_factory=CSHparams)
+    seed: int = 0
+    mode: str = "ticket"  # ticket: retrain mask x rewind state; prune: final weights x mask
+    dense_reference: bool = True  # also train (or reuse) the dense network of the same recipe
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("ticket", "prune"):
+            raise ConfigError(f"CS mode must be 'ticket' or 'prune', got {self.mode!r}")
+
+    @property
+    def kind(self) -> str:
+        return "search-cs" if self.mode == "ticket" else "prune-cs"
+
+
+def _remove(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _check_rewind_fits(job: CSJob, ipe: int) -> Step:
+    k = Step.parse(job.cs.rewind, ipe)
+    end = Step.parse(job.training.training_steps, ipe)
+    round_end = Step.parse(job.cs.round_recipe(job.training).training_steps, ipe)
+    if job.mode == "ticket" and (k >= end or k > round_end):
+        raise ConfigError(
+            f"CSHparams.rewind {job.cs.rewind} is not before the end of training "
+            f"({job.training.training_steps}) and of a search round: choose an earlier rewind point"
+        )
+    return k
+
+
+def run_cs(job: CSJob, options: RunOptions) -> dict[str, Any]:
+    """Run (or resume, or reuse) a CS ticket search or CS pruning; return ``results.json``'s content."""
+    folder = options.out / run_folder_name(job.kind, job.data, job.model, job.training, job.cs, seed=job.seed)
+    desc = describe_run(job.kind, job.seed, data=job.data, model=job.model, training=job.training, cs=job.cs)
+    prepare_run_folder(folder, desc)
+    results_path = folder / "results.json"
+    if results_path.exists():
+        log_line(options, f"{folder}: already finished, reusing its results")
+        return read_json(results_path)
+
+    dense = None
+    if job.dense_reference:
+        dense = train_dense(DenseJob(job.data, job.model, job.training, seed=job.seed), options)
+
+    with folder_lock(folder):
+        bundle = load_data(job.data, options)
+        train_loader, evals = make_loaders(bundle, job.training, job.seed, options)
+        ipe = len(train_loader)
+        k = _check_rewind_fits(job, ipe)
+        round_recipe = job.cs.round_recipe(job.training)
+        ignore = prune_ignore(job.model)
+        rows: list[dict[str, Any]] = []
+        wall = 0.0  # training seconds of every stage, also those run before a resume
+
+        # -- search rounds --------------------------------------------------------------------------
+        model = build_model(job.model, bundle, job.seed)
+        names = list(masking.prunable_weights(model, ignore=ignore))
+        masking.attach_soft_mask(model, names, s0=job.cs.s0, scale_by_s0=job.cs.scale_by_s0)
+        rewind_path = folder / "rewind.safetensors"
+        for r in range(job.cs.rounds):
+            rdir = folder / f"round_{r}"
+            state_path = rdir / "state.safetensors"
+            if state_path.exists():
+                model.load_state_dict(load_tensors(state_path))
+                done = read_json(rdir / "history.json")
+                rows += done["rows"]
+                wall += done["wall_seconds"]
+                continue
+            if r > 0:
+                model.load_state_dict(load_tensors(folder / f"round_{r - 1}" / "state.safetensors"))
+                masking.cs_reset_logits_(model, job.cs.beta_final, job.cs.s0)
+            rdir.mkdir(parents=True, exist_ok=True)
+            callbacks = search_round_callbacks(job.cs, r)
+            if r == 0 and job.mode == "ticket":
+                callbacks.append(SnapshotCallback(k.iteration, lambda sd: save_tensors(rewind_path, sd)))
+            callbacks.append(MetricsCSV(folder / "metrics.csv", prefix_rows=rows, extra={"stage": f"round_{r}"}))
+            trainer = Trainer(
+                model, train_loader, round_recipe, optimizers=make_search_optimizers(model, round_recipe, job.cs),
+                eval_loaders=evals, callbacks=callbacks, device=options.device,
+                checkpoint_path=rdir / "checkpoint.safetensors", progress=options.progress,
+                desc=f"cs round {r + 1}/{job.cs.rounds}", log=options.log,
+            )
+            history = [{"stage": f"round_{r}", **row} for row in trainer.fit()]
+            write_json(rdir / "history.json", {"rows": history, "wall_seconds": trainer.wall_seconds})
+            wall += trainer.wall_seconds
+            save_tensors(state_path, model.state_dict())
+            _remove(rdir / "checkpoint.safetensors")
+            rows += history
+        search_epochs = job.cs.rounds * Step.parse(round_recipe.training_steps, ipe).epochs
+
+        # -- the hard mask ----------------------------------------------------------------------------
+        mask = masking.hard_mask_from_logits(model)
+        mask_path = folder / "mask.safetensors"
+        if not mask_path.exists():
+            mask.save(mask_path)
+        log_line(options, f"CS mask: density {mask.density():.4f} ({mask.num_kept()} of {mask.num_total()} weights)")
+
+        if job.mode == "ticket":
+            result = _retrain_ticket(job, options, folder, bundle, train_loader, evals, mask, k, rows)
+            epochs = search_epochs + (Step.parse(job.training.training_steps, ipe).iteration - k.iteration) / ipe
+        else:
+            result = _prune(job, options, folder, model, train_loader, evals, mask, round_recipe, rows)
+            epochs = search_epochs + Step.parse(job.cs.finetune_steps, ipe).epochs
+
+        results = {
+            "kind": job.kind,
+            "method": "cs",
+            "mode": job.mode,
+            "model": job.model.model,
+            "dataset": job.data.dataset,
+            "seed": job.seed,
+            "s0": job.cs.s0,
+            "lam": job.cs.lam,
+            "rounds": job.cs.rounds,
+            "density": mask.density(),
+            "kept_weights": mask.num_kept(),
+            "prunable_weights": mask.num_total(),
+            "test_accuracy": result["test_accuracy"],
+            "val_accuracy": result.get("val_accuracy"),
+            "search_epochs": search_epochs,
+            "epochs": epochs,
+            "rewind": job.cs.rewind if job.mode == "ticket" else None,
+            "wall_seconds": wall + result.pop("stage_wall_seconds", 0.0),
+            "run_dir": str(folder),
+            **{k2: v for k2, v in result.items() if k2 not in ("test_accuracy", "val_accuracy")},
+        }
+        if dense is not None:
+            results["dense_test_accuracy"] = dense["test_accuracy"]
+            results["dense_run_dir"] = dense["run_dir"]
+        write_json(folder / "results.json", results)
+        return results
+
+
+def _retrain_ticket(job, options, folder, bundle, train_loader, evals, mask: Mask, k: Step, rows) -> dict[str, Any]:
+    """Mask x rewind-point state, trained from k to the end with a fresh optimizer."""
+    tdir = folder / "ticket"
+    tdir.mkdir(exist_ok=True)
+    model = build_model(job.model, bundle, job.seed)
+    rewind = load_tensors(folder / "rewind.safetensors")
+    try:
+        model.load_state_dict(rewind)
+    except RuntimeError as e:
+        raise CheckpointError(f"{folder / 'rewind.safetensors'} does not fit the model: {e}") from None
+    masking.attach_hard_mask(model, mask)
+    trainer = Trainer(
+        model, train_loader, job.training, eval_loaders=evals, device=options.device, start=k.iteration,
+        callbacks=[EnforceMaskCallback(), MetricsCSV(folder / "metrics.csv", prefix_rows=rows, extra={"stage": "ticket"})],
+        checkpoint_path=tdir / "checkpoint.safetensors", progress=options.progress, desc="ticket", log=options.log,
+    )
+    history = trainer.fit()
+    final_mask = masking.current_mask(model)
+    if final_mask != mask:
+        raise AssertionError("the ticket's mask changed during retraining")  # an internal invariant
+    masking.remove_masks(model)
+    save_tensors(tdir / "model.safetensors", model.state_dict())
+    _remove(tdir / "checkpoint.safetensors")
+    last = history[-1] if history else {}
+    return {"test_accuracy": last.get("test_accuracy"), "val_accuracy": last.get("val_accuracy"),
+            "stage_wall_seconds": trainer.wall_seconds}
+
+
+def _prune(job, options, folder, model, train_loader, evals, mask: Mask, round_recipe, rows) -> dict[str, Any]:
+    """Final weights x hard mask, evaluated; then optionally fine-tuned at the round's final LR."""
+    pdir = folder / "pruned"
+    pdir.mkdir(exist_ok=True)
+    masking.remove_soft_mask(model, hard=True)
+    model.to(options.device)
+    before = {split: evaluate(model, loader, options.device) for split, loader in evals.items()}
+    out: dict[str, Any] = {
+        "test_accuracy_before_finetune": before["test"]["top1"],
+        "test_accuracy": before["test"]["top1"],
+        "val_accuracy": before["val"]["top1"] if "val" in before else None,
+    }
+    ipe = len(train_loader)
+    ft = Step.parse(job.cs.finetune_steps, ipe)
+    if ft.iteration > 0:
+        from lottery.engine.schedule import LRSchedule
+
+        end_iter = Step.parse(round_recipe.training_steps, ipe).iteration
+        final_lr = round_recipe.lr * LRSchedule(round_recipe, ipe)(max(0, end_iter - 1))
+        recipe = round_recipe.replace(training_steps=job.cs.finetune_steps, lr=final_lr, schedule="constant",
+                                      milestones=(), warmup_steps="0it")
+        masking.attach_hard_mask(model, mask)
+        trainer = Trainer(
+            model, train_loader, recipe, eval_loaders=evals, device=options.device,
+            callbacks=[EnforceMaskCallback(), MetricsCSV(folder / "metrics.csv", prefix_rows=rows, extra={"stage": "finetune"})],
+            checkpoint_path=pdir / "checkpoint.safetensors", progress=options.progress, desc="fine-tune", log=options.log,
+        )
+        history = trainer.fit()
+        out["stage_wall_seconds"] = trainer.wall_seconds
+        out["test_accuracy"] = history[-1].get("test_accuracy")
+        out["val_accuracy"] = history[-1].get("val_accuracy")
+        masking.remove_masks(model)
+        _remove(pdir / "checkpoint.safetensors")
+    save_tensors(pdir / "model.safetensors", model.state_dict())
+    return out

@@ -1,0 +1,71 @@
+"""Named reference recipes (METHODS.md). Every field stays overridable from the command line."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from lottery.errors import UnknownNameError
+from lottery.hparams import DataHparams, ModelHparams, TrainingHparams
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    data: DataHparams
+    model: ModelHparams
+    training: TrainingHparams
+    # Per-method overrides, e.g. {"cs": {"lam": 1e-8, "rounds": 3}}; filled in by the method modules.
+    methods: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+_CIFAR_RECIPE = TrainingHparams(
+    training_steps="160ep", batch_size=128, lr=0.1, momentum=0.9, weight_decay=1e-4,
+    schedule="multistep", milestones=("80ep", "120ep"), gamma=0.1,
+)
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in [
+        Preset(
+            "fashion_lenet",
+            "LeNet-300-100 on Fashion-MNIST (open_lth LeNet recipe: SGD lr 0.1, batch 128); the CPU default",
+            DataHparams(dataset="fashion-mnist", val_size=5000),
+            ModelHparams(model="lenet_300_100"),
+            TrainingHparams(training_steps="40ep", batch_size=128, lr=0.1),
+            methods={"cs": {"lam": 1e-8, "rounds": 3, "rewind": "1ep"}},
+        ),
+        Preset(
+            "cifar10_resnet20",
+            "ResNet-20 on CIFAR-10 (open_lth: 160 epochs, lr 0.1, x0.1 at 80/120, wd 1e-4); GPU",
+            DataHparams(dataset="cifar10", val_size=5000),
+            ModelHparams(model="resnet20"),
+            _CIFAR_RECIPE,
+        ),
+        Preset(
+            "cifar10_vgg16",
+            "VGG-16 (BN) on CIFAR-10, same recipe as ResNet-20; GPU",
+            DataHparams(dataset="cifar10", val_size=5000),
+            ModelHparams(model="vgg16"),
+            _CIFAR_RECIPE,
+        ),
+        Preset(
+            "imagenet_resnet50",
+            "ResNet-50 on ImageNet (lr 0.4 at batch 1024, 90 epochs, x0.1 at 30/60/80, 5-epoch warm-up); multi-GPU",
+            DataHparams(dataset="imagenet", val_size=0),
+            ModelHparams(model="resnet50"),
+            TrainingHparams(
+                training_steps="90ep", batch_size=1024, lr=0.4, momentum=0.9, weight_decay=1e-4,
+                schedule="multistep", milestones=("30ep", "60ep", "80ep"), warmup_steps="5ep",
+            ),
+        ),
+    ]
+}
+
+
+def get_preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise UnknownNameError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}") from None
