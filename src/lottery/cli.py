@@ -20,6 +20,17 @@ from lottery.hparams import DataHparams, Hparams, ModelHparams, TrainingHparams,
 DEFAULT_PRESET = "fashion_lenet"
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """Bad flags get one line naming the problem and where to look, not a screen of usage."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def one_line(message: str) -> str:
+    return " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+
+
 # -- flags from dataclasses --------------------------------------------------------------------------
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
@@ -197,10 +208,10 @@ def _add_cs_commands(sub) -> None:
 
     search = sub.add_parser("search", help="lottery-ticket search (cs, ...)",
                             description="Find a lottery ticket: a mask plus rewind-point weights, retrained.")
-    search_sub = search.add_subparsers(dest="method", metavar="METHOD")
+    search_sub = search.add_subparsers(dest="method", metavar="METHOD", parser_class=OneLineErrorParser)
     search_sub.required = True
     prune = sub.add_parser("prune", help="pruning (cs, ...)", description="Prune a trained network.")
-    prune_sub = prune.add_subparsers(dest="method", metavar="METHOD")
+    prune_sub = prune.add_subparsers(dest="method", metavar="METHOD", parser_class=OneLineErrorParser)
     prune_sub.required = True
     for parent, mode in ((search_sub, "ticket"), (prune_sub, "prune")):
         p = parent.add_parser(
@@ -243,12 +254,12 @@ def cmd_datasets(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="lottery",
         description="Sparse networks: Continuous Sparsification, lottery tickets, pruning baselines.",
     )
     parser.add_argument("--version", action="version", version=_version())
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineErrorParser)
     sub.required = True
 
     p = sub.add_parser("train", help="train a dense network", description="Train a dense network.")
@@ -275,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except LotteryError as e:
-        print(f"lottery: error: {e}", file=sys.stderr)
+        print(f"lottery: error: {one_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("lottery: interrupted; run the same command again to resume", file=sys.stderr)

@@ -168,11 +168,11 @@ def load_data(data: DataHparams, options: RunOptions) -> DataBundle:
     """Load (once per process) the splits of a data set, with its validation hold-out."""
     from lottery import data as data_mod
 
-    key = (data.dataset, options.data_dir, data.val_size, data.split_seed)
+    key = (data.dataset, options.data_dir, data.val_size, data.split_seed, tuple(sorted(data.synthetic_options().items())))
     if key not in _SPLITS_CACHE:
         _SPLITS_CACHE[key] = data_mod.load_splits(
             data.dataset, data_dir=options.data_dir, val_size=data.val_size, seed=data.split_seed,
-            download=options.download,
+            download=options.download, **data.synthetic_options(),
         )
     splits = _SPLITS_CACHE[key]
     augment = data.augment if data.augment is not None else data_mod.default_augment(data.dataset)

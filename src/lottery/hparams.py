@@ -150,6 +150,11 @@ class DataHparams(Hparams):
     # Held-out examples are drawn with this seed, independent of the training seed, so that every
     # run of a comparison is validated on the same images.
     split_seed: int = 0
+    # Only for dataset="synthetic" (tests, smoke runs of GPU presets on data of the right shape).
+    synthetic_shape: tuple[int, ...] | None = None
+    synthetic_classes: int | None = None
+    synthetic_train_size: int | None = None
+    synthetic_test_size: int | None = None
 
     _prefix = "data"
     _help = {
@@ -157,12 +162,30 @@ class DataHparams(Hparams):
         "val_size": "training examples held out for validation (0: none)",
         "augment": "random crop + flip on training batches (default: per data set)",
         "split_seed": "seed of the validation split",
+        "synthetic_shape": "synthetic data only: image shape C,H,W",
+        "synthetic_classes": "synthetic data only: number of classes",
+        "synthetic_train_size": "synthetic data only: training examples (before the validation hold-out)",
+        "synthetic_test_size": "synthetic data only: test examples",
     }
 
     def __post_init__(self) -> None:
         if not isinstance(self.dataset, str) or not self.dataset:
             raise ConfigError("DataHparams.dataset must be a data set name")
         self._non_negative("val_size")
+        options = self.synthetic_options()
+        if options and self.dataset != "synthetic":
+            raise ConfigError(f"DataHparams.synthetic_* options apply only to dataset 'synthetic', not {self.dataset!r}")
+        if self.synthetic_shape is not None and (len(self.synthetic_shape) != 3 or min(self.synthetic_shape) <= 0):
+            raise ConfigError(f"DataHparams.synthetic_shape must be three positive sizes C,H,W; got {self.synthetic_shape}")
+        for name in ("synthetic_classes", "synthetic_train_size", "synthetic_test_size"):
+            if getattr(self, name) is not None:
+                self._positive(name)
+
+    def synthetic_options(self) -> dict:
+        """The options ``lottery.data.load_splits('synthetic', ...)`` takes, from the fields that are set."""
+        pairs = {"shape": self.synthetic_shape, "num_classes": self.synthetic_classes,
+                 "train_size": self.synthetic_train_size, "test_size": self.synthetic_test_size}
+        return {k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in pairs.items() if v is not None}
 
 
 @dataclass(frozen=True)
