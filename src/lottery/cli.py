@@ -101,7 +101,7 @@ def _common_flags(p: argparse.ArgumentParser) -> None:
                    help=f"reference recipe to start from (default: {DEFAULT_PRESET}); see `lottery presets`")
     p.add_argument("--out", type=Path, default=Path("runs"), help="folder for run folders (default: runs)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights' initialisation and data order")
-    p.add_argument("--epochs", type=int, default=None, help="shorthand for --training-steps Nep")
+    p.add_argument("--epochs", type=int, default=None, help="shorthand for --training-steps Nep (for CS also the round length, unless --round-steps is given)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--data-dir", default=None, help="folder with the data set's files (see README: Data)")
@@ -169,6 +169,9 @@ def _cs_job(args: argparse.Namespace, mode: str):
     preset, data, model, training = _base_groups(args)
     _validate_names(data, model)
     cs = hparams_from_args(args, CSHparams, CSHparams.from_dict(preset.methods.get("cs", {})))
+    if args.epochs is not None and "CSHparams.round_steps" not in vars(args):
+        # --epochs N sets the length of everything: a round is then as long as the training.
+        cs = cs.replace(round_steps=None)
     return CSJob(data, model, training, cs, seed=args.seed, mode=mode, dense_reference=not args.no_dense)
 
 

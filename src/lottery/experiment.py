@@ -100,13 +100,17 @@ def _dict_diff(a: Any, b: Any, prefix: str = "") -> list[str]:
 
 
 @contextmanager
-def folder_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on a run folder, so two processes never write the same run."""
+def folder_lock(path: Path, wait: bool = False) -> Iterator[None]:
+    """Hold an exclusive lock on a run folder, so two processes never write the same run.
+
+    ``wait=False`` fails at once with a clear message (a user started the same command twice);
+    ``wait=True`` blocks until the other process is done (sweep workers sharing a dense reference).
+    """
     from filelock import FileLock, Timeout
 
     lock = FileLock(str(path / ".lock"))
     try:
-        lock.acquire(timeout=0)
+        lock.acquire(timeout=-1 if wait else 0)
     except Timeout:
         raise LotteryError(
             f"another process is already running in {path} (lock file {path / '.lock'}); "
@@ -226,8 +230,12 @@ class DenseJob:
     seed: int = 0
 
 
-def train_dense(job: DenseJob, options: RunOptions) -> dict[str, Any]:
-    """Train a dense network; write its run folder; return ``results.json``'s content."""
+def train_dense(job: DenseJob, options: RunOptions, wait_for_lock: bool = False) -> dict[str, Any]:
+    """Train a dense network; write its run folder; return ``results.json``'s content.
+
+    ``wait_for_lock``: when another process is training this very network (several CS runs sharing
+    one dense reference), wait for it and reuse its result instead of failing.
+    """
     folder = options.out / run_folder_name("train", job.data, job.model, job.training, seed=job.seed)
     desc = describe_run("train", job.seed, data=job.data, model=job.model, training=job.training)
     prepare_run_folder(folder, desc)
@@ -235,7 +243,9 @@ def train_dense(job: DenseJob, options: RunOptions) -> dict[str, Any]:
     if results_path.exists():
         log_line(options, f"{folder}: already finished, reusing its results")
         return read_json(results_path)
-    with folder_lock(folder):
+    with folder_lock(folder, wait=wait_for_lock):
+        if results_path.exists():  # finished by the process we waited for
+            return read_json(results_path)
         bundle = load_data(job.data, options)
         model = build_model(job.model, bundle, job.seed)
         train_loader, evals = make_loaders(bundle, job.training, job.seed, options)

@@ -34,7 +34,7 @@ PRESETS: dict[str, Preset] = {
             DataHparams(dataset="fashion-mnist", val_size=5000),
             ModelHparams(model="lenet_300_100"),
             TrainingHparams(training_steps="40ep", batch_size=128, lr=0.1),
-            methods={"cs": {"lam": 1e-8, "rounds": 3, "rewind": "1ep"}},
+            methods={"cs": {"lam": 1e-8, "rounds": 3, "round_steps": "20ep", "rewind": "1ep"}},
         ),
         Preset(
             "cifar10_resnet20",

@@ -87,15 +87,17 @@ def run_cs(job: CSJob, options: RunOptions) -> dict[str, Any]:
         log_line(options, f"{folder}: already finished, reusing its results")
         return read_json(results_path)
 
+    # Impossible settings (a rewind point after the end) fail before any training, dense included.
+    bundle = load_data(job.data, options)
+    train_loader, evals = make_loaders(bundle, job.training, job.seed, options)
+    ipe = len(train_loader)
+    k = _check_rewind_fits(job, ipe)
+
     dense = None
     if job.dense_reference:
-        dense = train_dense(DenseJob(job.data, job.model, job.training, seed=job.seed), options)
+        dense = train_dense(DenseJob(job.data, job.model, job.training, seed=job.seed), options, wait_for_lock=True)
 
     with folder_lock(folder):
-        bundle = load_data(job.data, options)
-        train_loader, evals = make_loaders(bundle, job.training, job.seed, options)
-        ipe = len(train_loader)
-        k = _check_rewind_fits(job, ipe)
         round_recipe = job.cs.round_recipe(job.training)
         ignore = prune_ignore(job.model)
         rows: list[dict[str, Any]] = []
