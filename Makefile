@@ -13,7 +13,7 @@ FASHION_DIR ?= /usr/share/datasets/fashion-mnist
 .PHONY: run test install data clean-venv
 
 run: install data
-	$(VENV)/bin/lottery train --preset fashion_lenet --out runs
+	$(VENV)/bin/lottery search cs --preset fashion_lenet --out runs
 
 test: install
 	$(PY) -m pytest -q

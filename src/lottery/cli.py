@@ -135,8 +135,15 @@ def _options(args: argparse.Namespace):
         import torch
 
         torch.set_num_threads(args.threads)
-    return RunOptions(out=args.out, data_dir=args.data_dir, device=args.device,
-                      progress=not args.no_progress and sys.stderr.isatty(), download=not args.no_download)
+    from lottery import distributed
+
+    device = args.device
+    if distributed.init_from_env(device):  # started by torchrun: one process per rank
+        device = distributed.local_device(device)
+    main_rank = distributed.is_main()
+    return RunOptions(out=args.out, data_dir=args.data_dir, device=device,
+                      progress=main_rank and not args.no_progress and sys.stderr.isatty(),
+                      download=not args.no_download, log=None if main_rank else (lambda msg: None))
 
 
 def _validate_names(data: DataHparams, model: ModelHparams) -> None:
@@ -157,6 +164,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     _validate_names(data, model)
     options = _options(args)
     results = train_dense(DenseJob(data, model, training, seed=args.seed), options)
+    if not _is_main_rank():
+        return 0
     print_table([results], title="dense training")
     print(f"run folder: {results['run_dir']}")
     return 0
@@ -182,6 +191,8 @@ def cmd_search_cs(args: argparse.Namespace, mode: str = "ticket") -> int:
     job = _cs_job(args, mode)
     options = _options(args)
     results = run_cs(job, options)
+    if not _is_main_rank():
+        return 0
     rows = []
     if "dense_test_accuracy" in results:
         rows.append({"method": "dense", "model": results["model"], "dataset": results["dataset"],
@@ -193,6 +204,12 @@ def cmd_search_cs(args: argparse.Namespace, mode: str = "ticket") -> int:
     print(f"run folder: {results['run_dir']}")
     print(f"plot: {plot}")
     return 0
+
+
+def _is_main_rank() -> bool:
+    from lottery.distributed import is_main
+
+    return is_main()
 
 
 def read_dense_costs(results: dict) -> dict:
@@ -294,6 +311,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lottery: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    finally:
+        from lottery.distributed import is_distributed
+
+        if is_distributed():
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":  # pragma: no cover

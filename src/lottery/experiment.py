@@ -108,6 +108,11 @@ def folder_lock(path: Path, wait: bool = False) -> Iterator[None]:
     """
     from filelock import FileLock, Timeout
 
+    from lottery.distributed import is_main
+
+    if not is_main():  # the ranks of one data-parallel run share rank 0's lock
+        yield
+        return
     lock = FileLock(str(path / ".lock"))
     try:
         lock.acquire(timeout=-1 if wait else 0)
@@ -189,6 +194,8 @@ def make_loaders(bundle: DataBundle, training: TrainingHparams, seed: int, optio
     """The training loader (seeded data order) and the evaluation loaders {val, test}."""
     from lottery.data import make_loader
 
+    from lottery.distributed import ShardedLoader, is_distributed
+
     order_seed = training.data_order_seed if training.data_order_seed is not None else seed
     train = make_loader(bundle.splits.train, training.batch_size, train=True, seed=order_seed,
                         augment=bundle.augment, device=options.device)
@@ -197,6 +204,9 @@ def make_loaders(bundle: DataBundle, training: TrainingHparams, seed: int, optio
     if bundle.splits.val is not None and len(bundle.splits.val) > 0:
         evals["val"] = make_loader(bundle.splits.val, eval_bs, train=False, seed=0, augment=False, device=options.device)
     evals["test"] = make_loader(bundle.splits.test, eval_bs, train=False, seed=0, augment=False, device=options.device)
+    if is_distributed():  # each rank trains and evaluates on its slice of every batch
+        train = ShardedLoader(train)
+        evals = {k: ShardedLoader(v) for k, v in evals.items()}
     return train, evals
 
 

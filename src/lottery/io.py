@@ -19,6 +19,12 @@ from safetensors.torch import load_file, save as st_save_bytes
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically. Under data-parallel training only rank 0 writes (every
+    rank holds the same state), so callers need no rank checks of their own."""
+    from lottery.distributed import is_main
+
+    if not is_main():
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

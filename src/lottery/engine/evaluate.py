@@ -37,6 +37,13 @@ def evaluate(model: nn.Module, loader: Iterable, device: str | torch.device = "c
             count += y.shape[0]
     finally:
         model.train(was_training)
+    # Under data-parallel training each rank evaluated its own shard: add up all ranks' sums.
+    from lottery.distributed import all_reduce_sum, is_distributed
+
+    if is_distributed():
+        sums = torch.stack([loss_sum, top1.double(), top5.double(), torch.tensor(float(count), dtype=torch.float64, device=device)])
+        all_reduce_sum(sums)
+        loss_sum, top1, top5, count = sums[0], sums[1].long(), sums[2].long(), int(sums[3].item())
     if count == 0:
         return {"loss": float("nan"), "top1": float("nan"), "top5": float("nan"), "count": 0}
     return {

@@ -72,6 +72,9 @@ class Trainer:
         log: Callable[[str], None] | None = None,
     ):
         self.model = model
+        # Under torchrun, forward/backward go through DDP (gradient averaging); callbacks and
+        # checkpoints keep using the plain model, so nothing else needs to know.
+        self.train_module: nn.Module = model
         self.train_loader = train_loader
         self.hp = hp
         self.device = torch.device(device)
@@ -120,6 +123,13 @@ class Trainer:
         self._maybe_resume()
         self.model.to(self.device)
         self.model.train()
+        from lottery.distributed import is_distributed
+
+        if is_distributed() and self.train_module is self.model:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_module = DistributedDataParallel(self.model, device_ids=ids)
         for cb in self.callbacks:
             cb.on_fit_start(self)
         t_start = time.perf_counter() - self.wall_seconds
@@ -189,7 +199,7 @@ class Trainer:
             cb.on_step_start(self)
         x = x.to(self.device, non_blocking=True)
         y = y.to(self.device, non_blocking=True)
-        logits = self.model(x)
+        logits = self.train_module(x)
         task_loss = self.loss_fn(logits, y)
         loss = task_loss
         for cb in self.callbacks:
@@ -230,7 +240,9 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------------
     def _save(self) -> None:
-        if self.checkpoint_path is None:
+        from lottery.distributed import is_main
+
+        if self.checkpoint_path is None or not is_main():
             return
         save_checkpoint(
             self.checkpoint_path,

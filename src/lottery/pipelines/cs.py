@@ -118,7 +118,8 @@ def run_cs(job: CSJob, options: RunOptions) -> dict[str, Any]:
                 wall += done["wall_seconds"]
                 continue
             if r > 0:
-                model.load_state_dict(load_tensors(folder / f"round_{r - 1}" / "state.safetensors"))
+                # The model holds round r-1's end state (trained or loaded above): no rewinding of
+                # weights between rounds, only the logits are reset.
                 masking.cs_reset_logits_(model, job.cs.beta_final, job.cs.s0)
             rdir.mkdir(parents=True, exist_ok=True)
             callbacks = search_round_callbacks(job.cs, r)

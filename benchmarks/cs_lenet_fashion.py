@@ -1,0 +1,74 @@
+"""Dense LeNet-300-100 and CS tickets on Fashion-MNIST, several s0 values, several seeds.
+
+Every run is a normal lottery run folder under --out, so a killed benchmark resumes and a finished
+one is reused. Prints Markdown tables (mean and sample std over seeds) for benchmarks/RESULTS.md.
+
+    python benchmarks/cs_lenet_fashion.py --s0 0.05,0,-0.05,-0.1 --seeds 0,1,2 --workers 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import machine, mean_std, run_parallel  # noqa: E402
+
+
+def dense_job(seed: int, out: str):
+    from lottery.experiment import DenseJob, RunOptions, train_dense
+    from lottery.presets import get_preset
+
+    p = get_preset("fashion_lenet")
+    return train_dense(DenseJob(p.data, p.model, p.training, seed=seed), RunOptions(out=out, progress=False))
+
+
+def cs_job(s0: float, lam: float, seed: int, out: str):
+    from lottery.experiment import RunOptions
+    from lottery.methods.cs import CSHparams
+    from lottery.pipelines.cs import CSJob, run_cs
+    from lottery.presets import get_preset
+
+    p = get_preset("fashion_lenet")
+    cs = CSHparams.from_dict(p.methods["cs"]).replace(s0=s0, lam=lam)
+    return run_cs(CSJob(p.data, p.model, p.training, cs, seed=seed), RunOptions(out=out, progress=False))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--s0", default="0.05,0,-0.05,-0.1")
+    ap.add_argument("--lam", default="1e-8")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--out", default="benchmarks/out/cs_lenet_fashion")
+    args = ap.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    s0s = [float(s) for s in args.s0.split(",")]
+    lams = [float(s) for s in args.lam.split(",")]
+
+    dense = run_parallel(dense_job, [(s, args.out) for s in seeds], args.workers)
+    cs = run_parallel(cs_job, [(s0, lam, s, args.out) for s0 in s0s for lam in lams for s in seeds], args.workers)
+
+    print(f"machine: {machine()}\n")
+    m, sd = mean_std([r["test_accuracy"] for r in dense])
+    em, _ = mean_std([r["epochs"] for r in dense])
+    wm, wsd = mean_std([r["wall_seconds"] for r in dense])
+    print("| network | density | test accuracy % (mean ± std) | epochs | wall s (mean ± std) | seeds |")
+    print("|---|---|---|---|---|---|")
+    print(f"| dense | 1.0000 | {100 * m:.2f} ± {100 * sd:.2f} | {em:.0f} | {wm:.0f} ± {wsd:.0f} | {len(dense)} |")
+    dense_mean = m
+    for s0 in s0s:
+        for lam in lams:
+            rs = [r for r in cs if r["s0"] == s0 and r["lam"] == lam]
+            d, dsd = mean_std([r["density"] for r in rs])
+            a, asd = mean_std([r["test_accuracy"] for r in rs])
+            e, _ = mean_std([r["epochs"] for r in rs])
+            w, wsd = mean_std([r["wall_seconds"] for r in rs])
+            gap = 100 * (a - dense_mean)
+            print(f"| CS ticket s0={s0:g} lam={lam:g} | {d:.4f} ± {dsd:.4f} | {100 * a:.2f} ± {100 * asd:.2f} "
+                  f"({gap:+.2f} vs dense) | {e:.0f} | {w:.0f} ± {wsd:.0f} | {len(rs)} |")
+
+
+if __name__ == "__main__":
+    main()
