@@ -51,3 +51,13 @@ def tiny_data():
 def tiny_mlp(seed: int = 0, dim: int = 20, classes: int = 4) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(dim, 32), nn.ReLU(), nn.Dropout(0.1), nn.Linear(32, classes))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """One intra-op thread per test process: on a busy 2-core machine two OpenMP threads spin against
+    each other (measured ~15x slower), and one thread keeps CPU results reproducible."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

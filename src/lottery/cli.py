@@ -226,11 +226,11 @@ def read_dense_costs(results: dict) -> dict:
 def _add_cs_commands(sub) -> None:
     from lottery.methods.cs import CSHparams
 
-    search = sub.add_parser("search", help="lottery-ticket search (cs, ...)",
+    search = sub.add_parser("search", help="lottery-ticket search (cs, imp, imp-c)",
                             description="Find a lottery ticket: a mask plus rewind-point weights, retrained.")
     search_sub = search.add_subparsers(dest="method", metavar="METHOD", parser_class=OneLineErrorParser)
     search_sub.required = True
-    prune = sub.add_parser("prune", help="pruning (cs, ...)", description="Prune a trained network.")
+    prune = sub.add_parser("prune", help="pruning (cs, magnitude, lrr, finetune)", description="Prune a trained network.")
     prune_sub = prune.add_subparsers(dest="method", metavar="METHOD", parser_class=OneLineErrorParser)
     prune_sub.required = True
     for parent, mode in ((search_sub, "ticket"), (prune_sub, "prune")):
@@ -244,6 +244,7 @@ def _add_cs_commands(sub) -> None:
         add_hparams_flags(p, CSHparams, "continuous sparsification")
         p.add_argument("--no-dense", action="store_true", help="do not train the dense reference network")
         p.set_defaults(func=lambda a, m=mode: cmd_search_cs(a, m))
+    return search_sub, prune_sub
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -290,7 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("presets", help="list the reference recipes").set_defaults(func=cmd_presets)
     sub.add_parser("datasets", help="list the data sets").set_defaults(func=cmd_datasets)
 
-    _add_cs_commands(sub)
+    search_sub, prune_sub = _add_cs_commands(sub)
+    from lottery.cli_imp import register as register_imp
+
+    register_imp(search_sub, prune_sub, sub, _common_flags)
     return parser
 
 

@@ -1,0 +1,146 @@
+"""Linear mode connectivity and stability (Frankle et al., ICML 2020), as METHODS.md states it.
+
+Two copies of a network are trained from the same state with different data orders. Their final
+weights are joined by a straight line; the test error is measured at ``points`` evenly spaced places on
+it, the two end points included. **Instability** is the largest error on the line minus the mean of
+the two end points' errors: 0 when the line is no worse than its ends (the copies are linearly mode
+connected), large when a barrier separates them. The **distance** is the L2 norm of the difference of
+two networks' prunable weights.
+
+BatchNorm: every floating-point tensor of the state is interpolated, buffers included, so the running
+mean and variance on the line are the same blend of the two networks' statistics as the weights (our
+choice: the whole state dict is treated as one vector). These statistics are not the ones the
+interpolated weights would produce on the data; re-estimating them on training batches (as REPAIR,
+Jordan et al. 2022, does) would lower the barrier of BN networks, and is not what is measured here. Integer buffers
+(BN's ``num_batches_tracked``) are counters that do not affect evaluation; the rounded blend is used.
+Boolean buffers (hard masks) must be equal in both states.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from lottery.engine import evaluate
+from lottery.errors import ConfigError
+from lottery.hparams import Hparams
+from lottery.step import validate_step_spec
+
+__all__ = ["StabilityHparams", "interpolate_states", "instability", "l2_distance"]
+
+
+@dataclass(frozen=True)
+class StabilityHparams(Hparams):
+    """Instability and distance against the rewind point k."""
+
+    rewind_points: tuple[str, ...] = ("0it",)
+    points: int = 30  # evaluations on the line, the two end points included
+    copy_seeds: tuple[int, ...] = (1, 2)  # data-order seeds of the two copies
+    mask: str | None = None  # a mask.safetensors: the copies are that sparse network, from the state at k
+
+    _prefix = "stability"
+    _help = {
+        "rewind_points": "comma-separated steps k the two copies start from, e.g. 0it,1ep,2ep",
+        "points": "evenly spaced points on the line between the copies (end points included)",
+        "copy_seeds": "the two copies' data-order seeds",
+        "mask": "mask file (e.g. RUN/level_5/mask.safetensors): analyse that sparse network",
+    }
+
+    def __post_init__(self) -> None:
+        if not self.rewind_points:
+            raise ConfigError("StabilityHparams.rewind_points needs at least one step")
+        for k in self.rewind_points:
+            validate_step_spec(k, "StabilityHparams.rewind_points")
+        if len(set(self.rewind_points)) != len(self.rewind_points):
+            raise ConfigError(f"StabilityHparams.rewind_points has duplicates: {self.rewind_points}")
+        if not isinstance(self.points, int) or isinstance(self.points, bool) or self.points < 2:
+            raise ConfigError(f"StabilityHparams.points must be an integer >= 2, got {self.points!r}")
+        if len(self.copy_seeds) != 2 or self.copy_seeds[0] == self.copy_seeds[1]:
+            raise ConfigError(f"StabilityHparams.copy_seeds must be two different seeds, got {self.copy_seeds}")
+
+
+def interpolate_states(
+    a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], alpha: float
+) -> dict[str, torch.Tensor]:
+    """``(1 - alpha) * a + alpha * b`` for every tensor (exactly ``a`` at 0 and ``b`` at 1).
+
+    Floating tensors (weights, BN running statistics) are blended; integer tensors (counters) take the
+    rounded blend; boolean tensors (masks) must be equal and are copied.
+    """
+    if set(a) != set(b):
+        only_a = sorted(set(a) - set(b))
+        only_b = sorted(set(b) - set(a))
+        raise ConfigError(f"the two states have different keys (only in the first: {only_a[:5]}, "
+                          f"only in the second: {only_b[:5]})")
+    alpha = float(alpha)
+    out = {}
+    for k, ta in a.items():
+        tb = b[k].to(ta.device)
+        if ta.shape != tb.shape:
+            raise ConfigError(f"{k}: shapes {tuple(ta.shape)} and {tuple(tb.shape)} differ")
+        if ta.is_floating_point():
+            out[k] = torch.lerp(ta, tb.to(ta.dtype), alpha)  # lerp is exact at 0 and 1
+        elif ta.dtype == torch.bool:
+            if not torch.equal(ta, tb):
+                raise ConfigError(f"{k}: the two networks have different masks; interpolate networks with one mask")
+            out[k] = ta.clone()
+        else:
+            out[k] = torch.round(torch.lerp(ta.double(), tb.double(), alpha)).to(ta.dtype)
+    return out
+
+
+def instability(
+    model_fn: Callable[[], nn.Module],
+    state_a: Mapping[str, torch.Tensor],
+    state_b: Mapping[str, torch.Tensor],
+    loader: Iterable,
+    points: int = 30,
+    device: str | torch.device = "cpu",
+) -> dict[str, Any]:
+    """Test error along the line from ``state_a`` to ``state_b`` and the instability.
+
+    ``model_fn()`` returns a network into which both states load (one instance is reused). Returns
+    ``alphas`` and ``errors`` (``points`` of each, ``alphas[0] == 0``, ``alphas[-1] == 1``), ``losses``,
+    ``error_a``, ``error_b``, ``max_error`` and ``instability = max_error - (error_a + error_b) / 2``
+    (errors as fractions in 0..1).
+    """
+    if not isinstance(points, int) or points < 2:
+        raise ConfigError(f"points must be an integer >= 2 (the two end points at least), got {points!r}")
+    model = model_fn().to(device)
+    alphas = [i / (points - 1) for i in range(points)]
+    errors, losses = [], []
+    for alpha in alphas:
+        model.load_state_dict(interpolate_states(state_a, state_b, alpha))
+        m = evaluate(model, loader, device)
+        errors.append(1.0 - m["top1"])
+        losses.append(m["loss"])
+    error_a, error_b = errors[0], errors[-1]
+    max_error = max(errors)
+    return {
+        "alphas": alphas,
+        "errors": errors,
+        "losses": losses,
+        "error_a": error_a,
+        "error_b": error_b,
+        "max_error": max_error,
+        "instability": max_error - (error_a + error_b) / 2,
+    }
+
+
+def l2_distance(
+    state_a: Mapping[str, torch.Tensor], state_b: Mapping[str, torch.Tensor], names: Iterable[str] | None = None
+) -> float:
+    """``sqrt(sum over names of ||a - b||^2)`` in float64; ``names`` defaults to every floating tensor
+    both states have (pass the prunable weights' names for the IMP-R distance)."""
+    if names is None:
+        names = [k for k, v in state_a.items() if v.is_floating_point() and k in state_b]
+    total = torch.zeros((), dtype=torch.float64)
+    for n in names:
+        if n not in state_a or n not in state_b:
+            raise ConfigError(f"{n} is missing from one of the two states")
+        d = state_a[n].detach().cpu().double() - state_b[n].detach().cpu().double()
+        total += (d * d).sum()
+    return float(total.sqrt())
