@@ -295,6 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     from lottery.cli_imp import register as register_imp
 
     register_imp(search_sub, prune_sub, sub, _common_flags)
+    from lottery.cli_sweep import register as register_sweep
+
+    register_sweep(sub, _common_flags)
     return parser
 
 
