@@ -1,0 +1,88 @@
+"""Run folders: names pinned by hparams hashes, stable when new defaulted fields appear; the lock."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from lottery.errors import ConfigError, LotteryError
+from lottery.experiment import folder_lock, prepare_run_folder, run_folder_name
+from lottery.hparams import DataHparams, Hparams, ModelHparams, TrainingHparams, hparams_hash
+from lottery.methods.cs import CSHparams
+
+
+def test_pinned_folder_names():
+    """These names are on users' disks: changing them orphans every existing run."""
+    d, m, t = DataHparams(), ModelHparams(), TrainingHparams()
+    assert run_folder_name("train", d, m, t) == "train_lenet_300_100_fashion-mnist_s0_44136fa355"
+    assert run_folder_name("train", d, m, t, seed=1) == "train_lenet_300_100_fashion-mnist_s1_7f0427d132"
+    t40 = TrainingHparams(training_steps="40ep", lr=0.05, momentum=0.9)
+    assert hparams_hash(d, m, t40) == "71d86a92f1"
+    cs = CSHparams(s0=-0.05, rounds=3, round_steps="20ep", rewind="1ep")
+    assert run_folder_name("search-cs", d, m, t, cs) == "search-cs_lenet_300_100_fashion-mnist_s0_a2ac35ff0d"
+
+
+def test_pinned_hash_values():
+    assert hparams_hash(TrainingHparams(lr=0.05)) == _expected_lr_hash()
+
+
+def _expected_lr_hash() -> str:
+    import hashlib
+    import json
+
+    payload = {"TrainingHparams": {"lr": 0.05}}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:10]
+
+
+def test_new_field_with_default_keeps_names():
+    """Adding an hparam with a default must not rename existing run folders."""
+    fields = [(f.name, f.type, dataclasses.field(default=f.default)) for f in dataclasses.fields(TrainingHparams)]
+    Extended = dataclasses.make_dataclass(
+        "TrainingHparams", fields + [("brand_new_option", int, dataclasses.field(default=7))], bases=(Hparams,), frozen=True
+    )
+    old = TrainingHparams(lr=0.05, training_steps="3ep")
+    new = Extended(lr=0.05, training_steps="3ep")
+    assert hparams_hash(old) == hparams_hash(new)
+    assert hparams_hash(Extended(lr=0.05, training_steps="3ep", brand_new_option=8)) != hparams_hash(old)
+
+
+def test_changed_hparams_change_the_name():
+    d, m = DataHparams(), ModelHparams()
+    assert run_folder_name("train", d, m, TrainingHparams()) != run_folder_name("train", d, m, TrainingHparams(lr=0.05))
+
+
+def test_folder_with_other_hparams_is_refused(tmp_path):
+    prepare_run_folder(tmp_path / "run", {"kind": "train", "training": {"lr": 0.1}})
+    prepare_run_folder(tmp_path / "run", {"kind": "train", "training": {"lr": 0.1}})  # same: fine
+    with pytest.raises(ConfigError, match=r"training.lr: 0.1 there, 0.2 now"):
+        prepare_run_folder(tmp_path / "run", {"kind": "train", "training": {"lr": 0.2}})
+
+
+def test_second_process_on_same_folder_gets_a_clear_error(tmp_path):
+    import multiprocessing as mp
+
+    (tmp_path / "run").mkdir()
+    ctx = mp.get_context("spawn")
+    with folder_lock(tmp_path / "run"):
+        q = ctx.Queue()
+        p = ctx.Process(target=_try_lock, args=(str(tmp_path / "run"), q))
+        p.start()
+        p.join(60)
+        assert "another process is already running" in q.get(timeout=5)
+    # Released: a later process gets it.
+    q = ctx.Queue()
+    p = ctx.Process(target=_try_lock, args=(str(tmp_path / "run"), q))
+    p.start()
+    p.join(60)
+    assert q.get(timeout=5) == "locked"
+
+
+def _try_lock(path: str, q) -> None:
+    from pathlib import Path
+
+    try:
+        with folder_lock(Path(path)):
+            q.put("locked")
+    except LotteryError as e:
+        q.put(str(e))
