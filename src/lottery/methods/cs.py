@@ -154,7 +154,7 @@ class ContinuousSparsification:
         names = list(masking.prunable_weights(model, ignore=tuple(ignore or ())))
         masking.attach_soft_mask(model, names, s0=s0, scale_by_s0=scale_by_s0)
         self.epoch = 0  # epochs completed, over all rounds
-        masking.set_temperature(model, 1.0)
+        masking.set_temperature(model, self.beta)  # 1, or beta_final for one-epoch rounds (temperature())
         self.optimizer = optimizer
         if optimizer is not None:
             group = {"params": list(masking.mask_logits(model).values()), "weight_decay": 0.0}
