@@ -424,7 +424,33 @@ def test_hard_mask_is_strict_and_finish_gives_exact_zeros():
     assert list(sd) == list(tiny_mlp().state_dict())
     for n, m in mask.items():
         assert torch.all(sd[n][~m] == 0)
-        assert torch.equal(sd[n][m], raw[n][m])  # kept weights are the raw weights
+        assert torch.allclose(sd[n][m], raw[n][m] * 2.0)  # kept weights act as w / sigmoid(0) = 2w
+
+
+def test_finish_equals_the_trained_network_at_high_temperature():
+    """finish() keeps the function the search trained: the soft-masked net as beta -> infinity."""
+    model = tiny_mlp().eval()
+    cs = ContinuousSparsification(model, epochs_per_round=1, rounds=1, s0=-0.05)
+    with torch.no_grad():
+        for s in cs.logits():
+            s.copy_(torch.randn(s.shape, generator=torch.Generator().manual_seed(5)).sign() * 0.5)
+    masking.set_temperature(model, 1e4)
+    x = torch.randn(16, 20)
+    with torch.no_grad():
+        limit_out = model(x)
+    cs.finish()
+    with torch.no_grad():
+        assert torch.allclose(model(x), limit_out, atol=1e-5)
+
+
+def test_finish_without_rescale_keeps_raw_weights():
+    model = tiny_mlp()
+    cs = ContinuousSparsification(model, epochs_per_round=1, rounds=1, s0=-0.05)
+    _set_logits(model, seed=3)
+    raw = {n: w.detach().clone() for n, w in _raw_weights(model).items()}
+    mask = cs.finish(rescale=False)
+    for n, m in mask.items():
+        assert torch.equal(model.state_dict()[n][m], raw[n][m])
 
 
 class PrunedAreZero(Callback):
@@ -601,7 +627,8 @@ def test_readme_example_custom_nested_model(readme_run):
     assert not any("mask" in k or "parametrizations" in k for k in sd)
     for n, m in mask.items():
         assert torch.all(sd[n][~m] == 0), n
-        assert torch.equal(sd[n][m], raw[n][m]), n
+        # kept weights carry the beta -> infinity factor of the scaled soft mask, 1 / sigmoid(s0)
+        assert torch.allclose(sd[n][m], raw[n][m] / torch.sigmoid(torch.tensor(0.02)), rtol=1e-6), n
     # a fresh UserNet loads it strictly
     UserNet().load_state_dict(sd)
 

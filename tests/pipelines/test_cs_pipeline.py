@@ -330,9 +330,13 @@ def test_prune_mode(tmp_path, finetune):
     else:
         assert stages == ["round_0"] * 2 + ["round_1"] * 2
         assert results["test_accuracy"] == results["test_accuracy_before_finetune"]
-        for k, v in pruned.items():  # exactly the final weights x the hard mask
-            expected = torch.where(mask[k], last[k], torch.zeros_like(last[k])) if k in mask else last[k]
-            assert torch.equal(v, expected), k
+        # The final weights x the hard mask, with the beta -> infinity factor 1 / sigmoid(s0) on kept weights.
+        factor = 1.0 / torch.sigmoid(torch.tensor(CS.s0, dtype=torch.float64)).item()
+        for k, v in pruned.items():
+            expected = torch.where(mask[k], last[k] * factor, torch.zeros_like(last[k])) if k in mask else last[k]
+            assert torch.allclose(v, expected, rtol=1e-6, atol=0), k
+            if k in mask:
+                assert torch.all(v[~mask[k]] == 0), k
 
 
 @pytest.mark.parametrize("rewind, round_steps", [("3ep", "2ep"), ("5ep", "2ep"), ("3ep", None)])

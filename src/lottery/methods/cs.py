@@ -202,9 +202,28 @@ class ContinuousSparsification:
         """The hard mask ``1[s > 0]``."""
         return masking.hard_mask_from_logits(self.model)
 
-    def finish(self) -> Mask:
-        """Remove the soft masks: the model becomes plain with ``w * 1[s > 0]`` (exact zeros)."""
-        return masking.remove_soft_mask(self.model, hard=True)
+    def finish(self, rescale: bool = True) -> Mask:
+        """Remove the soft masks, leaving a plain model with exact zeros where ``s <= 0``.
+
+        With ``rescale`` (default) the kept weights are those of the trained network in the limit
+        beta -> infinity, ``w / sigmoid(s0)`` when the mask is scaled by ``sigmoid(s0)``: at the end of
+        a round each kept weight acts as ``w * sigmoid(beta*s) / sigmoid(s0)`` ~ ``w / sigmoid(s0)``, so
+        dropping the factor would change the function that was trained (x2 at s0 = 0). Use
+        ``rescale=False`` for the raw ``w * 1[s > 0]``.
+        """
+        return harden_soft_masks(self.model, self.hp.s0, self.hp.scale_by_s0 and rescale)
+
+
+def harden_soft_masks(model: nn.Module, s0: float, scale_by_s0: bool) -> Mask:
+    """Replace the soft masks by their beta -> infinity limit ``1[s > 0] / sigmoid(s0)`` (or ``1[s > 0]``
+    without the scaling) folded into the weights; returns the hard mask. Pruned weights are exact zeros."""
+    mask = masking.remove_soft_mask(model, hard=True)
+    if scale_by_s0:
+        factor = 1.0 / torch.sigmoid(torch.tensor(float(s0), dtype=torch.float64)).item()
+        with torch.no_grad():
+            for name in mask:
+                model.get_parameter(name).mul_(factor)
+    return mask
 
 
 # -- on lottery's engine ----------------------------------------------------------------------------

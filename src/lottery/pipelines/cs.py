@@ -34,7 +34,7 @@ from lottery.hparams import DataHparams, ModelHparams, TrainingHparams
 from lottery.io import load_tensors, read_json, save_tensors, write_json
 from lottery.masks import Mask
 from lottery.methods.cs import (
-    CSHparams, EnforceMaskCallback, SnapshotCallback, make_search_optimizers, search_round_callbacks,
+    CSHparams, EnforceMaskCallback, harden_soft_masks, SnapshotCallback, make_search_optimizers, search_round_callbacks,
 )
 from lottery.step import Step
 
@@ -212,10 +212,11 @@ def _retrain_ticket(job, options, folder, bundle, train_loader, evals, mask: Mas
 
 
 def _prune(job, options, folder, model, train_loader, evals, mask: Mask, round_recipe, rows) -> dict[str, Any]:
-    """Final weights x hard mask, evaluated; then optionally fine-tuned at the round's final LR."""
+    """The trained network with its soft masks hardened (beta -> infinity: ``w * 1[s > 0] / sigmoid(s0)``
+    with the default scaling), evaluated; then optionally fine-tuned at the round's final LR."""
     pdir = folder / "pruned"
     pdir.mkdir(exist_ok=True)
-    masking.remove_soft_mask(model, hard=True)
+    harden_soft_masks(model, job.cs.s0, job.cs.scale_by_s0)
     model.to(options.device)
     before = {split: evaluate(model, loader, options.device) for split, loader in evals.items()}
     out: dict[str, Any] = {
