@@ -226,11 +226,11 @@ def read_dense_costs(results: dict) -> dict:
 def _add_cs_commands(sub) -> None:
     from lottery.methods.cs import CSHparams
 
-    search = sub.add_parser("search", help="lottery-ticket search (cs, imp, imp-c)",
+    search = sub.add_parser("search", help="lottery-ticket search (cs, imp, imp-c, l0)",
                             description="Find a lottery ticket: a mask plus rewind-point weights, retrained.")
     search_sub = search.add_subparsers(dest="method", metavar="METHOD", parser_class=OneLineErrorParser)
     search_sub.required = True
-    prune = sub.add_parser("prune", help="pruning (cs, magnitude, lrr, finetune)", description="Prune a trained network.")
+    prune = sub.add_parser("prune", help="pruning (cs, magnitude, lrr, finetune, l0, gmp)", description="Prune a trained network.")
     prune_sub = prune.add_subparsers(dest="method", metavar="METHOD", parser_class=OneLineErrorParser)
     prune_sub.required = True
     for parent, mode in ((search_sub, "ticket"), (prune_sub, "prune")):
@@ -295,6 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     from lottery.cli_imp import register as register_imp
 
     register_imp(search_sub, prune_sub, sub, _common_flags)
+    from lottery.cli_l0gmp import register as register_l0gmp
+
+    register_l0gmp(search_sub, prune_sub, _common_flags)
     from lottery.cli_sweep import register as register_sweep
 
     register_sweep(sub, _common_flags)

@@ -46,6 +46,9 @@ _METHOD_COMMANDS = (
     ("lrr", "lrr", "learning-rate rewinding", "iterative pruning with learning-rate rewinding"),
     ("finetune", "finetune", "iterative pruning with fine-tuning", "iterative pruning with fine-tuning"),
     ("magnitude", "magnitude", "one-shot magnitude pruning", "one-shot magnitude pruning"),
+    ("l0", "l0", "stochastic L0 ticket search", "stochastic L0 (hard concrete) ticket searches"),
+    ("l0-prune", "l0-prune", "stochastic L0 pruning", "stochastic L0 (hard concrete) pruning"),
+    ("gmp", "gmp", "gradual magnitude pruning", "gradual magnitude pruning (Zhu & Gupta 2017)"),
 )
 
 

@@ -2,7 +2,7 @@
 
 A sweep is a list of :class:`JobSpec` -- ``(kind, hparams groups, seed)``, frozen and picklable -- and a
 registry maps each ``kind`` to the function that runs it (:data:`KINDS`: ``train``, ``cs``,
-``cs-prune``, ``imp``, ``imp-c``, ``lrr``, ``finetune``, ``magnitude``). Adding a job kind is one
+``cs-prune``, ``imp``, ``imp-c``, ``lrr``, ``finetune``, ``magnitude``, ``l0``, ``l0-prune``, ``gmp``). Adding a job kind is one
 :func:`register_kind` call (plus a :data:`GROUP_CLASSES` line if it brings a new hparams group)::
 
     register_kind(JobKind("snip", "lottery.pipelines.snip:run_snip", "lottery.pipelines.snip:SnipJob",
@@ -83,6 +83,8 @@ GROUP_CLASSES: dict[str, str] = {
     "lrr": "lottery.methods.imp:LRRHparams",
     "finetune": "lottery.methods.imp:FinetuneHparams",
     "oneshot": "lottery.methods.imp:OneShotHparams",
+    "l0": "lottery.methods.l0:L0Hparams",
+    "gmp": "lottery.methods.gmp:GMPHparams",
 }
 
 
@@ -197,6 +199,14 @@ register_kind(JobKind("finetune", f"{_IMP}:run_finetune", f"{_IMP}:FinetuneJob",
                       dense_reference=True, folder=_run_folder, help="iterative pruning with fine-tuning"))
 register_kind(JobKind("magnitude", f"{_IMP}:run_one_shot", f"{_IMP}:OneShotJob", groups=(*_BASE, "oneshot"),
                       dense_reference=True, folder=_run_folder, help="one-shot magnitude pruning"))
+register_kind(JobKind("l0", "lottery.pipelines.l0:run_l0", "lottery.pipelines.l0:L0Job", groups=(*_BASE, "l0"),
+                      fixed=(("mode", "ticket"),), dense_reference=True, folder=_run_folder,
+                      help="stochastic L0 (hard concrete) ticket search"))
+register_kind(JobKind("l0-prune", "lottery.pipelines.l0:run_l0", "lottery.pipelines.l0:L0Job", groups=(*_BASE, "l0"),
+                      fixed=(("mode", "prune"),), dense_reference=True, folder=_run_folder,
+                      help="stochastic L0 (hard concrete) pruning"))
+register_kind(JobKind("gmp", "lottery.pipelines.gmp:run_gmp", "lottery.pipelines.gmp:GMPJob", groups=(*_BASE, "gmp"),
+                      dense_reference=True, folder=_run_folder, help="gradual magnitude pruning (Zhu & Gupta 2017)"))
 
 
 # -- job specs -------------------------------------------------------------------------------------
