@@ -97,6 +97,10 @@ def plot_accuracy_vs_density(
         if dense_std:
             ax.axhspan(100 * (dense_accuracy - dense_std), 100 * (dense_accuracy + dense_std), color="gray", alpha=0.2)
     ax.set_xscale("log")
+    from matplotlib.ticker import FuncFormatter
+
+    # Percent kept as plain numbers (100, 10, 1), not powers of ten.
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.invert_xaxis()
     ax.set_xlabel("density (% of prunable weights kept, log scale)")
     ax.set_ylabel("test accuracy (%)")
