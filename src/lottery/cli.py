@@ -176,6 +176,7 @@ def _cs_job(args: argparse.Namespace, mode: str):
     from lottery.pipelines.cs import CSJob
 
     preset, data, model, training = _base_groups(args)
+    model = preset.model_for("cs", model, given={k.split(".", 1)[1] for k in vars(args) if k.startswith("ModelHparams.")})
     _validate_names(data, model)
     cs = hparams_from_args(args, CSHparams, CSHparams.from_dict(preset.methods.get("cs", {})))
     if args.epochs is not None and "CSHparams.round_steps" not in vars(args):

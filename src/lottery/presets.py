@@ -16,8 +16,16 @@ class Preset:
     data: DataHparams
     model: ModelHparams
     training: TrainingHparams
-    # Per-method overrides, e.g. {"cs": {"lam": 1e-8, "rounds": 3}}; filled in by the method modules.
+    # Per-method hparams, e.g. {"cs": {"lam": 1e-8, "rounds": 3}}, keyed by the method's hparams prefix.
     methods: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Per-method changes to the model hparams: the CS reference code masks only ResNet-20's 3x3 convs,
+    # while open_lth's IMP prunes every conv and the output layer.
+    method_models: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def model_for(self, method: str, model: ModelHparams, given: set[str] = frozenset()) -> ModelHparams:
+        """``model`` with this preset's changes for ``method``, except fields the user set (``given``)."""
+        changes = {k: v for k, v in self.method_models.get(method, {}).items() if k not in given}
+        return model.replace(**changes) if changes else model
 
 
 _CIFAR_RECIPE = TrainingHparams(
@@ -38,17 +46,29 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             "cifar10_resnet20",
-            "ResNet-20 on CIFAR-10 (open_lth: 160 epochs, lr 0.1, x0.1 at 80/120, wd 1e-4); GPU",
+            "ResNet-20 on CIFAR-10 (open_lth: 160 epochs, lr 0.1, x0.1 at 80/120, wd 1e-4; "
+            "CS reference: 3 rounds of 85 epochs, x0.1 at 56/71, rewind 2ep); GPU",
             DataHparams(dataset="cifar10", val_size=5000),
             ModelHparams(model="resnet20"),
             _CIFAR_RECIPE,
+            methods={
+                "cs": {"lam": 1e-8, "rounds": 3, "round_steps": "85ep", "round_milestones": ("56ep", "71ep"),
+                       "rewind": "2ep", "mask_momentum": 0.9, "mask_nesterov": True},
+                "imp": {"rewind": "500it"},  # the matching rewind point reported for ResNet-20 (METHODS.md)
+            },
+            method_models={"cs": {"prune_ignore": ("*shortcut*", "fc.weight")}},
         ),
         Preset(
             "cifar10_vgg16",
-            "VGG-16 (BN) on CIFAR-10, same recipe as ResNet-20; GPU",
+            "VGG-16 (BN) on CIFAR-10, same recipe as ResNet-20 (CS: 3 rounds of 85 epochs); GPU",
             DataHparams(dataset="cifar10", val_size=5000),
             ModelHparams(model="vgg16"),
             _CIFAR_RECIPE,
+            methods={
+                "cs": {"lam": 1e-8, "rounds": 3, "round_steps": "85ep", "round_milestones": ("56ep", "71ep"),
+                       "rewind": "2ep"},
+                "imp": {"rewind": "1000it"},  # reported matching rewind point for VGG-16
+            },
         ),
         Preset(
             "imagenet_resnet50",
@@ -59,6 +79,7 @@ PRESETS: dict[str, Preset] = {
                 training_steps="90ep", batch_size=1024, lr=0.4, momentum=0.9, weight_decay=1e-4,
                 schedule="multistep", milestones=("30ep", "60ep", "80ep"), warmup_steps="5ep",
             ),
+            methods={"cs": {"rewind": "5ep", "rounds": 2}, "imp": {"rewind": "5ep"}},
         ),
     ]
 }
