@@ -40,6 +40,7 @@ def lottery(*args: str, cwd: Path, timeout: float = 120, check: bool = True) -> 
         (["search", "cs", "--s0", "nan"], "CSHparams.s0 must be a finite number"),
         (["search", "cs", "--rounds", "0"], "CSHparams.rounds must be a positive integer"),
         (["train", "--dataset", "mnist", "--no-download"], "cannot find the mnist data set"),
+        (["train", "--data-dir", "/nonexistent/fashion"], "--data-dir /nonexistent/fashion is not a folder"),
     ],
 )
 def test_bad_input_exits_nonzero_with_one_line(tmp_path, args, needle):

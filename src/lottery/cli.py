@@ -78,13 +78,16 @@ def add_hparams_flags(parser: argparse.ArgumentParser, cls: type[Hparams], title
         tp, optional, is_tuple = scalar_type(field_type(cls, f.name))
         help_text = cls._help.get(f.name, "")
         default = f.default if f.default is not dataclasses.MISSING else None
-        help_text = f"{help_text} (default: {','.join(map(str, default)) if isinstance(default, tuple) else default})"
+        if "default" not in help_text:
+            shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+            help_text = f"{help_text} (built-in default: {shown}; a --preset may set another)"
         if tp is bool and not is_tuple:
             group.add_argument(_flag(f.name), dest=f"{cls.__name__}.{f.name}", action=argparse.BooleanOptionalAction,
                                default=argparse.SUPPRESS, help=help_text)
         else:
+            metavar = f"{tp.__name__.upper()},..." if is_tuple else tp.__name__.upper()
             group.add_argument(_flag(f.name), dest=f"{cls.__name__}.{f.name}", type=_converter(tp, is_tuple),
-                               default=argparse.SUPPRESS, metavar=tp.__name__.upper(), help=help_text)
+                               default=argparse.SUPPRESS, metavar=metavar, help=help_text)
 
 
 def hparams_from_args(args: argparse.Namespace, cls: type[Hparams], base: Hparams | None = None) -> Hparams:
@@ -137,6 +140,8 @@ def _options(args: argparse.Namespace):
         torch.set_num_threads(args.threads)
     from lottery import distributed
 
+    if args.data_dir is not None and not Path(args.data_dir).is_dir():
+        raise ConfigError(f"--data-dir {args.data_dir} is not a folder; give the folder that holds the data set's files")
     device = args.device
     if distributed.init_from_env(device):  # started by torchrun: one process per rank
         device = distributed.local_device(device)

@@ -473,3 +473,23 @@ def test_resume_after_interrupt_in_ticket_retraining(tmp_path, monkeypatch, base
     assert any("ticket: resumed" in m for m in logs)
     assert (folder / "mask.safetensors").stat().st_mtime_ns == mask_stamp  # the search was not redone
     _assert_same_outcome(folder, results, baseline)
+
+
+def test_a_mask_that_prunes_everything_is_a_clear_error(tmp_path):
+    """s0 far below 0 prunes every weight: no ticket to train, so say so instead of training an empty net."""
+    from lottery.errors import LotteryError
+
+    job = CSJob(data=DATA, model=ModelHparams("lenet_300_100"), training=TRAIN, cs=CS.replace(s0=-5.0),
+                dense_reference=False)
+    with pytest.raises(LotteryError, match=r"pruned every prunable weight.*larger --s0"):
+        run_cs(job, _options(tmp_path))
+    assert not list(tmp_path.glob("*/ticket/model.safetensors"))
+
+
+def test_one_epoch_rounds_warn_that_beta_cannot_anneal(tmp_path):
+    lines = []
+    job = CSJob(data=DATA, model=ModelHparams("lenet_300_100"), training=TRAIN,
+                cs=CS.replace(round_steps="1ep", rounds=1), dense_reference=False)
+    run_cs(job, RunOptions(out=tmp_path, progress=False, log=lines.append))
+    assert any(l.startswith("plan: CS 1 round(s) x 1 epochs") for l in lines)
+    assert any("cannot anneal the temperature" in l for l in lines)

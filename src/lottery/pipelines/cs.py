@@ -25,7 +25,7 @@ import torch
 
 from lottery import masking
 from lottery.engine import Trainer, evaluate, make_optimizer
-from lottery.errors import CheckpointError, ConfigError
+from lottery.errors import CheckpointError, ConfigError, LotteryError
 from lottery.experiment import (
     DenseJob, MetricsCSV, RunOptions, build_model, describe_run, folder_lock, load_data, log_line,
     make_loaders, prepare_run_folder, prune_ignore, run_folder_name, train_dense, write_metrics_csv,
@@ -93,6 +93,16 @@ def run_cs(job: CSJob, options: RunOptions) -> dict[str, Any]:
     ipe = len(train_loader)
     k = _check_rewind_fits(job, ipe)
 
+    round_epochs = Step.parse(job.cs.round_recipe(job.training).training_steps, ipe).epochs
+    total_epochs = Step.parse(job.training.training_steps, ipe).epochs
+    retrain = total_epochs - k.epochs if job.mode == "ticket" else Step.parse(job.cs.finetune_steps, ipe).epochs
+    log_line(options, f"plan: {'dense reference ' + format(total_epochs, 'g') + ' epochs, ' if job.dense_reference else ''}"
+                      f"CS {job.cs.rounds} round(s) x {round_epochs:g} epochs, "
+                      f"{'ticket retraining' if job.mode == 'ticket' else 'fine-tuning'} {retrain:g} epochs")
+    if job.cs.temperature_schedule == "epoch" and round_epochs < 2:
+        log_line(options, "warning: a CS round shorter than 2 epochs cannot anneal the temperature per epoch "
+                          "(the whole round runs at beta_final); use --temperature-schedule iteration or longer rounds")
+
     dense = None
     if job.dense_reference:
         dense = train_dense(DenseJob(job.data, job.model, job.training, seed=job.seed), options, wait_for_lock=True)
@@ -116,6 +126,7 @@ def run_cs(job: CSJob, options: RunOptions) -> dict[str, Any]:
                 done = read_json(rdir / "history.json")
                 rows += done["rows"]
                 wall += done["wall_seconds"]
+                _remove(rdir / "checkpoint.safetensors")  # left behind when killed right after the state
                 continue
             if r > 0:
                 # The model holds round r-1's end state (trained or loaded above): no rewinding of
@@ -142,10 +153,15 @@ def run_cs(job: CSJob, options: RunOptions) -> dict[str, Any]:
 
         # -- the hard mask ----------------------------------------------------------------------------
         mask = masking.hard_mask_from_logits(model)
+        if mask.num_kept() == 0:
+            raise LotteryError(
+                f"CS pruned every prunable weight (density 0) in {folder}: there is no ticket to train. "
+                f"Use a larger --s0 (now {job.cs.s0:g}), a smaller --lam (now {job.cs.lam:g}) or longer rounds"
+            )
         mask_path = folder / "mask.safetensors"
         if not mask_path.exists():
             mask.save(mask_path)
-        log_line(options, f"CS mask: density {mask.density():.4f} ({mask.num_kept()} of {mask.num_total()} weights)")
+        log_line(options, f"CS mask: density {mask.density():.4g} ({mask.num_kept()} of {mask.num_total()} weights)")
 
         if job.mode == "ticket":
             result = _retrain_ticket(job, options, folder, bundle, train_loader, evals, mask, k, rows)
