@@ -31,3 +31,8 @@ class CheckpointError(LotteryError):
 
 class NumericalError(LotteryError):
     """The loss became NaN or infinite."""
+
+
+class StorageError(LotteryError, OSError):
+    """A file or folder could not be written (disk full, read-only or no permission); nothing that was
+    already there has been replaced by a partial file."""

@@ -23,7 +23,7 @@ from torch import nn
 from lottery.engine import Callback, Trainer
 from lottery.errors import ConfigError, LotteryError
 from lottery.hparams import DataHparams, Hparams, ModelHparams, TrainingHparams, hparams_hash
-from lottery.io import atomic_write_bytes, read_json, save_tensors, write_json
+from lottery.io import atomic_write_bytes, read_json, save_tensors, storage_error, write_json
 
 
 @dataclass
@@ -75,10 +75,17 @@ def describe_run(kind: str, seed: int, **groups: Hparams) -> dict[str, Any]:
 
 def prepare_run_folder(path: Path, description: dict[str, Any]) -> Path:
     """Create the folder and its hparams.json; refuse a folder that holds a different configuration."""
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise storage_error(path, e) from None
     hp_file = path / "hparams.json"
     if hp_file.exists():
-        existing = read_json(hp_file)
+        try:
+            existing = read_json(hp_file)
+        except (ValueError, OSError) as e:  # damaged outside lottery: its own writes are atomic
+            raise ConfigError(f"{hp_file} is unreadable ({e}); it cannot tell which run this folder holds: "
+                              "choose another --out or delete that folder") from None
         if existing != description:
             diffs = _dict_diff(existing, description)
             raise ConfigError(
@@ -121,10 +128,25 @@ def folder_lock(path: Path, wait: bool = False) -> Iterator[None]:
             f"another process is already running in {path} (lock file {path / '.lock'}); "
             "wait for it to finish, or stop it first"
         ) from None
+    except OSError as e:  # a read-only folder (or file system), no permission
+        raise storage_error(path / ".lock", e) from None
     try:
+        _remove_stale_temp_files(path)
         yield
     finally:
         lock.release()
+
+
+def _remove_stale_temp_files(folder: Path) -> None:
+    """Delete the temporary files of checkpoint writes (``.checkpoint.safetensors.<random>.tmp``) that a
+    killed process left: never read, but each as large as a checkpoint. Checkpoints are written only by
+    a trainer, under this lock, so such a file belongs to a dead process. (The temporary files of other
+    writes are small, and some of those writes, plots for one, happen outside the lock.)"""
+    for tmp in folder.rglob(".*checkpoint.safetensors.*.tmp"):
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
 
 
 # -- metrics -------------------------------------------------------------------------------------
@@ -252,6 +274,7 @@ def train_dense(job: DenseJob, options: RunOptions, wait_for_lock: bool = False)
     results_path = folder / "results.json"
     if results_path.exists():
         log_line(options, f"{folder}: already finished, reusing its results")
+        _remove_quietly(folder / "checkpoint.safetensors")  # left behind when killed right after results.json
         return read_json(results_path)
     with folder_lock(folder, wait=wait_for_lock):
         if results_path.exists():  # finished by the process we waited for

@@ -9,9 +9,11 @@ every existing folder name valid.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
+import numbers
 import types
 import typing
 from dataclasses import dataclass, fields
@@ -81,6 +83,56 @@ class Hparams:
     def _step(self, *names: str) -> None:
         for n in names:
             validate_step_spec(getattr(self, n), f"{type(self).__name__}.{n}")
+
+    def _positive_step(self, *names: str) -> None:
+        from lottery.step import parse_step_spec
+
+        self._step(*names)
+        for n in names:
+            if parse_step_spec(getattr(self, n)) == (0, 0):
+                raise ConfigError(f"{type(self).__name__}.{n} must be a positive length, e.g. '2ep', got {getattr(self, n)!r}")
+
+    def _fraction_below_one(self, *names: str) -> None:
+        """Momentum-like fields: in [0, 1) (at 1 or above the velocity never decays and training diverges)."""
+        self._non_negative(*names)
+        for n in names:
+            if getattr(self, n) >= 1:
+                raise ConfigError(f"{type(self).__name__}.{n} must be below 1, got {getattr(self, n)!r}")
+
+    def _check_types(self) -> None:
+        """Each field holds a value of its annotated type: a bool field a bool (not the string 'no'), an int
+        field an integer (not 2.5), a float field a number; ``None`` only where the field is optional."""
+        name = type(self).__name__
+        for f in fields(self):  # type: ignore[arg-type]
+            tp, optional, is_tuple = scalar_type(_type_hints(type(self))[f.name])
+            v = getattr(self, f.name)
+            if v is None:
+                if optional:
+                    continue
+                raise ConfigError(f"{name}.{f.name} must be set, got None")
+            if is_tuple and not isinstance(v, (tuple, list)):
+                raise ConfigError(f"{name}.{f.name} must be a list of values, got {v!r}")
+            for x in (v if is_tuple else (v,)):
+                if not _has_type(x, tp):
+                    what = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[tp]
+                    raise ConfigError(f"{name}.{f.name} must be {what}{' (each)' if is_tuple else ''}, got {v!r}")
+
+
+@functools.lru_cache(maxsize=None)
+def _type_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _has_type(x: Any, tp: Any) -> bool:
+    if tp is bool:
+        return isinstance(x, bool)
+    if tp is int:
+        return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+    if tp is float:
+        return isinstance(x, numbers.Real) and not isinstance(x, bool)
+    if tp is str:  # names and step specs; a step may also be an iteration count
+        return isinstance(x, str) or (isinstance(x, numbers.Integral) and not isinstance(x, bool))
+    return True
 
 
 def _field_default(f: dataclasses.Field) -> Any:
@@ -171,15 +223,18 @@ class DataHparams(Hparams):
     def __post_init__(self) -> None:
         if not isinstance(self.dataset, str) or not self.dataset:
             raise ConfigError("DataHparams.dataset must be a data set name")
+        self._check_types()
         self._non_negative("val_size")
-        options = self.synthetic_options()
-        if options and self.dataset != "synthetic":
-            raise ConfigError(f"DataHparams.synthetic_* options apply only to dataset 'synthetic', not {self.dataset!r}")
         if self.synthetic_shape is not None and (len(self.synthetic_shape) != 3 or min(self.synthetic_shape) <= 0):
             raise ConfigError(f"DataHparams.synthetic_shape must be three positive sizes C,H,W; got {self.synthetic_shape}")
         for name in ("synthetic_classes", "synthetic_train_size", "synthetic_test_size"):
             if getattr(self, name) is not None:
                 self._positive(name)
+        if self.synthetic_classes is not None and self.synthetic_classes < 2:
+            raise ConfigError(f"DataHparams.synthetic_classes must be at least 2, got {self.synthetic_classes}")
+        options = self.synthetic_options()
+        if options and self.dataset != "synthetic":
+            raise ConfigError(f"DataHparams.synthetic_* options apply only to dataset 'synthetic', not {self.dataset!r}")
 
     def synthetic_options(self) -> dict:
         """The options ``lottery.data.load_splits('synthetic', ...)`` takes, from the fields that are set."""
@@ -207,8 +262,11 @@ class ModelHparams(Hparams):
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
             raise ConfigError("ModelHparams.model must be a model name")
+        self._check_types()
         if self.width is not None:
             self._positive("width")
+        if self.prune_ignore is not None and not all(isinstance(p, str) and p for p in self.prune_ignore):
+            raise ConfigError(f"ModelHparams.prune_ignore must be parameter names or patterns, got {self.prune_ignore!r}")
 
 
 @dataclass(frozen=True)
@@ -249,6 +307,7 @@ class TrainingHparams(Hparams):
     }
 
     def __post_init__(self) -> None:
+        self._check_types()
         self._step("training_steps", "warmup_steps", "eval_every")
         for m in self.milestones:
             validate_step_spec(m, "TrainingHparams.milestones")
@@ -261,7 +320,8 @@ class TrainingHparams(Hparams):
         if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size <= 0:
             raise ConfigError(f"TrainingHparams.batch_size must be a positive integer, got {self.batch_size!r}")
         self._positive("lr", "gamma")
-        self._non_negative("momentum", "weight_decay")
+        self._non_negative("weight_decay")
+        self._fraction_below_one("momentum")
         self._choice("optimizer", ("sgd", "adam"))
         self._choice("schedule", ("constant", "multistep", "cosine"))
         if self.nesterov and self.momentum == 0:

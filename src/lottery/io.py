@@ -7,6 +7,7 @@ loading never runs code.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -15,7 +16,10 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save as st_save_bytes
+
+from lottery.errors import CheckpointError, StorageError
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -26,20 +30,99 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     if not is_main():
         return
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # Fault injection for the crash tests (tests/reliability): one dict lookup when the variable is unset.
+    kill_at = _fault_phase(path) if FAULT_ENV in os.environ else None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise storage_error(path, e) from None
     try:
         with os.fdopen(fd, "wb") as f:
+            if kill_at == "mid":
+                f.write(data[: len(data) // 2])
+                f.flush()
+                _fault_kill(path, kill_at)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        if kill_at == "before-rename":
+            _fault_kill(path, kill_at)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
-        except FileNotFoundError:
+        except OSError:
             pass
+        if isinstance(e, OSError):
+            raise storage_error(path, e) from None
         raise
+    if kill_at == "after-rename":
+        _fault_kill(path, kill_at)
+
+
+def save_figure(fig: Any, path: str | os.PathLike, **savefig_kwargs: Any) -> None:
+    """``fig.savefig(path)`` atomically (format from the suffix): a run killed while plotting leaves the
+    previous plot or none, never a truncated image."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format=Path(path).suffix.lstrip(".") or None, **savefig_kwargs)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def storage_error(path: str | os.PathLike, e: OSError) -> StorageError:
+    """A one-line ``StorageError`` for a failed write of ``path`` (disk full, read-only, no permission)."""
+    if isinstance(e, StorageError):
+        return e
+    reason = e.strerror or str(e)
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free some disk space (or use another --out)"
+    elif e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        fix = "make the folder writable (or use another --out)"
+    else:
+        fix = "fix the folder (or use another --out)"
+    err = StorageError(
+        f"cannot write {path}: {reason}. Nothing already written was replaced (the last checkpoint is "
+        f"intact); {fix}, then run the same command again to resume"
+    )
+    err.errno = e.errno  # (strerror and filename left unset: OSError.__str__ would replace the message)
+    return err
+
+
+# -- fault injection ---------------------------------------------------------------------------------
+#: ``LOTTERY_FAULT_KILL_AT_WRITE=N[:PHASE[:SUBSTRING]]`` makes the process SIGKILL itself during its Nth
+#: atomic write (counting only paths that contain SUBSTRING, when given). PHASE: ``mid`` (half the bytes
+#: are in the temporary file), ``before-rename`` (the temporary file is complete, the target untouched;
+#: the default) or ``after-rename`` (the target is complete, nothing after it ran). N = 0 only counts.
+FAULT_ENV = "LOTTERY_FAULT_KILL_AT_WRITE"
+FAULT_PHASES = ("mid", "before-rename", "after-rename")
+fault_writes: list[str] = []  # the paths counted so far in this process (only while FAULT_ENV is set)
+
+
+def _fault_phase(path: Path) -> str | None:
+    spec = os.environ.get(FAULT_ENV, "")
+    parts = spec.split(":", 2)
+    try:
+        n = int(parts[0])
+    except ValueError:
+        return None
+    phase = parts[1] if len(parts) > 1 and parts[1] else "before-rename"
+    if phase not in FAULT_PHASES:
+        raise ValueError(f"{FAULT_ENV}: unknown phase {phase!r}; use one of {', '.join(FAULT_PHASES)}")
+    if len(parts) > 2 and parts[2] not in str(path):
+        return None
+    fault_writes.append(str(path))
+    return phase if len(fault_writes) == n else None
+
+
+def _fault_kill(path: Path, phase: str) -> None:
+    import signal
+    import sys
+
+    sys.stderr.write(f"lottery fault injection: SIGKILL at write {len(fault_writes)} ({phase}) of {path}\n")
+    sys.stderr.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _json_default(obj: Any) -> Any:
@@ -82,4 +165,13 @@ def save_tensors(
 
 
 def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    return load_file(str(path), device=str(device))
+    """A safetensors file's tensors (never unpickles); a missing, truncated or foreign file is a
+    ``CheckpointError`` naming it, not a deserialisation traceback."""
+    try:
+        return load_file(str(path), device=str(device))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} does not exist; delete the stage (or run) folder it belongs to, "
+                              "to compute it again") from None
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path} is unreadable or not a safetensors file ({e}); delete it (or its stage "
+                              "folder) to compute it again") from None

@@ -319,12 +319,14 @@ class Mask(Mapping[str, torch.Tensor]):
         report = self.report_path(path)
         if report == path:
             raise ConfigError(f"a mask file must not end in .json (the report goes there): {path}")
+        # The report first: pipelines take an existing mask file as "this mask is saved" and skip saving
+        # it again, so a crash between the two writes must not leave the mask without its report.
+        write_json(report, self.sparsity_report())
         save_tensors(
             path,
             {n: m.to(torch.uint8) for n, m in self._masks.items()},
             metadata={"format": _FORMAT, "version": _FORMAT_VERSION, "names": json.dumps(list(self._masks))},
         )
-        write_json(report, self.sparsity_report())
         return report
 
     @classmethod

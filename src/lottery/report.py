@@ -111,9 +111,10 @@ def plot_accuracy_vs_density(
         ax.legend()
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    fig.savefig(path.with_suffix(".svg"))
+    from lottery.io import save_figure
+
+    save_figure(fig, path, dpi=120)
+    save_figure(fig, path.with_suffix(".svg"))
     plt.close(fig)
 
 
@@ -169,9 +170,10 @@ def _mpl():
 
 def _save(fig, path: Path) -> list[Path]:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path.with_suffix(".png"), dpi=120)
-    fig.savefig(path.with_suffix(".svg"))
+    from lottery.io import save_figure
+
+    save_figure(fig, path.with_suffix(".png"), dpi=120)
+    save_figure(fig, path.with_suffix(".svg"))
     _mpl().close(fig)
     return [path.with_suffix(".png"), path.with_suffix(".svg")]
 

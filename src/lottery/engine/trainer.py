@@ -23,7 +23,7 @@ from lottery.engine.checkpoint import load_checkpoint, save_checkpoint
 from lottery.engine.evaluate import evaluate
 from lottery.engine.schedule import LRSchedule
 from lottery.step import Step
-from lottery.errors import CheckpointError, NumericalError
+from lottery.errors import CheckpointError, ConfigError, NumericalError
 from lottery.hparams import TrainingHparams
 
 
@@ -105,6 +105,7 @@ class Trainer:
         self.last_loss: torch.Tensor | None = None
         self._train_loss_sum = torch.zeros((), device=self.device)
         self._train_loss_count = 0
+        self._input_checked = False
 
     # -- public ------------------------------------------------------------------------------------
     @property
@@ -188,7 +189,33 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_epoch_end(self, epoch)
         self.wall_seconds = time.perf_counter() - t_start
+        self._check_finite_weights()
         self._save()
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        """The library's models know the image shape they were built for: data of another shape is a clear
+        error here rather than a matrix-shape error deep inside the forward pass."""
+        self._input_checked = True
+        expected = getattr(self.model, "input_shape", None)
+        if expected is not None and tuple(x.shape[1:]) != tuple(expected):
+            raise ConfigError(
+                f"{type(self.model).__name__} was built for {'x'.join(map(str, expected))} images but the training "
+                f"data has {'x'.join(map(str, x.shape[1:]))}: build the model for the data's shape "
+                "(lottery.experiment.build_model does) or use data of the model's shape"
+            )
+
+    def _check_finite_weights(self) -> None:
+        """A step can turn the weights into inf/NaN while its own loss was finite; checkpointing (or
+        reporting) such weights would replace the last good checkpoint with a broken one."""
+        params = [p for p in self.model.parameters() if p.is_floating_point() or p.is_complex()]
+        if not params or bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+            return
+        bad = [n for n, p in self.model.named_parameters() if not bool(torch.isfinite(p).all())]
+        raise NumericalError(
+            f"the weights became infinite or NaN by step {self.step} (iteration {self.iteration}; "
+            f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}); the last good checkpoint is kept. Try a "
+            f"smaller learning rate (now {self.lr():g}) or, for sparsity methods, a smaller penalty (lam)."
+        )
 
     def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         mult = self.schedule(self.iteration)
@@ -199,6 +226,8 @@ class Trainer:
             cb.on_step_start(self)
         x = x.to(self.device, non_blocking=True)
         y = y.to(self.device, non_blocking=True)
+        if not self._input_checked:
+            self._check_input(x)
         logits = self.train_module(x)
         task_loss = self.loss_fn(logits, y)
         loss = task_loss
@@ -268,9 +297,12 @@ class Trainer:
                 f"{self.checkpoint_path} was written with {info.get('iterations_per_epoch')} iterations per epoch, "
                 f"this run has {self.iterations_per_epoch}: it belongs to another configuration"
             )
-        if info.get("hparams") != self.hp.to_dict():
-            raise CheckpointError(f"{self.checkpoint_path} was written with other training hparams; "
-                                  "use another output folder or delete the checkpoint")
+        saved_hp, hp = info.get("hparams") or {}, self.hp.to_dict()
+        if saved_hp != hp:
+            diffs = [f"{k}: {saved_hp.get(k, '<missing>')!r} there, {hp.get(k, '<missing>')!r} now"
+                     for k in sorted(set(saved_hp) | set(hp)) if saved_hp.get(k, "<missing>") != hp.get(k, "<missing>")]
+            raise CheckpointError(f"{self.checkpoint_path} was written with other training hparams "
+                                  f"({'; '.join(diffs[:8])}); use another output folder or delete the checkpoint")
         try:
             self.model.load_state_dict(ckpt.model_state)
         except RuntimeError as e:

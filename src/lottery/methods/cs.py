@@ -30,6 +30,7 @@ from lottery.engine import Callback, Trainer, make_optimizer
 from lottery.errors import ConfigError
 from lottery.hparams import Hparams, TrainingHparams
 from lottery.masks import Mask
+from lottery.step import validate_step_spec
 
 
 @dataclass(frozen=True)
@@ -70,8 +71,10 @@ class CSHparams(Hparams):
     }
 
     def __post_init__(self) -> None:
+        self._check_types()
         self._finite("s0")
-        self._non_negative("lam", "mask_momentum")
+        self._non_negative("lam")
+        self._fraction_below_one("mask_momentum")
         self._positive("beta_final")
         if self.beta_final < 1:
             raise ConfigError(f"CSHparams.beta_final must be >= 1 (beta starts at 1), got {self.beta_final}")
@@ -81,7 +84,9 @@ class CSHparams(Hparams):
         self._choice("temperature_schedule", ("epoch", "iteration"))
         self._step("rewind", "finetune_steps")
         if self.round_steps is not None:
-            self._step("round_steps")
+            self._positive_step("round_steps")
+        for m in self.round_milestones or ():
+            validate_step_spec(m, "CSHparams.round_milestones")
         if self.mask_lr is not None:
             self._positive("mask_lr")
         if self.mask_nesterov and self.mask_momentum == 0:

@@ -77,6 +77,7 @@ class GMPHparams(Hparams):
     }
 
     def __post_init__(self) -> None:
+        self._check_types()
         for name in ("density", "initial_density"):
             d = getattr(self, name)
             if not isinstance(d, (int, float)) or isinstance(d, bool) or not (0 < d <= 1):

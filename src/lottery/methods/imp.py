@@ -55,6 +55,7 @@ class _LevelsMixin:
     """Validation shared by the iterative methods: ``levels``, ``rate``, ``scope``."""
 
     def _check_levels(self) -> None:
+        self._check_types()  # type: ignore[attr-defined]
         levels = getattr(self, "levels")
         if not isinstance(levels, int) or isinstance(levels, bool) or levels < 0:
             raise ConfigError(f"{type(self).__name__}.levels must be a non-negative integer, got {levels!r}")
@@ -156,6 +157,7 @@ class OneShotHparams(Hparams):
     }
 
     def __post_init__(self) -> None:
+        self._check_types()
         d = self.density
         if not isinstance(d, (int, float)) or isinstance(d, bool) or not (0 < d <= 1):
             raise ConfigError(f"OneShotHparams.density must be in (0, 1], got {d!r}")

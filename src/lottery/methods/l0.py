@@ -50,6 +50,7 @@ from torch.nn.utils import parametrize
 from lottery import masking
 from lottery.engine import Callback, Trainer, make_optimizer
 from lottery.errors import ConfigError
+from lottery.step import validate_step_spec
 from lottery.hparams import Hparams, TrainingHparams
 from lottery.masks import Mask
 from lottery.methods.cs import SnapshotCallback
@@ -136,7 +137,9 @@ class L0Hparams(Hparams):
     }
 
     def __post_init__(self) -> None:
-        self._non_negative("lam", "init_std", "gate_momentum")
+        self._check_types()
+        self._non_negative("lam", "init_std")
+        self._fraction_below_one("gate_momentum")
         self._choice("penalty", ("sum", "mean"))
         p = self.init_drop_rate
         if not isinstance(p, (int, float)) or isinstance(p, bool) or not (0 < p < 1):
@@ -149,7 +152,9 @@ class L0Hparams(Hparams):
             raise ConfigError(f"L0Hparams.gate_zeta must be greater than 1 (exact ones need it), got {self.gate_zeta}")
         self._step("rewind", "finetune_steps")
         if self.search_steps is not None:
-            self._step("search_steps")
+            self._positive_step("search_steps")
+        for m in self.search_milestones or ():
+            validate_step_spec(m, "L0Hparams.search_milestones")
         self._choice("gate_optimizer", ("adam", "sgd"))
         if self.gate_lr is not None:
             self._positive("gate_lr")

@@ -271,6 +271,7 @@ class _Context:
         out, hist = directory / f"{stem}.safetensors", directory / _history_name(stem)
         if not (out.exists() and hist.exists()):
             return None
+        _remove(directory / _checkpoint_name(stem))  # left behind when killed right after the stage's files
         record = read_json(hist)
         self.rows += record["rows"]
         return record
@@ -425,7 +426,7 @@ def _level_zero(job, plan: _Plan, ctx: _Context, common: dict[str, Any]) -> dict
     extra: dict[str, Any] = {}
     if plan.needs_rewind_state:
         k = ctx.step(plan.rewind)
-        ctx.check_before_end(k, "the rewind point")
+        ctx.check_before_end(k, f"{type(plan.hp).__name__}.rewind (the rewind point)")
         record = ctx.train_stage(
             stage="level_0", directory=ldir, stem="model", start_state=ctx.build().state_dict(), mask=None,
             recipe=ctx.training, desc=f"{plan.method} level 0 (dense)",
@@ -440,7 +441,7 @@ def _level_zero(job, plan: _Plan, ctx: _Context, common: dict[str, Any]) -> dict
         accs = _accuracies(record)
     else:
         if plan.rewind is not None:
-            ctx.check_before_end(ctx.step(plan.rewind), "the LR rewind point")
+            ctx.check_before_end(ctx.step(plan.rewind), f"{type(plan.hp).__name__}.rewind (the LR rewind point)")
         dense = train_dense(DenseJob(job.data, job.model, job.training, seed=job.seed), ctx.options)
         state = load_tensors(Path(dense["run_dir"]) / "model.safetensors")
         record = {"rows": [], "wall_seconds": 0.0, "epochs": dense["epochs"],
@@ -757,7 +758,7 @@ def run_stability(job: StabilityJob, options: RunOptions, *, callbacks: StageCal
             names = list(mask)
         ks = [(spec, ctx.step(spec)) for spec in hp.rewind_points]
         for spec, k in ks:
-            ctx.check_before_end(k, "rewind point")
+            ctx.check_before_end(k, "StabilityHparams.rewind_points: the rewind point")
         ddir = folder / "dense"
 
         def snapshot(spec: str, k: Step) -> Callback:
@@ -848,7 +849,7 @@ def plot_stability(rows: Sequence[dict[str, Any]], path: Path, title: str = "") 
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    from lottery.io import save_figure
+
+    save_figure(fig, Path(path), dpi=120)  # atomic: a kill while plotting leaves no truncated image
     plt.close(fig)
