@@ -307,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     from lottery.cli_sweep import register as register_sweep
 
     register_sweep(sub, _common_flags)
+    from lottery.cli_structured import register as register_structured
+
+    register_structured(sub, _common_flags)
     return parser
 
 

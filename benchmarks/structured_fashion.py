@@ -1,0 +1,272 @@
+"""Structured tickets (refill, refill+, regroup) of IMP-R and CS tickets on Conv-4 / Fashion-MNIST, retrained
+from the rewind point, and what they buy: latency of the dense, masked and exported networks side by side.
+
+Per seed: IMP-R (layerwise magnitude pruning, ``--imp-levels`` levels at ``--imp-rate``; level 0 is the
+dense network), a CS ticket search, then refill, refill+ and regroup of IMP-R's last level and of the CS
+mask, each retrained from the rewind point. Then, per seed, ONE interleaved latency measurement of every
+variant (dense network, masked tickets, channel exports, block exports of the regroup tickets, CSR export
+of the IMP ticket) at batch 1 and 64 with a fixed thread count. Every run is a lottery run folder, so a
+killed benchmark resumes; latencies are kept in ``latency_s<seed>.json``.
+
+Why this recipe (it must fit in ~30-40 min on 2 CPU cores): Conv-4 is the smallest network of the target
+list whose cost is in its convolutions (75 M multiply-adds per 28x28 image, 97% of them in conv2-4), so
+channel tickets can show real speed-ups; a full Fashion-MNIST epoch of it costs ~3-5 min on one core, and
+a benchmark run trains ~13 networks per seed. So every network trains for ``--steps`` iterations (250 at
+batch 128 = 0.53 epoch) with Adam (lr 1e-3, cosine decay); the dense reference trains with the very same
+recipe, so "matching" compares like with like. No validation hold-out (only the final test accuracy is
+reported; nothing is selected on it). IMP is layerwise so that each conv layer loses the same fraction
+of its weights (global magnitude pruning would prune the 1.6 M-weight FC layer and leave the convs, i.e.
+the run time, nearly untouched). CS uses the reference s0 = 0 and lam = 1e-8, two rounds as long as the
+training, the temperature annealed per iteration (a per-epoch schedule would never anneal within a
+half-epoch round) and mask logits trained by SGD at lr 0.1 (the weights' Adam lr would barely move them);
+calibrated on seed 0 at 300 steps: density 9.6% (conv layers 19-25%, FC 8-11%), ticket 88.25% test
+accuracy. Jobs are split finely (IMP and CS per seed, then every structured ticket
+on its own) so that two workers stay busy.
+
+    python benchmarks/structured_fashion.py --seeds 0,1,2 --workers 2
+    python benchmarks/structured_fashion.py --report-only     # tables of whatever has finished
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import machine, mean_std, run_parallel  # noqa: E402
+
+METHODS = ("refill", "refill+", "regroup")
+TARGET_SPEEDUP = 2.86  # 65% of the dense network's time saved
+MATCH = 0.002  # matching: mean test accuracy within 0.2 points of the dense network's
+
+
+def recipe(args):
+    from lottery.hparams import DataHparams, ModelHparams, TrainingHparams
+
+    data = DataHparams(dataset="fashion-mnist", val_size=0)
+    model = ModelHparams(model="conv4")
+    training = TrainingHparams(training_steps=f"{args['steps']}it", batch_size=args["batch"], optimizer="adam", lr=1e-3,
+                               schedule="cosine", eval_every=f"{args['steps']}it")
+    return data, model, training
+
+
+def imp_job(args: dict, seed: int):
+    from lottery.experiment import RunOptions
+    from lottery.methods.imp import IMPHparams
+    from lottery.pipelines.imp import IMPJob, run_imp
+
+    data, model, training = recipe(args)
+    hp = IMPHparams(levels=args["imp_levels"], rate=args["imp_rate"], scope="layerwise", rewind=args["rewind"])
+    return run_imp(IMPJob(data, model, training, hp, seed=seed),
+                   RunOptions(out=args["out"], progress=False, data_dir=args["data_dir"]))
+
+
+def cs_job(args: dict, seed: int):
+    from lottery.experiment import RunOptions
+    from lottery.methods.cs import CSHparams
+    from lottery.pipelines.cs import CSJob, run_cs
+
+    data, model, training = recipe(args)
+    hp = CSHparams(s0=args["cs_s0"], lam=args["cs_lam"], rounds=args["cs_rounds"], rewind=args["rewind"],
+                   temperature_schedule="iteration", mask_lr=args["cs_mask_lr"])
+    return run_cs(CSJob(data, model, training, hp, seed=seed, dense_reference=False),
+                  RunOptions(out=args["out"], progress=False, data_dir=args["data_dir"]))
+
+
+def structure_job(args: dict, source: str, method: str):
+    from lottery.experiment import RunOptions
+    from lottery.methods.structured import StructuredHparams
+    from lottery.pipelines.structured import StructureJob, run_structure
+
+    hp = StructuredHparams(method=method, fillback_rate=args["fillback"], columns=args["regroup_columns"])
+    return run_structure(StructureJob(Path(source), hp),
+                         RunOptions(out=args["out"], progress=False, data_dir=args["data_dir"]))
+
+
+def _finished(out: Path, prefix: str, seed: int | None = None) -> list[dict]:
+    rows = []
+    for path in sorted(out.glob(f"{prefix}*/results.json")):
+        r = json.loads(path.read_text())
+        if seed is None or r.get("seed") == seed:
+            rows.append(r)
+    return rows
+
+
+def latency_job(args: dict, seed: int) -> dict | None:
+    """One interleaved measurement of every variant of this seed (dense, masked, exports)."""
+    import torch
+
+    from lottery import masking
+    from lottery.export import export_model
+    from lottery.io import write_json
+    from lottery.latency import LatencySettings, format_latency_table, measure_latency
+    from lottery.pipelines.structured import load_run_network
+
+    out = Path(args["out"])
+    path = out / f"latency_s{seed}.json"
+    if path.exists() and not args["redo_latency"]:
+        return json.loads(path.read_text())
+    imp = [r for r in _finished(out, "search-imp_", seed)]
+    cs = [r for r in _finished(out, "search-cs_", seed)]
+    structured = _finished(out, "structure-", seed)
+    if not imp or not cs or len(structured) < 2 * len(METHODS):
+        print(f"seed {seed}: runs missing, no latency measurement")
+        return None
+    variants: dict[str, torch.nn.Module] = {}
+    sizes: dict[str, dict] = {}
+    variants["dense"] = load_run_network(imp[0]["run_dir"], 0)[0].eval()
+    for name, run in (("imp", imp[0]["run_dir"]), ("cs", cs[0]["run_dir"])):
+        model, mask, _ = load_run_network(run)
+        masked = load_run_network(run)[0]
+        masking.attach_hard_mask(masked, mask)
+        variants[f"{name} masked"] = masked.eval()
+        if name == "imp":
+            e = export_model(model, mask, "csr")
+            variants["imp csr"] = e.module
+            sizes["imp csr"] = e.description["size"]
+    for r in structured:
+        model, mask, _ = load_run_network(r["run_dir"])
+        kinds = ("dense", "blocks") if r["method"] == "regroup" else ("dense",)
+        for kind in kinds:
+            e = export_model(model, mask, kind)
+            label = f"{r['after']} {r['method']} {'channels' if kind == 'dense' else 'blocks'}"
+            variants[label] = e.module
+            sizes[label] = e.description["size"]
+    settings = LatencySettings(batch_sizes=(1, 64), warmup=args["warmup"], repeats=args["repeats"],
+                               threads=args["threads"], device="cpu")
+    report = measure_latency(variants, (1, 28, 28), settings, baseline="dense")
+    report["sizes"] = sizes
+    report["seed"] = seed
+    write_json(path, report)
+    print(f"\nseed {seed}\n" + format_latency_table(report))
+    if args["cuda"] and torch.cuda.is_available():
+        gpu = measure_latency(variants, (1, 28, 28), LatencySettings(batch_sizes=(1, 64), warmup=args["warmup"],
+                                                                     repeats=args["repeats"], device="cuda"),
+                              baseline="dense")
+        report["cuda"] = gpu
+        write_json(path, report)
+        print(format_latency_table(gpu))
+    return report
+
+
+def report(out: Path) -> None:
+    print(f"machine: {machine()}\n")
+    imp = _finished(out, "search-imp_")
+    cs = _finished(out, "search-cs_")
+    structured = _finished(out, "structure-")
+    dense = [r["levels"][0] for r in imp if r.get("levels")]
+    d_mean, d_std = mean_std([r["test_accuracy"] for r in dense])
+    rows = [("dense (IMP level 0)", dense, None)]
+    if imp:
+        last = max(len(r["levels"]) for r in imp) - 1
+        rows.append((f"IMP-R ticket (level {last}, layerwise)", [r["levels"][last] for r in imp if len(r["levels"]) > last], None))
+    rows.append(("CS ticket", cs, None))
+    for after in ("imp", "cs"):
+        for method in METHODS:
+            rows.append((f"{method} after {after.upper()}", [r for r in structured if r["after"] == after and r["method"] == method], (after, method)))
+    lat = [json.loads(p.read_text()) for p in sorted(out.glob("latency_s*.json"))]
+
+    def speed(label: str, batch: str) -> str:
+        vals = [r["speedup"][batch][label] for r in lat if label in r["speedup"].get(batch, {})]
+        if not vals:
+            return "-"
+        m, sd = mean_std(vals)
+        return f"{m:.2f}x ± {sd:.2f}"
+
+    def params(label: str) -> str:
+        vals = [r["sizes"][label]["parameters"] / r["sizes"][label]["original_parameters"] for r in lat if label in r.get("sizes", {})]
+        return f"{mean_std(vals)[0]:.3f}" if vals else "-"
+
+    print("Accuracy (test, mean ± sample std over seeds) and CPU latency speed-up over the dense network "
+          "(median of interleaved timings, 1 thread, mean ± std over seeds)\n")
+    print("| network | mask density | exported size / dense | test acc % | Δ vs dense (points) | "
+          "speed-up batch 1 | speed-up batch 64 | seeds |")
+    print("|---|---|---|---|---|---|---|---|")
+    hits = []
+    for name, runs, key in rows:
+        if not runs:
+            continue
+        a, asd = mean_std([r["test_accuracy"] for r in runs])
+        dens, _ = mean_std([r.get("density", 1.0) for r in runs])
+        if key is None:
+            label = {"dense (IMP level 0)": "dense", "CS ticket": "cs masked"}.get(name, "imp masked")
+            size = "1.000" if label == "dense" else "-"
+            labels = [label]
+        else:
+            after, method = key
+            labels = [f"{after} {method} channels"] + ([f"{after} {method} blocks"] if method == "regroup" else [])
+            size = params(labels[0])
+        for label in labels:
+            tag = name if len(labels) == 1 else f"{name} ({label.split()[-1]} export)"
+            print(f"| {tag} | {dens:.4f} | {size if label == labels[0] else '-'} | {100 * a:.2f} ± {100 * asd:.2f} | "
+                  f"{100 * (a - d_mean):+.2f} | {speed(label, '1')} | {speed(label, '64')} | {len(runs)} |")
+            if key is not None and lat:
+                s64 = [r["speedup"]["64"].get(label) for r in lat if label in r["speedup"]["64"]]
+                if s64 and a >= d_mean - MATCH and mean_std(s64)[0] >= TARGET_SPEEDUP:
+                    hits.append(f"{tag}: {100 * a:.2f}% vs dense {100 * d_mean:.2f}%, {mean_std(s64)[0]:.2f}x at batch 64")
+    if imp and "imp csr" in (lat[0]["speedup"]["64"] if lat else {}):
+        print(f"| IMP-R ticket, CSR export of its Linear layers | - | {params('imp csr')} | - | - | "
+              f"{speed('imp csr', '1')} | {speed('imp csr', '64')} | {len(lat)} |")
+    print(f"\ntarget (matching within {100 * MATCH:.1f} points and >= {TARGET_SPEEDUP}x at batch 64): "
+          + ("; ".join(hits) if hits else "not met by any structured ticket"))
+    if lat:
+        s = lat[0]["settings"]
+        print(f"latency settings: {s['warmup']} warm-up calls, {s['repeats']} interleaved timings per variant and "
+              f"batch size, {s['threads']} thread(s), {lat[0]['machine']['platform']}, torch {lat[0]['machine']['torch']}")
+        print("\nPer-seed latency tables:\n")
+        from lottery.latency import format_latency_table
+
+        for r in lat:
+            print(f"seed {r['seed']}\n")
+            print(format_latency_table(r))
+            print()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--out", default="benchmarks/out/structured_fashion")
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--steps", type=int, default=250, help="training iterations of every network")
+    ap.add_argument("--batch", type=int, default=64, help="training batch size")
+    ap.add_argument("--rewind", default="25it", help="rewind point k of IMP-R and CS")
+    ap.add_argument("--imp-levels", type=int, default=2)
+    ap.add_argument("--imp-rate", type=float, default=0.5)
+    ap.add_argument("--cs-s0", type=float, default=0.0)
+    ap.add_argument("--cs-lam", type=float, default=1e-8)
+    ap.add_argument("--cs-rounds", type=int, default=2)
+    ap.add_argument("--cs-mask-lr", type=float, default=0.1)
+    ap.add_argument("--fillback", type=float, default=0.2, help="refill+ fill-back rate")
+    ap.add_argument("--regroup-columns", default="element", choices=("element", "channel"),
+                    help="regroup's block columns: im2col elements (the paper's) or whole input channels")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of the latency measurement")
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--cuda", action="store_true", help="also time on the GPU when there is one")
+    ap.add_argument("--redo-latency", action="store_true")
+    ap.add_argument("--report-only", action="store_true")
+    args = ap.parse_args()
+    out = Path(args.out)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    cfg = {k: getattr(args, k) for k in ("steps", "batch", "rewind", "imp_levels", "imp_rate", "cs_s0", "cs_lam", "cs_rounds",
+                                         "cs_mask_lr", "fillback", "regroup_columns", "threads", "warmup", "repeats", "cuda",
+                                         "redo_latency", "data_dir")}
+    cfg["out"] = str(out)
+    if not args.report_only:
+        sources = run_parallel(_source_job, [(cfg, kind, s) for s in seeds for kind in ("imp", "cs")], args.workers)
+        jobs = [(cfg, r["run_dir"], m) for r in sources for m in METHODS]
+        run_parallel(structure_job, jobs, args.workers)
+        for s in seeds:  # one process at a time: nothing else of ours runs during a timing
+            latency_job(cfg, s)
+    report(out)
+
+
+def _source_job(cfg: dict, kind: str, seed: int):
+    return imp_job(cfg, seed) if kind == "imp" else cs_job(cfg, seed)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,239 @@
+"""Commands for structured tickets and what they buy: ``structure``, ``export`` and ``bench-latency``.
+
+* ``lottery structure refill|refill+|regroup RUN_DIR [--level L] [--after cs|imp]``: a structured ticket
+  from a CS ticket search or an IMP level, retrained from the rewind point (its own run folder);
+  ``--every-level --levels N``: the structure step inside the IMP loop, from an IMP run's dense level 0.
+* ``lottery export RUN_DIR --to dense|blocks|csr``: the run's trained ticket as a smaller dense network,
+  a network of dense blocks or one with CSR Linear layers (``model.safetensors`` + ``model.json``).
+* ``lottery bench-latency RUN_DIR_OR_EXPORT``: dense vs masked vs exported, side by side.
+
+:func:`register` adds them to the top-level parsers that :mod:`lottery.cli` builds.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Callable
+
+AUTO = "auto"
+
+
+def register(top_sub, common_flags: Callable[[argparse.ArgumentParser], None] | None = None) -> None:
+    """Add ``structure``, ``export`` and ``bench-latency`` to ``top_sub`` (the sub-parsers of ``lottery``).
+
+    ``common_flags`` is accepted for symmetry with the other command modules; these commands take their
+    recipe from the run folder they are given, so they only add where/how-to-run flags.
+    """
+    from lottery.cli import OneLineErrorParser, add_hparams_flags
+    from lottery.methods.structured import StructuredHparams
+
+    structure = top_sub.add_parser(
+        "structure", help="structured tickets (refill, refill+, regroup) from a CS or IMP run",
+        description="Turn the mask of a CS ticket search or of an IMP level into a channel-wise (refill, "
+                    "refill+) or group-wise (regroup) mask and retrain it from the run's rewind point "
+                    "(Chen et al. 2022, SLT). The result is a run folder of its own with results.json.")
+    sub = structure.add_subparsers(dest="structure_method", metavar="METHOD", parser_class=OneLineErrorParser)
+    sub.required = True
+    for method, short in (("refill", "keep whole channels: the layer's budget, by L1 norm of trained weights"),
+                          ("refill+", "refill plus a fill-back fraction of the dropped channels"),
+                          ("regroup", "hypergraph-partition rows into dense blocks")):
+        p = sub.add_parser(method, help=short, description=short)
+        p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a CS ticket search or an IMP run folder")
+        p.add_argument("--level", type=int, default=None, help="IMP level to structure (default: the last finished)")
+        p.add_argument("--after", choices=("cs", "imp"), default=None,
+                       help="the kind of RUN_DIR (default: read from its hparams.json; checked when given)")
+        p.add_argument("--every-level", action="store_true",
+                       help="IMP runs: structure inside the IMP loop at every level, from the run's dense level 0")
+        p.add_argument("--levels", type=int, default=3, help="with --every-level: number of levels (default: 3)")
+        add_hparams_flags(p, StructuredHparams, "structured ticket", skip=("method",))
+        _run_flags(p)
+        p.set_defaults(func=lambda a, m=method: cmd_structure(a, m))
+
+    p = top_sub.add_parser(
+        "export", help="export a ticket as a smaller dense network, dense blocks or CSR layers",
+        description="Export the trained ticket of RUN_DIR: 'dense' removes the channels whose output is "
+                    "always zero (BatchNorm and the next layer's inputs shrink with them; residual stages "
+                    "shrink as a whole), 'blocks' runs each dense block of a masked layer as one matrix "
+                    "product, 'csr' stores masked Linear layers as torch.sparse_csr matrices. Writes "
+                    "model.safetensors and model.json (shapes; no pickled modules) and checks that the "
+                    "export computes what the masked network computes.")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a structure, CS, IMP or dense run folder")
+    p.add_argument("--to", choices=("dense", "blocks", "csr"), default="dense", help="export kind (default: dense)")
+    p.add_argument("--level", type=int, default=None, help="IMP runs: the level (default: the last finished)")
+    p.add_argument("--out", type=Path, default=None, help="export folder (default: RUN_DIR[/level_L]/export-<kind>)")
+    p.add_argument("--check-inputs", type=int, default=16, help="random inputs of the equality check (default: 16)")
+    p.set_defaults(func=cmd_export)
+
+    p = top_sub.add_parser(
+        "bench-latency", help="inference latency: dense vs masked vs exported, side by side",
+        description="Time the dense network, the masked ticket and its exports in one interleaved "
+                    "measurement (warm-up, many repeats, medians, fixed thread count) at each batch size, "
+                    "on the CPU and, when there is one, the GPU; print the table and the speed-ups.")
+    p.add_argument("path", type=Path, metavar="RUN_DIR_OR_EXPORT", help="a run folder, or an export folder (model.json)")
+    p.add_argument("--level", type=int, default=None, help="IMP runs: the level (default: the last finished)")
+    p.add_argument("--to", default=AUTO,
+                   help="comma-separated exports to time: dense, blocks, csr (default: dense for refill runs, "
+                        "dense,blocks for regroup, dense,csr otherwise)")
+    p.add_argument("--batch-sizes", default="1,64", help="comma-separated batch sizes (default: 1,64)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads during the timing (default: 1)")
+    p.add_argument("--warmup", type=int, default=10, help="untimed calls per variant first (default: 10)")
+    p.add_argument("--repeats", type=int, default=50, help="timed calls per variant (default: 50)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, or auto: the CPU, and the GPU when there is one (default)")
+    p.add_argument("--json", type=Path, default=None, help="also write the report to this JSON file")
+    p.set_defaults(func=cmd_bench_latency)
+
+
+def _run_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, default=None, help="folder for the new run folder (default: beside RUN_DIR)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--data-dir", default=None, help="folder with the data set's files (see README: Data)")
+    p.add_argument("--no-download", action="store_true", help="never download data; fail if it is missing")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
+
+
+def cmd_structure(args: argparse.Namespace, method: str) -> int:
+    from lottery.cli import _options, hparams_from_args
+    from lottery.errors import ConfigError
+    from lottery.methods.structured import StructuredHparams
+    from lottery.pipelines.structured import StructuredIMPJob, StructureJob, run_structure, run_structured_imp
+    from lottery.report import print_table
+
+    run_dir: Path = args.run_dir
+    if not run_dir.is_dir():
+        raise ConfigError(f"{run_dir} is not a folder (expected a CS or IMP run folder)")
+    if args.out is None:
+        args.out = run_dir.resolve().parent
+    hp = hparams_from_args(args, StructuredHparams, StructuredHparams(method=method))
+    options = _options(args)
+    if args.every_level:
+        if args.after == "cs" or args.level is not None:
+            raise ConfigError("--every-level runs the IMP loop from level 0: it takes neither --after cs nor --level")
+        summary = run_structured_imp(StructuredIMPJob(run_dir, hp, levels=args.levels), options)
+        dense = {"method": "dense", "level": 0, "density": 1.0, "test_accuracy": summary["dense_test_accuracy"]}
+        print_table([dense, *summary["levels"]], title=f"IMP with {method} at every level")
+        print(f"run folder: {summary['run_dir']}")
+        return 0
+    results = run_structure(StructureJob(run_dir, hp, after=args.after, level=args.level), options)
+    rows = []
+    if results.get("dense_test_accuracy") is not None:
+        rows.append({"method": "dense", "density": 1.0, "test_accuracy": results["dense_test_accuracy"]})
+    rows.append({"method": f"{results['after']} ticket", "density": results["source_density"],
+                 "test_accuracy": results.get("source_test_accuracy")})
+    rows.append(results)
+    print_table(rows, title=f"{method} after {results['after']}"
+                + (f" (level {results['level']})" if results.get("level") is not None else ""))
+    kept = ", ".join(f"{n.removesuffix('.weight')} {k}/{t}" for n, (k, t) in results["channels"].items())
+    print(f"rows kept per layer: {kept}")
+    print(f"run folder: {results['run_dir']}")
+    return 0
+
+
+def _export_folder(run_dir: Path, info: dict, kind: str) -> Path:
+    base = run_dir / f"level_{info['level']}" if info.get("level") is not None else run_dir
+    return base / f"export-{kind}"
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from lottery.errors import ConfigError
+    from lottery.export import export_model, save_export
+    from lottery.pipelines.structured import load_run_network
+
+    if not args.run_dir.is_dir():
+        raise ConfigError(f"{args.run_dir} is not a folder")
+    model, mask, info = load_run_network(args.run_dir, args.level)
+    exported = export_model(model, mask, args.to, check_inputs=args.check_inputs)
+    folder = args.out or _export_folder(args.run_dir, info, args.to)
+    save_export(folder, exported, extra={"source": info})
+    d = exported.description
+    print(f"export ({args.to}) of {info['run_dir']}" + (f" level {info['level']}" if info.get("level") is not None else ""))
+    print(f"{'layer':28s} {'out':>12s} {'in':>12s}")
+    for name, layer in d["layers"].items():
+        print(f"{name:28s} {layer['out']:>5d}/{layer['out_original']:<6d} {layer['in']:>5d}/{layer['in_original']:<6d}")
+    size = d["size"]
+    print(f"parameters: {size['parameters']} stored ({size['nonzero_parameters']} non-zero) vs "
+          f"{size['original_parameters']} in the original network ({size['original_nonzero_parameters']} kept by the mask)")
+    c = d["check"]
+    print(f"check: max |masked - exported| = {c['max_abs_diff']:.3g} on {c['inputs']} random inputs "
+          f"(tolerance {c['tolerance']:.3g})")
+    print(f"written: {folder / 'model.safetensors'}, {folder / 'model.json'}")
+    return 0
+
+
+def _parse_ints(text: str, what: str) -> tuple[int, ...]:
+    from lottery.errors import ConfigError
+
+    try:
+        values = tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise ConfigError(f"{what} must be comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise ConfigError(f"{what} must be positive integers, got {text!r}")
+    return values
+
+
+def latency_variants(model, mask, kinds, exported=None) -> dict:
+    """``dense`` (the full-size network, no mask), ``masked`` (the ticket with its hard mask, as trained)
+    and ``export:<kind>`` for each kind (or the given ``exported`` module)."""
+    import copy
+
+    from lottery import masking
+    from lottery.export import export_model
+
+    dense = copy.deepcopy(model).eval()
+    masked = copy.deepcopy(model)
+    if mask is not None:
+        masking.attach_hard_mask(masked, mask)
+    variants = {"dense": dense, "masked": masked.eval()}
+    if exported is not None:
+        variants[f"export:{exported[0]}"] = exported[1]
+    for kind in kinds:
+        variants[f"export:{kind}"] = export_model(model, mask, kind).module
+    return variants
+
+
+def cmd_bench_latency(args: argparse.Namespace) -> int:
+    import torch
+
+    from lottery.errors import ConfigError
+    from lottery.export import load_export
+    from lottery.io import write_json
+    from lottery.latency import LatencySettings, format_latency_table, measure_latency
+    from lottery.pipelines.structured import load_run_network
+
+    path: Path = args.path
+    exported = None
+    if (path / "model.json").exists():
+        loaded = load_export(path)
+        source = loaded.description.get("source") or {}
+        if not source.get("run_dir"):
+            raise ConfigError(f"{path / 'model.json'} does not name its source run; cannot build the dense baseline")
+        model, mask, info = load_run_network(source["run_dir"], source.get("level"))
+        exported = (loaded.description["kind"], loaded.module)
+        kinds: list[str] = []
+    elif path.is_dir():
+        model, mask, info = load_run_network(path, args.level)
+        if args.to == AUTO:
+            method = info.get("method")
+            kinds = ["dense"] if method in ("refill", "refill+") else ["dense", "blocks"] if method == "regroup" else ["dense", "csr"]
+        else:
+            kinds = [k.strip() for k in args.to.split(",") if k.strip()]
+    else:
+        raise ConfigError(f"{path} is neither a run folder nor an export folder")
+    variants = latency_variants(model, mask, kinds, exported)
+    devices = ["cpu", "cuda"] if args.device == "auto" and torch.cuda.is_available() else (
+        ["cpu"] if args.device == "auto" else [args.device])
+    reports = []
+    for device in devices:
+        settings = LatencySettings(batch_sizes=_parse_ints(args.batch_sizes, "--batch-sizes"), warmup=args.warmup,
+                                   repeats=args.repeats, threads=args.threads, device=device)
+        report = measure_latency(variants, tuple(model.input_shape), settings, baseline="dense")
+        report["source"] = info
+        reports.append(report)
+        print(format_latency_table(report))
+        print()
+    if args.json is not None:
+        write_json(args.json, reports if len(reports) > 1 else reports[0])
+        print(f"written: {args.json}")
+    return 0
