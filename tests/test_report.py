@@ -183,10 +183,13 @@ def test_report_command(runs, tmp_path, capsys):
     args = parser.parse_args(["report", str(runs), "--out", str(tmp_path / "out")])
     assert args.func(args) == 0
     out = capsys.readouterr().out
-    assert "test acc % (mean ± std)" in out and "sparsest matching ticket per method" in out
+    assert "test acc % (mean ± std, n-1)" in out and "sparsest matching ticket per method" in out
     assert (tmp_path / "out" / "report.md").is_file()
-    with pytest.raises(ConfigError, match="neither a run folder nor a results.json"):
+    with pytest.raises(ConfigError, match="missing does not exist"):
         write_report([tmp_path / "missing"], tmp_path / "x")
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ConfigError, match="neither a run folder nor a results.json"):
+        write_report([tmp_path / "notes.txt"], tmp_path / "x")
 
 
 def test_single_run_plot_still_works(runs, tmp_path):
@@ -194,3 +197,287 @@ def test_single_run_plot_still_works(runs, tmp_path):
     results["run_dir"] = str(tmp_path / "one")
     path = report.plot_run_summary(runs, results)
     assert path.is_file() and path.with_suffix(".svg").is_file()
+
+
+# == defects found on real run folders ============================================================
+CONV = {"model": "conv4", "dataset": "synthetic"}
+CONV_HP = {"data": DATA, "model": {"model": "conv4"}, "training": RECIPE}
+
+
+def _imp_run(folder: Path, seed: int, accs: list[float], walls: list[float], rewind: str = "1it",
+             model: dict = CONV, hp: dict = CONV_HP, run_dir: str | None = None, **extra) -> None:
+    """An IMP run as lottery.pipelines.imp writes it: hparams.json, level_<L>/results.json, a summary."""
+    _write(folder, {**model, "method": "imp", "seed": seed, "levels": []},
+           {**hp, "kind": "search-imp", "seed": seed, "imp": {"rate": 0.5, "rewind": rewind, "variant": "rewind"}})
+    for level, (acc, wall) in enumerate(zip(accs, walls)):
+        _write(folder / f"level_{level}", {**model, "kind": "search-imp", "method": "imp", "seed": seed,
+                                           "level": level, "density": 0.5 ** level, "test_accuracy": acc,
+                                           "epochs": 2.0 + 1.5 * level, "wall_seconds": wall, "rate": 0.5,
+                                           "rewind": rewind, "run_dir": run_dir or str(folder), **extra})
+
+
+def _cs_run(folder: Path, seed: int, s0: float, acc: float, density: float, hp: dict = CONV_HP, **extra) -> None:
+    _write(folder, {**CONV, "kind": "search-cs", "method": "cs", "mode": "ticket", "seed": seed, "s0": s0,
+                    "lam": 1e-8, "rounds": 2, "rewind": "1it", "density": density, "test_accuracy": acc,
+                    "epochs": 3.0, "search_epochs": 2.0, "wall_seconds": 5.0, **extra},
+           {**hp, "kind": "search-cs", "seed": seed, "cs": {"s0": s0, "lam": 1e-8, "rounds": 2, "rewind": "1it"}})
+
+
+def _structured(folder: Path, seed: int, source: Path, after: str, acc: float, density: float,
+                fillback: float = 0.2, level: int | None = None) -> None:
+    st = {"method": "refill+", "score": "l1", "fillback_rate": fillback, "seed": 0}
+    _write(folder, {**CONV, "kind": "structure-refill-plus", "method": "refill+", "after": after, "level": level,
+                    "seed": seed, "density": density, "test_accuracy": acc, "epochs": 4.0, "retrain_epochs": 1.0,
+                    "wall_seconds": 2.0, "rewind": "1it", "structured": st, "source_run": str(source),
+                    "run_dir": str(folder)},
+           {**CONV_HP, "kind": "structure-refill-plus", "seed": seed, "structured": st,
+            "source": {"after": after, "every_level": False, "level": -1 if level is None else level,
+                       "source": source.name}})
+
+
+def _rows_of(rows, method):
+    return [r for r in rows if r["method"] == method]
+
+
+def test_runs_differing_in_structured_settings_or_source_are_not_merged(tmp_path, capsys):
+    root = tmp_path / "runs"
+    for seed in (0, 1):
+        _cs_run(root / f"cs_s{seed}", seed, 0.0, 0.85, 0.1)
+        _structured(root / f"refill_cs_s{seed}", seed, root / f"cs_s{seed}", "cs", 0.80, 0.3)
+    _imp_run(root / "imp_s0", 0, [0.85, 0.86, 0.855], [10.0, 5.0, 6.0])
+    _structured(root / "refill_imp_s0", 0, root / "imp_s0", "imp", 0.81, 0.4, level=2)
+    _structured(root / "refill_cs_half_s0", 0, root / "cs_s0", "cs", 0.82, 0.5, fillback=0.5)
+    # A CS search of other settings: a structured ticket from it is another row.
+    _cs_run(root / "cs_other_s0", 0, -0.1, 0.84, 0.05)
+    _structured(root / "refill_cs_other_s0", 0, root / "cs_other_s0", "cs", 0.79, 0.2)
+    rows = summarize(find_results([root]))
+    refill = _rows_of(rows, "refill+")
+    assert sorted((r["n_seeds"], round(r["test_accuracy"], 6)) for r in refill) == [
+        (1, 0.79), (1, 0.81), (1, 0.82), (2, 0.80)]
+    assert len({r["setting"] for r in refill}) == 4
+    assert {r["params"]["after"] for r in refill} == {"cs", "imp"}
+    assert [r["params"]["source_level"] for r in refill if r["params"]["after"] == "imp"] == [2]
+    assert "same settings" not in capsys.readouterr().err
+
+    # The same folder found twice counts once, silently; a copy in another folder is a warning naming both.
+    import shutil
+
+    shutil.copytree(root / "refill_imp_s0", tmp_path / "copy" / "refill_imp_s0")
+    rows = summarize(find_results([root, root / "refill_imp_s0", tmp_path / "copy"]))
+    (row,) = [r for r in _rows_of(rows, "refill+") if r["params"]["after"] == "imp"]
+    assert row["n_seeds"] == 1 and row["run_dirs"] == [str(root / "refill_imp_s0")]
+    err = capsys.readouterr().err
+    assert err.count("warning") == 1 and str(root / "refill_imp_s0") in err
+    assert str(tmp_path / "copy" / "refill_imp_s0") in err
+
+
+def test_any_dense_training_of_the_recipe_and_seed_is_the_reference_of_every_method(tmp_path):
+    root = tmp_path / "runs"
+    _cs_run(root / "cs_s0", 0, 0.0, 0.855, 0.1)  # no dense accuracy recorded, no train run
+    _imp_run(root / "imp_s0", 0, [0.86, 0.87], [10.0, 5.0])
+    _cs_run(root / "cs_s1", 1, 0.0, 0.70, 0.1, dense_test_accuracy=0.80)  # seed 1: recorded only
+    rows = summarize(find_results([root]))
+    (cs,) = _rows_of(rows, "cs ticket")
+    assert cs["dense_test_accuracy"] == pytest.approx((0.86 + 0.80) / 2) and cs["matching"] is False
+    # Another recipe's dense network is never the reference.
+    other = tmp_path / "other"
+    _cs_run(other / "cs_s0", 0, 0.0, 0.855, 0.1, hp={**CONV_HP, "training": OTHER_RECIPE})
+    _imp_run(other / "imp_s0", 0, [0.86, 0.87], [10.0, 5.0])
+    rows = summarize(find_results([other]))
+    assert _rows_of(rows, "cs ticket")[0]["dense_test_accuracy"] is None
+
+
+def test_paths_in_results_are_read_from_where_the_results_are(tmp_path, monkeypatch):
+    # Runs started in another working folder with --out benchmarks/out, then read from elsewhere.
+    root = tmp_path / "moved" / "benchmarks" / "out"
+    stored = "benchmarks/out"
+    _write(root / "train_s0", {**CONV, "kind": "train", "method": "dense", "seed": 0, "density": 1.0,
+                               "test_accuracy": 0.86, "run_dir": f"{stored}/train_s0"},
+           {**CONV_HP, "kind": "train", "seed": 0})
+    _cs_run(root / "cs_s0", 0, 0.0, 0.861, 0.1, dense_test_accuracy=0.86, run_dir=f"{stored}/cs_s0",
+            dense_run_dir=f"{stored}/train_s0")
+    _mask_json(root / "cs_s0", (10, 5))
+    _imp_run(root / "imp_s0", 0, [0.86, 0.87], [10.0, 5.0], run_dir=f"{stored}/imp_s0")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    records = find_results([root / "cs_s0"])  # the dense run is found through dense_run_dir
+    assert {r["method"] for r in records} == {"cs", "dense"}
+    assert {r["run_dir"] for r in records} == {str(root / "cs_s0"), str(root / "train_s0")}
+    rep = write_report([root], tmp_path / "report")
+    assert tmp_path / "report" / "layer_density_cs_s0.png" in rep.files
+    assert _rows_of(rep.rows, "imp")[1]["run_dirs"] == [str(root / "imp_s0" / "level_1")]
+
+
+def test_wall_time_of_an_imp_level_is_cumulative_like_its_epochs(tmp_path):
+    root = tmp_path / "runs"
+    _imp_run(root / "imp_s0", 0, [0.86, 0.87, 0.865], [10.0, 5.0, 6.0])
+    _imp_run(root / "imp_s1", 1, [0.86, 0.87, 0.865], [12.0, 7.0, 8.0])
+    rows = summarize(find_results([root]))
+    walls = {r["params"]["level"]: r["wall_seconds"] for r in rows}
+    assert walls == pytest.approx({0: 11.0, 1: 17.0, 2: 24.0})
+    # IMP with the structure step inside: levels from 1, the dense level 0 is its source's.
+    s = root / "structure-imp_s0"
+    _write(s, {**CONV, "method": "refill"}, {**CONV_HP, "kind": "structure-imp-refill", "seed": 0,
+                                             "source": {"source": "imp_s0", "after": "imp", "every_level": True}})
+    for level, wall in ((1, 3.0), (2, 4.0)):
+        _write(s / f"level_{level}", {**CONV, "kind": "structure-imp-refill", "method": "refill", "after": "imp",
+                                      "seed": 0, "level": level, "density": 0.5 ** level, "test_accuracy": 0.8,
+                                      "epochs": 1.0, "wall_seconds": wall})
+    rows = summarize(find_results([s]))
+    assert {r["params"]["level"]: r["wall_seconds"] for r in rows} == pytest.approx({1: 13.0, 2: 17.0})
+    assert {r["method"] for r in rows} == {"refill in imp"}
+    # IMP-C: ticket L costs the dense level, the continued runs that made masks 1..L and its own retraining.
+    c = tmp_path / "impc"
+    _write(c, {**CONV, "method": "imp-c"}, {**CONV_HP, "kind": "search-imp-c", "seed": 0,
+                                           "imp": {"rate": 0.5, "rewind": "1it", "variant": "continue"}})
+    for level, (wall, cont) in enumerate([(10.0, None), (8.0, 5.0), (9.0, 5.0)]):
+        _write(c / f"level_{level}", {**CONV, "method": "imp", "variant": "continue", "seed": 0, "level": level,
+                                      "density": 0.5 ** level, "test_accuracy": 0.8, "epochs": 1.0,
+                                      "continued_epochs": 1.0, "wall_seconds": wall, "run_dir": str(c)})
+        if cont is not None:
+            (c / f"level_{level}" / "continued_history.json").write_text(json.dumps({"wall_seconds": cont}))
+    walls = {r["params"]["level"]: r["wall_seconds"] for r in summarize(find_results([c]))}
+    assert walls == pytest.approx({0: 10.0, 1: 10.0 + 3.0, 2: 10.0 + 5.0 + 4.0})
+    assert "cumulative" in report.FOOTNOTE and "wall_seconds_cumulative" in report.CSV_FIELDS
+
+
+def test_damaged_results_are_named_and_unfinished_runs_noted(tmp_path, capsys):
+    root = tmp_path / "runs"
+    _cs_run(root / "cs_s0", 0, 0.0, 0.85, 0.1)
+    bad = root / "cs_s1" / "results.json"
+    _cs_run(root / "cs_s1", 1, 0.0, 0.85, 0.1)
+    bad.write_text(bad.read_text()[:40])  # truncated
+    # An IMP run training its level 2: levels 0 and 1 count; one note lists it.
+    _imp_run(root / "imp_s0", 0, [0.86, 0.87], [10.0, 5.0])
+    (root / "imp_s0" / "results.json").unlink()
+    (root / "imp_s0" / "level_2").mkdir()
+    records = find_results([root])
+    assert sorted(r["run_dir"] for r in records) == sorted(
+        [str(root / "cs_s0"), str(root / "imp_s0" / "level_0"), str(root / "imp_s0" / "level_1")])
+    err = capsys.readouterr().err
+    (warning,) = [line for line in err.splitlines() if "warning" in line]
+    assert str(bad) in warning and "command again" in warning
+    (note,) = [line for line in err.splitlines() if "note" in line]
+    assert str(root / "imp_s0") in note and "in progress" in note and "levels 0, 1 done" in note
+    assert str(root / "cs_s0") not in note
+
+    (root / "cs_s0" / "results.json").write_text("")
+    only_bad = [root / "cs_s0", root / "cs_s1"]
+    with pytest.raises(ConfigError) as e:
+        write_report(only_bad, tmp_path / "out")
+    assert str(bad) in str(e.value) and str(root / "cs_s0" / "results.json") in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_plot_series_follow_the_table_and_the_dense_band_comes_from_any_reference(tmp_path, monkeypatch):
+    root = tmp_path / "runs"
+    for seed in (0, 1):
+        _imp_run(root / f"imp0_s{seed}", seed, [0.86, 0.87, 0.865], [1.0, 1.0, 1.0], rewind="0it")
+        _imp_run(root / f"imp1_s{seed}", seed, [0.86 + seed / 100, 0.87, 0.865], [1.0, 1.0, 1.0], rewind="1ep")
+    calls = []
+    monkeypatch.setattr(report, "plot_accuracy_vs_density", lambda points, path, **kw: calls.append((points, kw)))
+    write_report([root], tmp_path / "out")
+    ((points, kw),) = calls
+    series = {}
+    for p in points:
+        series.setdefault(p["series"], []).append(p["params"]["level"])
+    assert series == {"imp (rewind=0it)": [0, 1, 2], "imp (rewind=1ep)": [0, 1, 2]}
+    # No train run, only IMP: the band is the level-0 dense networks'.
+    assert kw["dense_accuracy"] == pytest.approx(0.86) or kw["dense_accuracy"] == pytest.approx(0.865)
+    assert kw["dense_std"] is not None
+
+    calls.clear()
+    other = tmp_path / "structured"
+    _cs_run(other / "cs_s0", 0, 0.0, 0.85, 0.1)
+    _cs_run(other / "cs_b_s0", 0, -0.1, 0.84, 0.05)
+    _imp_run(other / "imp_s0", 0, [0.86, 0.87], [1.0, 1.0])
+    _structured(other / "r_cs", 0, other / "cs_s0", "cs", 0.80, 0.3)
+    _structured(other / "r_cs_b", 0, other / "cs_b_s0", "cs", 0.79, 0.2)
+    _structured(other / "r_imp", 0, other / "imp_s0", "imp", 0.81, 0.4, level=1)
+    write_report([other], tmp_path / "out2")
+    ((points, kw),) = calls
+    names = {p["series"] for p in points if p["method"] == "refill+"}
+    assert names == {"refill+ (after=cs)", "refill+ (after=imp)"}
+    assert len([p for p in points if p["series"] == "refill+ (after=cs)"]) == 2  # swept: the source
+    assert {p["series"] for p in points if p["method"] == "cs ticket"} == {"cs ticket"}  # s0 is swept
+
+
+def _capture_figures(monkeypatch) -> list:
+    figs = []
+    original = report._save
+
+    def save(fig, path):
+        fig.canvas.draw()
+        figs.append(fig)
+        return original(fig, path)
+
+    monkeypatch.setattr(report, "_save", save)
+    return figs
+
+
+def test_epochs_vs_tickets_leaves_out_structured_runs_has_a_panel_per_data_and_an_outside_legend(tmp_path, monkeypatch):
+    root = tmp_path / "runs"
+    _cs_run(root / "cs_s0", 0, 0.0, 0.85, 0.1)
+    _imp_run(root / "imp_s0", 0, [0.86, 0.87, 0.865], [1.0, 1.0, 1.0])
+    _structured(root / "r_cs", 0, root / "cs_s0", "cs", 0.80, 0.3)
+    _write(root / "lenet_cs", {"model": "lenet_300_100", "dataset": "synthetic", "method": "cs", "mode": "ticket",
+                               "seed": 0, "s0": 0.0, "density": 0.1, "test_accuracy": 0.9, "epochs": 99.0},
+           {"data": DATA, "model": MODEL, "training": RECIPE, "kind": "search-cs", "seed": 0, "cs": {"s0": 0.0}})
+    rows = summarize(find_results([root]))
+    by_data = report.epochs_for_tickets_by_data(rows)
+    assert set(by_data) == {("conv4", "synthetic"), ("lenet_300_100", "synthetic")}
+    assert set(by_data[("conv4", "synthetic")]) == {"cs ticket", "imp"}
+    assert "refill+" not in " ".join(epochs_for_tickets(rows))
+    figs = _capture_figures(monkeypatch)
+    report.plot_epochs_vs_tickets(by_data, tmp_path / "e.png")
+    (fig,) = figs
+    assert len(fig.axes) == 2
+    for ax in fig.axes:
+        legend, box = ax.get_legend().get_window_extent(), ax.get_window_extent()
+        assert legend.x0 >= box.x1  # beside the panel: covers neither curves nor the y label
+
+
+def test_std_is_the_sample_std_and_none_for_one_seed(tmp_path, capsys):
+    root = tmp_path / "runs"
+    _cs_run(root / "cs_s0", 0, 0.0, 0.85, 0.1, dense_test_accuracy=0.84)
+    rep = write_report([root], tmp_path / "out")
+    (row,) = rep.rows
+    assert row["test_accuracy_std"] is None and row["dense_test_accuracy_std"] is None
+    text = rep.text()
+    assert "85.00 ± –" in text and "1 seed " in text and "1 seeds" not in text and "n-1" in text
+    assert "0.00" not in text.split("sparsest")[0].split("\n", 2)[2]
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "(mean ± std, n-1)" in md and "sample standard deviation" in md
+    with open(tmp_path / "out" / "report.csv", newline="") as f:
+        (line,) = list(csv.DictReader(f))
+    assert line["test_accuracy_std_n-1"] == "" and float(line["test_accuracy"]) == pytest.approx(0.85)
+
+
+def test_layer_density_plot_fits_and_log_axis_has_labels_between_decades(tmp_path, monkeypatch):
+    ticket = tmp_path / ("search-cs_resnet20_cifar10_s0_" + "0123456789" * 4)
+    ticket.mkdir()
+    _mask_json(ticket, (10, 5))
+    figs = _capture_figures(monkeypatch)
+    report.plot_layer_density(ticket, tmp_path / "layers.png")
+    (fig,) = figs
+    page = fig.bbox
+    for text in (fig.axes[0].title, fig.axes[0].yaxis.label):
+        box = text.get_window_extent()
+        assert page.x0 <= box.x0 and box.x1 <= page.x1 and page.y0 <= box.y0 and box.y1 <= page.y1, text.get_text()
+    with pytest.raises(ConfigError, match="nowhere does not exist"):
+        report.plot_layer_density(tmp_path / "nowhere", tmp_path / "x.png")
+    with pytest.raises(ConfigError, match="nowhere does not exist"):
+        write_report([ticket.parent], tmp_path / "out", layers=tmp_path / "nowhere")
+
+    import lottery.io
+
+    saved = []
+    monkeypatch.setattr(lottery.io, "save_figure", lambda fig, path, **kw: saved.append(fig))
+    points = [{"method": "cs", "density": d, "test_accuracy": 0.9} for d in (0.8, 0.3, 0.04, 0.015)]
+    report.plot_accuracy_vs_density(points, tmp_path / "a.png")
+    ax = saved[0].axes[0]
+    saved[0].canvas.draw()
+    lo, hi = sorted(ax.get_xlim())
+    labels = {t.get_text() for t in ax.get_xticklabels() if lo <= t.get_position()[0] <= hi and t.get_text()}
+    assert {"2", "5", "20", "50"} <= labels

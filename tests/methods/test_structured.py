@@ -266,6 +266,22 @@ def test_structure_after_imp_and_cs_retrains_from_the_rewind_point(tiny_runs):
         run_structure(StructureJob(cs_dir, StructuredHparams(), after="imp"), options)
 
 
+def test_structured_epochs_are_the_source_epochs_for_the_mask_plus_the_retraining(tiny_runs):
+    from lottery.io import read_json
+    from lottery.pipelines.structured import StructureJob, run_structure
+
+    out, options, imp_dir, cs_dir = tiny_runs
+    cs, level = read_json(cs_dir / "results.json"), read_json(imp_dir / "level_1" / "results.json")
+    hp = StructuredHparams(method="refill+", fillback_rate=0.25)
+    # The mask comes from the CS search's rounds (not its ticket's retraining), or from the IMP chain up
+    # to and including the level (whose trained weights score the channels).
+    for source, after, mask_epochs in ((cs_dir, "cs", cs["search_epochs"]), (imp_dir, "imp", level["epochs"])):
+        r = run_structure(StructureJob(source, hp, after=after), options)
+        assert r["source_epochs"] == pytest.approx(mask_epochs)
+        assert r["retrain_epochs"] > 0
+        assert r["epochs"] == pytest.approx(mask_epochs + r["retrain_epochs"])
+
+
 def test_structure_inside_the_imp_loop(tiny_runs):
     from lottery.pipelines.structured import StructuredIMPJob, run_structured_imp
 

@@ -358,7 +358,10 @@ def run_structure(job: StructureJob, options: RunOptions, *, partition: Partitio
             "test_loss": last.get("test_loss"),
             "source_test_accuracy": src.info.get("source_test_accuracy"),
             "dense_test_accuracy": src.info.get("dense_test_accuracy"),
-            "retrain_epochs": stage.retrain_epochs,
+            # Every epoch spent to obtain this ticket, whatever the source: the source's epochs that produced
+            # the mask and the weights it was scored by (a CS search's rounds, without its own ticket's
+            # retraining; an IMP level's chain up to and including that level), plus this retraining.
+            "source_epochs": source_epochs, "retrain_epochs": stage.retrain_epochs,
             "epochs": (source_epochs or 0.0) + stage.retrain_epochs,
             "rewind": src.rewind, "wall_seconds": record.get("wall_seconds"),
             "structured": hp.to_dict(), "source_run": str(src.folder), "run_dir": str(folder),
