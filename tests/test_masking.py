@@ -627,3 +627,39 @@ def test_torch_compile_soft_and_hard():
         compiled_hard(x).pow(2).sum().backward()
         opt.step()
     assert all(bool((p[~mask[n]] == 0).all()) for n, p in M.prunable_weights(net).items())
+
+
+def test_gradient_masking_follows_a_mask_changed_in_place_replaced_or_recast():
+    """The hook multiplies by a cached float copy of the bool mask (the CPU fast path): every way of
+    changing the mask must reach the gradients."""
+    from lottery.masking import attach_hard_mask, enforce_masks
+
+    g = torch.Generator().manual_seed(0)
+    model = nn.Linear(6, 4)
+    x = torch.randn(3, 6, generator=g)
+
+    def check(mask: torch.Tensor, dtype=torch.float32) -> None:
+        model.zero_grad()
+        model(x.to(dtype)).sum().backward()
+        grad = model.weight.grad
+        assert grad.dtype == dtype
+        assert bool((grad[~mask] == 0).all()), "pruned gradient entries are zero"
+        assert bool((grad[mask] != 0).all()), "kept gradient entries are untouched"
+
+    masks = [torch.rand(4, 6, generator=g) < 0.5 for _ in range(3)]
+    attach_hard_mask(model, {"weight": masks[0]})
+    check(masks[0])
+    sd = model.state_dict()  # in place: load_state_dict copies into the existing buffer
+    sd["weight_mask"] = masks[1].clone()
+    sd["weight"] = torch.randn(4, 6, generator=g)
+    model.load_state_dict(sd)
+    check(masks[1])
+    assert bool((model.weight[~masks[1]] == 0).all())
+    model.double()  # recast: a new buffer tensor and another gradient dtype
+    check(masks[1], torch.float64)
+    attach_hard_mask(model, {"weight": masks[2]})  # replaced
+    check(masks[2], torch.float64)
+    with torch.no_grad():
+        model.weight.fill_(float("inf"))
+    enforce_masks(model)  # non-finite pruned entries become exactly 0, not NaN
+    assert bool((model.weight[~masks[2]] == 0).all()) and bool(torch.isinf(model.weight[masks[2]]).all())
