@@ -173,7 +173,8 @@ def test_l0_prune_mode_is_the_eval_network_then_fine_tuned(tmp_path):
     r = run_l0(job, _options(tmp_path))
     folder = Path(r["run_dir"])
     assert folder.name.startswith("prune-l0_") and (r["kind"], r["mode"], r["rewind"]) == ("prune-l0", "prune", None)
-    assert not (folder / "rewind.safetensors").exists() and "dense_test_accuracy" not in r
+    assert "dense_test_accuracy" not in r
+    assert (folder / "rewind.safetensors").exists(), "saved in both modes, so that a ticket run can reuse the search"
     # baking w * z reproduces the network the search evaluated in eval mode
     assert r["test_accuracy_before_finetune"] == r["search_test_accuracy"]
     assert r["epochs"] == 3 and r["finetune_epochs"] == 1
@@ -182,6 +183,29 @@ def test_l0_prune_mode_is_the_eval_network_then_fine_tuned(tmp_path):
     for n, m in mask.items():
         assert torch.all(pruned[n][~m] == 0)
     assert {row["stage"] for row in _rows(folder)} == {"search", "finetune"}
+
+
+def test_l0_ticket_and_prune_of_one_setting_share_one_search(tmp_path):
+    ticket = L0Job(DATA, MODEL, TRAIN, L0, dense_reference=False)
+    prune = L0Job(DATA, MODEL, TRAIN, L0, mode="prune", dense_reference=False)
+    fresh = {"ticket": run_l0(ticket, _options(tmp_path / "t")), "prune": run_l0(prune, _options(tmp_path / "p"))}
+    for first, second in ((ticket, prune), (prune, ticket)):
+        out, logs = tmp_path / f"{first.mode}-then-{second.mode}", []
+        run_l0(first, _options(out))
+        r = run_l0(second, _options(out, logs))
+        assert any("reusing the finished L0 search" in line for line in logs), logs
+        want = fresh[second.mode]
+        for key in ("density", "kept_weights", "test_accuracy", "search_test_accuracy", "epochs"):
+            assert r[key] == want[key], key
+        assert Mask.load(Path(r["run_dir"]) / "mask.safetensors") == Mask.load(Path(want["run_dir"]) / "mask.safetensors")
+        assert [row["stage"] for row in _rows(Path(r["run_dir"]))] == [row["stage"] for row in _rows(Path(want["run_dir"]))]
+    # an unfinished sibling (no state.safetensors) is not reused: the run searches itself
+    out, logs = tmp_path / "unfinished", []
+    run_l0(ticket, _options(out))
+    sibling = Path(run_l0(ticket, _options(out))["run_dir"])
+    (sibling / "search" / "state.safetensors").unlink()
+    r = run_l0(prune, _options(out, logs))
+    assert not any("reusing" in line for line in logs) and r["test_accuracy"] == fresh["prune"]["test_accuracy"]
 
 
 def test_l0_rewind_after_the_end_fails_before_training(tmp_path):

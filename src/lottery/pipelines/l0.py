@@ -23,6 +23,7 @@ with the mask fixed.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,10 +36,10 @@ from lottery.engine import Trainer, evaluate
 from lottery.errors import CheckpointError, ConfigError
 from lottery.experiment import (
     DenseJob, MetricsCSV, RunOptions, build_model, describe_run, folder_lock, load_data, log_line,
-    make_loaders, prepare_run_folder, prune_ignore, run_folder_name, train_dense,
+    make_loaders, prepare_run_folder, prune_ignore, run_folder_name, train_dense, write_metrics_csv,
 )
 from lottery.hparams import DataHparams, ModelHparams, TrainingHparams
-from lottery.io import load_tensors, read_json, save_tensors, write_json
+from lottery.io import atomic_write_bytes, load_tensors, read_json, save_tensors, write_json
 from lottery.masks import Mask
 from lottery.methods.cs import EnforceMaskCallback
 from lottery.methods.imp import derived_seed
@@ -120,6 +121,8 @@ def run_l0(job: L0Job, options: RunOptions) -> dict[str, Any]:
         sdir = folder / "search"
         state_path = sdir / "state.safetensors"
         rewind_path = folder / "rewind.safetensors"
+        if not state_path.exists():
+            _reuse_sibling_search(job, options, folder, k)
         if state_path.exists():
             model.load_state_dict(load_tensors(state_path))
             done = read_json(sdir / "history.json")
@@ -128,7 +131,9 @@ def run_l0(job: L0Job, options: RunOptions) -> dict[str, Any]:
         else:
             sdir.mkdir(parents=True, exist_ok=True)
             callbacks = search_callbacks(hp)
-            if job.mode == "ticket":
+            if k <= Step.parse(recipe.training_steps, ipe):
+                # Saved in both modes (it costs one copy of the weights): the other mode's run of the same
+                # hparams can then reuse this search (_reuse_sibling_search).
                 callbacks.append(L0SnapshotCallback(k.iteration, lambda sd: save_tensors(rewind_path, sd)))
             callbacks.append(MetricsCSV(folder / "metrics.csv", extra={"stage": "search"}))
             # The gates' noise comes from a seed of its own (a resumed search restores the RNG state).
@@ -196,6 +201,30 @@ def run_l0(job: L0Job, options: RunOptions) -> dict[str, Any]:
             results["dense_run_dir"] = dense["run_dir"]
         write_json(results_path, results)
         return results
+
+
+def _reuse_sibling_search(job: L0Job, options: RunOptions, folder: Path, k: Step) -> None:
+    """Copy the finished search of the other mode's run of the same hparams, if there is one.
+
+    Why: the search does not depend on the mode (ticket or prune: same seeds, same recipe, the rewind
+    snapshot only reads the weights), so a ticket and a pruned network of one setting need only one
+    search. A search counts as finished when its ``state.safetensors`` exists (written last, atomically);
+    a ticket also needs the sibling's rewind point. Nothing is copied otherwise, and this run searches.
+    """
+    other = dataclasses.replace(job, mode="prune" if job.mode == "ticket" else "ticket")
+    sibling = options.out / run_folder_name(other.kind, other.data, other.model, other.training, other.l0, seed=job.seed)
+    files = [("search/history.json", True), ("search/state.safetensors", True),
+             ("rewind.safetensors", job.mode == "ticket")]
+    if not all((sibling / name).exists() for name, needed in files if needed):
+        return
+    (folder / "search").mkdir(parents=True, exist_ok=True)
+    # state.safetensors last: its presence is what marks this run's search as done.
+    for name, _ in sorted(files, key=lambda f: f[0] == "search/state.safetensors"):
+        src = sibling / name
+        if src.exists():
+            atomic_write_bytes(folder / name, src.read_bytes())
+    write_metrics_csv(folder / "metrics.csv", read_json(folder / "search/history.json")["rows"])
+    log_line(options, f"{folder}: reusing the finished L0 search of {sibling} (the search is the same in both modes)")
 
 
 def _retrain_ticket(job: L0Job, options, folder: Path, bundle, train_loader, evals, mask: Mask, k: Step,
