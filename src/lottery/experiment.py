@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +21,8 @@ from torch import nn
 from lottery.engine import Callback, Trainer
 from lottery.errors import ConfigError, LotteryError
 from lottery.hparams import DataHparams, Hparams, ModelHparams, TrainingHparams, hparams_hash
-from lottery.io import atomic_write_bytes, read_json, save_tensors, storage_error, write_json
+from lottery.io import atomic_write_bytes, read_json, remove_if_exists, save_tensors, storage_error, write_json
+from lottery.step import Step
 
 
 @dataclass
@@ -243,6 +242,26 @@ def build_model(model: ModelHparams, bundle: DataBundle, seed: int) -> nn.Module
     return build(model.model, input_shape=bundle.input_shape, num_classes=bundle.num_classes, **kwargs)
 
 
+def rewind_point(rewind: str, training: TrainingHparams, search_steps: str, ipe: int, *, ticket: bool,
+                 owner: str) -> Step:
+    """The rewind point ``k`` of a search-then-retrain method (CS, L0) as a Step.
+
+    A ticket is the mask applied to the weights at ``k``, saved *during* the search and retrained from
+    ``k`` to the end of training, so ``k`` must lie before the end of training and within the search;
+    checked before any training so that an impossible setting fails at once. ``owner`` names the hparam
+    in the message (``CSHparams.rewind``); pruning runs (``ticket=False``) accept any ``k``.
+    """
+    k = Step.parse(rewind, ipe)
+    end = Step.parse(training.training_steps, ipe)
+    search_end = Step.parse(search_steps, ipe)
+    if ticket and (k >= end or k > search_end):
+        raise ConfigError(
+            f"{owner} {rewind} is not before the end of training ({training.training_steps}) and of the "
+            f"search ({search_steps}): choose an earlier rewind point"
+        )
+    return k
+
+
 def prune_ignore(model: ModelHparams) -> tuple[str, ...]:
     from lottery.models import get_model_spec
 
@@ -274,7 +293,7 @@ def train_dense(job: DenseJob, options: RunOptions, wait_for_lock: bool = False)
     results_path = folder / "results.json"
     if results_path.exists():
         log_line(options, f"{folder}: already finished, reusing its results")
-        _remove_quietly(folder / "checkpoint.safetensors")  # left behind when killed right after results.json
+        remove_if_exists(folder / "checkpoint.safetensors")  # left behind when killed right after results.json
         return read_json(results_path)
     with folder_lock(folder, wait=wait_for_lock):
         if results_path.exists():  # finished by the process we waited for
@@ -305,12 +324,5 @@ def train_dense(job: DenseJob, options: RunOptions, wait_for_lock: bool = False)
             "run_dir": str(folder),
         }
         write_json(results_path, results)
-        _remove_quietly(folder / "checkpoint.safetensors")
+        remove_if_exists(folder / "checkpoint.safetensors")
         return results
-
-
-def _remove_quietly(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass

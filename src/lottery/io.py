@@ -61,6 +61,15 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         _fault_kill(path, kill_at)
 
 
+def remove_if_exists(path: str | os.PathLike) -> None:
+    """Delete a file that may already be gone (a stage's checkpoint once its outputs are written; a run
+    killed between the two leaves it behind, and the next run removes it)."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 def save_figure(fig: Any, path: str | os.PathLike, **savefig_kwargs: Any) -> None:
     """``fig.savefig(path)`` atomically (format from the suffix): a run killed while plotting leaves the
     previous plot or none, never a truncated image."""

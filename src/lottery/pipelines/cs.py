@@ -15,23 +15,18 @@ Folder layout (each file marks a finished stage; a killed run restarts at the fi
 
 from __future__ import annotations
 
-import math
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import torch
-
 from lottery import masking
-from lottery.engine import Trainer, evaluate, make_optimizer
+from lottery.engine import Trainer, evaluate
 from lottery.errors import CheckpointError, ConfigError, LotteryError
 from lottery.experiment import (
     DenseJob, MetricsCSV, RunOptions, build_model, describe_run, folder_lock, load_data, log_line,
-    make_loaders, prepare_run_folder, prune_ignore, run_folder_name, train_dense, write_metrics_csv,
+    make_loaders, prepare_run_folder, prune_ignore, rewind_point, run_folder_name, train_dense,
 )
 from lottery.hparams import DataHparams, ModelHparams, TrainingHparams
-from lottery.io import load_tensors, read_json, save_tensors, write_json
+from lottery.io import load_tensors, read_json, remove_if_exists, save_tensors, write_json
 from lottery.masks import Mask
 from lottery.methods.cs import (
     CSHparams, EnforceMaskCallback, harden_soft_masks, SnapshotCallback, make_search_optimizers, search_round_callbacks,
@@ -58,23 +53,9 @@ class CSJob:
         return "search-cs" if self.mode == "ticket" else "prune-cs"
 
 
-def _remove(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
 def _check_rewind_fits(job: CSJob, ipe: int) -> Step:
-    k = Step.parse(job.cs.rewind, ipe)
-    end = Step.parse(job.training.training_steps, ipe)
-    round_end = Step.parse(job.cs.round_recipe(job.training).training_steps, ipe)
-    if job.mode == "ticket" and (k >= end or k > round_end):
-        raise ConfigError(
-            f"CSHparams.rewind {job.cs.rewind} is not before the end of training "
-            f"({job.training.training_steps}) and of a search round: choose an earlier rewind point"
-        )
-    return k
+    return rewind_point(job.cs.rewind, job.training, job.cs.round_recipe(job.training).training_steps, ipe,
+                        ticket=job.mode == "ticket", owner="CSHparams.rewind")
 
 
 def run_cs(job: CSJob, options: RunOptions) -> dict[str, Any]:
@@ -126,7 +107,7 @@ def run_cs(job: CSJob, options: RunOptions) -> dict[str, Any]:
                 done = read_json(rdir / "history.json")
                 rows += done["rows"]
                 wall += done["wall_seconds"]
-                _remove(rdir / "checkpoint.safetensors")  # left behind when killed right after the state
+                remove_if_exists(rdir / "checkpoint.safetensors")  # left behind when killed right after the state
                 continue
             if r > 0:
                 # The model holds round r-1's end state (trained or loaded above): no rewinding of
@@ -147,7 +128,7 @@ def run_cs(job: CSJob, options: RunOptions) -> dict[str, Any]:
             write_json(rdir / "history.json", {"rows": history, "wall_seconds": trainer.wall_seconds})
             wall += trainer.wall_seconds
             save_tensors(state_path, model.state_dict())
-            _remove(rdir / "checkpoint.safetensors")
+            remove_if_exists(rdir / "checkpoint.safetensors")
             rows += history
         search_epochs = job.cs.rounds * Step.parse(round_recipe.training_steps, ipe).epochs
 
@@ -221,7 +202,7 @@ def _retrain_ticket(job, options, folder, bundle, train_loader, evals, mask: Mas
         raise AssertionError("the ticket's mask changed during retraining")  # an internal invariant
     masking.remove_masks(model)
     save_tensors(tdir / "model.safetensors", model.state_dict())
-    _remove(tdir / "checkpoint.safetensors")
+    remove_if_exists(tdir / "checkpoint.safetensors")
     last = history[-1] if history else {}
     return {"test_accuracy": last.get("test_accuracy"), "val_accuracy": last.get("val_accuracy"),
             "stage_wall_seconds": trainer.wall_seconds}
@@ -260,6 +241,6 @@ def _prune(job, options, folder, model, train_loader, evals, mask: Mask, round_r
         out["test_accuracy"] = history[-1].get("test_accuracy")
         out["val_accuracy"] = history[-1].get("val_accuracy")
         masking.remove_masks(model)
-        _remove(pdir / "checkpoint.safetensors")
+        remove_if_exists(pdir / "checkpoint.safetensors")
     save_tensors(pdir / "model.safetensors", model.state_dict())
     return out

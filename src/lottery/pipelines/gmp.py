@@ -16,9 +16,7 @@ training on at the final density to the end. Folder layout::
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,7 +28,7 @@ from lottery.experiment import (
     make_loaders, prepare_run_folder, prune_ignore, run_folder_name, train_dense,
 )
 from lottery.hparams import DataHparams, ModelHparams, TrainingHparams
-from lottery.io import read_json, save_tensors, write_json
+from lottery.io import read_json, remove_if_exists, save_tensors, write_json
 from lottery.masks import Mask
 from lottery.methods.cs import EnforceMaskCallback
 from lottery.methods.gmp import GMPHparams, GMPPruningCallback, attach_gmp_masks, gmp_schedule
@@ -49,13 +47,6 @@ class GMPJob:
 
     kind = "prune-gmp"
     method = "gmp"
-
-
-def _remove(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def run_gmp(job: GMPJob, options: RunOptions) -> dict[str, Any]:
@@ -107,7 +98,7 @@ def run_gmp(job: GMPJob, options: RunOptions) -> dict[str, Any]:
             record = {"rows": history, "wall_seconds": trainer.wall_seconds,
                       "last": history[-1] if history else {}}
             write_json(history_path, record)
-            _remove(folder / "checkpoint.safetensors")
+            remove_if_exists(folder / "checkpoint.safetensors")
         expected = (kept_count(hp.density, mask.num_total()) if hp.scope == "global"
                     else sum(kept_count(hp.density, m.numel()) for m in mask.values()))
         if mask.num_kept() != expected:  # an internal invariant: the schedule ends at the target

@@ -45,7 +45,6 @@ own level 0 because it needs the rewind state.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -62,7 +61,7 @@ from lottery.experiment import (
     make_loaders, prepare_run_folder, prune_ignore, run_folder_name, train_dense, write_metrics_csv,
 )
 from lottery.hparams import DataHparams, Hparams, ModelHparams, TrainingHparams
-from lottery.io import load_tensors, read_json, save_tensors, write_json
+from lottery.io import load_tensors, read_json, remove_if_exists, save_tensors, write_json
 from lottery.masks import Mask
 from lottery.methods.cs import EnforceMaskCallback, SnapshotCallback
 from lottery.methods.imp import (
@@ -170,13 +169,6 @@ class StabilityJob:
 
 
 # -- shared machinery ----------------------------------------------------------------------------------
-def _remove(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
 def _history_name(stem: str) -> str:
     return "history.json" if stem == "model" else f"{stem}_history.json"
 
@@ -271,7 +263,7 @@ class _Context:
         out, hist = directory / f"{stem}.safetensors", directory / _history_name(stem)
         if not (out.exists() and hist.exists()):
             return None
-        _remove(directory / _checkpoint_name(stem))  # left behind when killed right after the stage's files
+        remove_if_exists(directory / _checkpoint_name(stem))  # left behind when killed right after the stage's files
         record = read_json(hist)
         self.rows += record["rows"]
         return record
@@ -328,7 +320,7 @@ class _Context:
                   "last": rows[-1] if rows else {}}
         write_json(directory / _history_name(stem), record)
         save_tensors(directory / f"{stem}.safetensors", model.state_dict())
-        _remove(directory / _checkpoint_name(stem))
+        remove_if_exists(directory / _checkpoint_name(stem))
         self.rows += rows
         return record
 

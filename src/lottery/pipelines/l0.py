@@ -24,7 +24,6 @@ with the mask fixed.
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,10 +35,10 @@ from lottery.engine import Trainer, evaluate
 from lottery.errors import CheckpointError, ConfigError
 from lottery.experiment import (
     DenseJob, MetricsCSV, RunOptions, build_model, describe_run, folder_lock, load_data, log_line,
-    make_loaders, prepare_run_folder, prune_ignore, run_folder_name, train_dense, write_metrics_csv,
+    make_loaders, prepare_run_folder, prune_ignore, rewind_point, run_folder_name, train_dense, write_metrics_csv,
 )
 from lottery.hparams import DataHparams, ModelHparams, TrainingHparams
-from lottery.io import atomic_write_bytes, load_tensors, read_json, save_tensors, write_json
+from lottery.io import atomic_write_bytes, load_tensors, read_json, remove_if_exists, save_tensors, write_json
 from lottery.masks import Mask
 from lottery.methods.cs import EnforceMaskCallback
 from lottery.methods.imp import derived_seed
@@ -69,23 +68,9 @@ class L0Job:
         return "search-l0" if self.mode == "ticket" else "prune-l0"
 
 
-def _remove(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
 def _check_rewind_fits(job: L0Job, ipe: int) -> Step:
-    k = Step.parse(job.l0.rewind, ipe)
-    end = Step.parse(job.training.training_steps, ipe)
-    search_end = Step.parse(job.l0.search_recipe(job.training).training_steps, ipe)
-    if job.mode == "ticket" and (k >= end or k > search_end):
-        raise ConfigError(
-            f"L0Hparams.rewind {job.l0.rewind} is not before the end of training ({job.training.training_steps}) "
-            "and of the search: choose an earlier rewind point"
-        )
-    return k
+    return rewind_point(job.l0.rewind, job.training, job.l0.search_recipe(job.training).training_steps, ipe,
+                        ticket=job.mode == "ticket", owner="L0Hparams.rewind")
 
 
 def run_l0(job: L0Job, options: RunOptions) -> dict[str, Any]:
@@ -147,7 +132,7 @@ def run_l0(job: L0Job, options: RunOptions) -> dict[str, Any]:
             write_json(sdir / "history.json", {"rows": history, "wall_seconds": trainer.wall_seconds})
             wall = trainer.wall_seconds
             save_tensors(state_path, model.state_dict())
-            _remove(sdir / "checkpoint.safetensors")
+            remove_if_exists(sdir / "checkpoint.safetensors")
             rows += history
         if job.mode == "ticket" and not rewind_path.exists():
             raise CheckpointError(f"{rewind_path} is missing although the search went past the rewind point; "
@@ -250,7 +235,7 @@ def _retrain_ticket(job: L0Job, options, folder: Path, bundle, train_loader, eva
         raise AssertionError("the ticket's mask changed during retraining")  # an internal invariant
     masking.remove_masks(model)
     save_tensors(tdir / "model.safetensors", model.state_dict())
-    _remove(tdir / "checkpoint.safetensors")
+    remove_if_exists(tdir / "checkpoint.safetensors")
     last = history[-1] if history else {}
     return {"test_accuracy": last.get("test_accuracy"), "val_accuracy": last.get("val_accuracy"),
             "test_loss": last.get("test_loss"), "stage_wall_seconds": trainer.wall_seconds}
@@ -295,6 +280,6 @@ def _prune(job: L0Job, options, folder: Path, model, train_loader, evals, mask: 
         if masking.current_mask(model) != mask:
             raise AssertionError("the mask changed during fine-tuning")  # an internal invariant
         masking.remove_masks(model)
-        _remove(pdir / "checkpoint.safetensors")
+        remove_if_exists(pdir / "checkpoint.safetensors")
     save_tensors(pdir / "model.safetensors", model.state_dict())
     return out

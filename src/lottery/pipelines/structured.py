@@ -25,7 +25,6 @@ so they output exactly zero and :func:`lottery.export.export_model` removes them
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -42,7 +41,7 @@ from lottery.experiment import (
 )
 from lottery.export import ExportError, coupled_layers, dead_channel_params
 from lottery.hparams import DataHparams, Hparams, ModelHparams, TrainingHparams
-from lottery.io import load_tensors, read_json, save_tensors, write_json
+from lottery.io import load_tensors, read_json, remove_if_exists, save_tensors, write_json
 from lottery.masks import Mask
 from lottery.methods.cs import CSHparams, EnforceMaskCallback
 from lottery.methods.imp import IMPHparams, derived_seed, magnitude_prune
@@ -232,13 +231,6 @@ def _channels(mask: Mask) -> dict[str, list[int]]:
     return {n: [int(m.reshape(m.shape[0], -1).any(1).sum()), int(m.shape[0])] for n, m in mask.items()}
 
 
-def _remove(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
 class _Stage:
     """Data, loaders and a resumable 'retrain this mask from the rewind state' stage for one source."""
 
@@ -294,7 +286,7 @@ class _Stage:
         record = {"rows": rows, "wall_seconds": trainer.wall_seconds, "last": rows[-1] if rows else {}}
         write_json(hist, record)
         save_tensors(directory / "model.safetensors", model.state_dict())
-        _remove(directory / "checkpoint.safetensors")
+        remove_if_exists(directory / "checkpoint.safetensors")
         self.rows += rows
         return record
 
