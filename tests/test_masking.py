@@ -82,7 +82,7 @@ def assert_plain(model: nn.Module, reference_keys: list[str]) -> None:
         assert not module._load_state_dict_pre_hooks and not module._load_state_dict_post_hooks
         assert not any(k.startswith("_lottery") for k in module.__dict__)
     for p in model.parameters():
-        assert not p._backward_hooks
+        assert not p._backward_hooks and not getattr(p, "_post_accumulate_grad_hooks", None)
 
 
 # ------------------------------------------------------------------ prunable weights
@@ -195,7 +195,7 @@ def test_attach_again_replaces_mask_without_stacking_hooks():
     M.attach_hard_mask(net, m2)
     assert M.current_mask(net) == m2
     for p in M.prunable_weights(net).values():
-        assert len(p._backward_hooks) == 1
+        assert len(p._post_accumulate_grad_hooks) == 1
     for name, p in M.prunable_weights(net).items():  # pruned by either mask: zero (a pruned weight is lost)
         assert bool((p[~(m1[name] & m2[name])] == 0).all())
     x, y = batch()

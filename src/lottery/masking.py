@@ -263,8 +263,8 @@ def _float_mask(module: nn.Module, buffer_name: str, like: torch.Tensor) -> torc
 
 
 class _GradMask:
-    """Tensor hook: zero the pruned entries of a gradient, reading the module's current mask buffer
-    (so that ``model.to(device)`` and ``load_state_dict`` are taken into account)."""
+    """Parameter hook: zero the pruned entries of the accumulated gradient, reading the module's current
+    mask buffer (so that ``model.to(device)`` and ``load_state_dict`` are taken into account)."""
 
     __slots__ = ("module_ref", "buffer_name")
 
@@ -272,14 +272,18 @@ class _GradMask:
         self.module_ref = weakref.ref(module)
         self.buffer_name = buffer_name
 
-    def __call__(self, grad: torch.Tensor) -> torch.Tensor | None:
+    def __call__(self, param: torch.Tensor) -> None:
+        # A post-accumulate-grad hook: it runs once ``param.grad`` holds this backward's gradient and
+        # masks it in place (no new tensor per step: allocating one cost as much as the multiply).
+        grad = param.grad
         module = self.module_ref()
-        values = None if module is None else _float_mask(module, self.buffer_name, grad)
-        if values is None:
-            return None
-        # grad * 0/1 equals torch.where(mask, grad, 0) except for non-finite gradient entries at pruned
-        # positions (NaN * 0 = NaN); such a step has a non-finite loss, which the trainer stops on.
-        return grad * values
+        if grad is None or module is None:
+            return
+        values = _float_mask(module, self.buffer_name, grad)
+        if values is not None:
+            # grad * 0/1 equals torch.where(mask, grad, 0) except for non-finite gradient entries at pruned
+            # positions (NaN * 0 = NaN); such a step has a non-finite loss, which the trainer stops on.
+            grad.mul_(values)
 
 
 # id(parameter) -> (weakref to the parameter, hook handle, weakref to the owning module). Kept outside the
@@ -309,7 +313,7 @@ def _install_grad_hook(module: nn.Module, tensor_name: str) -> None:
         del _GRAD_HOOKS[id(p)]
     if not p.requires_grad:
         return  # frozen: nothing to mask; enforce_masks installs it if requires_grad is turned on later
-    handle = p.register_hook(_GradMask(module, tensor_name + _MASK_SUFFIX))
+    handle = p.register_post_accumulate_grad_hook(_GradMask(module, tensor_name + _MASK_SUFFIX))
     key = id(p)
     _GRAD_HOOKS[key] = (weakref.ref(p, lambda ref, key=key: _forget(key, ref)), handle, weakref.ref(module))
 
