@@ -282,3 +282,17 @@ def test_sweep_command_runs_and_reports(tmp_path, capsys):
     rec = json.loads((tmp_path / "sweep_cli.json").read_text())
     assert rec["jobs_ok"] == 3 and rec["backend"] == "serial"
     assert (tmp_path / "report_cli" / "report.csv").is_file()
+
+
+def test_cli_default_workers_follow_the_measurement(monkeypatch):
+    """Local CPU sweeps default to one worker per usable core (benchmarks/RESULTS.md: 2 workers x 1 thread
+    beat 1 worker x 2 threads); a GPU or another backend gets 1."""
+    import os
+
+    from lottery.cli_sweep import default_workers
+
+    cpus = len(os.sched_getaffinity(0))
+    assert default_workers("cpu", "local") == cpus
+    assert default_workers("cpu", "serial") == 1 and default_workers("cpu", "ray") == 1
+    monkeypatch.setattr("lottery.experiment.resolve_device", lambda d: "cuda:0" if d != "cpu" else "cpu")
+    assert default_workers("cuda", "local") == 1 and default_workers("auto", "local") == 1

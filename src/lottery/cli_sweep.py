@@ -115,8 +115,10 @@ def _sweep_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--models", dest="ModelHparams.model", type=_listable(str, False, "--models"),
                    default=argparse.SUPPRESS, metavar="MODELS",
                    help="comma-separated model names (same as --model)")
-    g.add_argument("--workers", type=int, default=1,
-                   help="local: experiments run at the same time (default: 1); ray: the cluster's resources decide")
+    g.add_argument("--workers", type=int, default=None,
+                   help="local: experiments run at the same time (default: one per CPU core, each with 1 torch "
+                        "thread, when the experiments run on the CPU: measured faster than fewer workers with "
+                        "more threads, benchmarks/RESULTS.md; 1 on a GPU); ray: the cluster's resources decide")
     g.add_argument("--backend", choices=BACKENDS, default="local",
                    help="local: a pool of processes; ray: Ray tasks (pip install 'lottery[ray]'); "
                         "serial: one at a time in this process (default: local)")
@@ -238,11 +240,27 @@ def sweep_specs(args: argparse.Namespace):
     return specs
 
 
+def default_workers(device: str, backend: str) -> int:
+    """Local sweeps on the CPU: one worker per usable core (each then gets 1 torch thread). On 2 cores, 2
+    workers x 1 thread ran 1.24x more experiments per hour than 1 worker x 2 threads (benchmarks/speed.py,
+    part workers): small networks do not keep two threads busy, two processes do. On a GPU the local
+    workers would share one device, so 1."""
+    from lottery.experiment import resolve_device
+    from lottery.sweep import default_threads_per_worker
+
+    if backend != "local" or resolve_device(device).startswith("cuda"):
+        return 1
+
+    return default_threads_per_worker(1)  # the usable CPUs
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     from lottery import cli
     from lottery.report import print_table, write_report
     from lottery.sweep import run_sweep
 
+    if args.workers is None:
+        args.workers = default_workers(args.device, args.backend)
     if args.workers < 1:
         raise ConfigError(f"--workers must be a positive integer, got {args.workers}")
     specs = sweep_specs(args)
