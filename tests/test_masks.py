@@ -261,3 +261,16 @@ def test_from_torch_prune_ignores_unrelated_mask_buffers():
     }
     m = Mask.from_torch_prune(sd)
     assert list(m) == ["fc.weight"] and m.num_kept() == 2
+
+
+def test_load_or_create_makes_once_then_loads(tmp_path):
+    calls = []
+
+    def make():
+        calls.append(1)
+        return Mask({"w": torch.tensor([[True, False], [False, True]])})
+
+    path = tmp_path / "mask.safetensors"
+    first = Mask.load_or_create(path, make)
+    second = Mask.load_or_create(path, make)
+    assert calls == [1] and first == second and path.exists()

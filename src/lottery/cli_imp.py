@@ -77,7 +77,7 @@ def register(search_sub, prune_sub, top_sub, common_flags: Callable[[argparse.Ar
         p = control_sub.add_parser(name, help=short, description=text)
         p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="folder of an IMP run (search imp / imp-c)")
         add_hparams_flags(p, cls, name)
-        _run_option_flags(p)
+        run_option_flags(p)
         p.set_defaults(func=lambda a, n=name, c=cls: cmd_control(a, n, c))
 
     p = top_sub.add_parser("stability", help="instability and distance against the rewind point k",
@@ -90,7 +90,7 @@ def register(search_sub, prune_sub, top_sub, common_flags: Callable[[argparse.Ar
     p.set_defaults(func=cmd_stability)
 
 
-def _run_option_flags(p: argparse.ArgumentParser) -> None:
+def run_option_flags(p: argparse.ArgumentParser) -> None:
     """Where/how to run, for commands that take their hparams from an existing run folder."""
     p.add_argument("--out", type=Path, default=None, help="folder for the new run folder (default: beside RUN_DIR)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")

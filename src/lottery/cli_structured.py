@@ -26,6 +26,7 @@ def register(top_sub, common_flags: Callable[[argparse.ArgumentParser], None] | 
     recipe from the run folder they are given, so they only add where/how-to-run flags.
     """
     from lottery.cli import OneLineErrorParser, add_hparams_flags
+    from lottery.cli_imp import run_option_flags
     from lottery.methods.structured import StructuredHparams
 
     structure = top_sub.add_parser(
@@ -47,7 +48,7 @@ def register(top_sub, common_flags: Callable[[argparse.ArgumentParser], None] | 
                        help="IMP runs: structure inside the IMP loop at every level, from the run's dense level 0")
         p.add_argument("--levels", type=int, default=3, help="with --every-level: number of levels (default: 3)")
         add_hparams_flags(p, StructuredHparams, "structured ticket", skip=("method",))
-        _run_flags(p)
+        run_option_flags(p)
         p.set_defaults(func=lambda a, m=method: cmd_structure(a, m))
 
     p = top_sub.add_parser(
@@ -83,14 +84,6 @@ def register(top_sub, common_flags: Callable[[argparse.ArgumentParser], None] | 
     p.add_argument("--json", type=Path, default=None, help="also write the report to this JSON file")
     p.set_defaults(func=cmd_bench_latency)
 
-
-def _run_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", type=Path, default=None, help="folder for the new run folder (default: beside RUN_DIR)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--data-dir", default=None, help="folder with the data set's files (see README: Data)")
-    p.add_argument("--no-download", action="store_true", help="never download data; fail if it is missing")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
 
 
 def cmd_structure(args: argparse.Namespace, method: str) -> int:

@@ -20,7 +20,7 @@ import json
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import safe_open
@@ -328,6 +328,18 @@ class Mask(Mapping[str, torch.Tensor]):
             metadata={"format": _FORMAT, "version": _FORMAT_VERSION, "names": json.dumps(list(self._masks))},
         )
         return report
+
+    @classmethod
+    def load_or_create(cls, path: str | os.PathLike, make: "Callable[[], Mask]") -> "Mask":
+        """The mask saved at ``path``; if there is none, ``make()`` it and save it there first.
+
+        How a resumable stage fixes its mask once: a run killed after this call finds the same mask.
+        """
+        if Path(path).exists():
+            return cls.load(path)
+        mask = make()
+        mask.save(path)
+        return mask
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Mask":

@@ -325,14 +325,6 @@ class _Context:
         return record
 
 
-def _save_mask_once(path: Path, make: Callable[[], Mask]) -> Mask:
-    """The mask saved at ``path``, computing and saving it first when it is not there yet."""
-    if path.exists():
-        return Mask.load(path)
-    mask = make()
-    mask.save(path)
-    return mask
-
 
 def _masked_state(state: dict[str, torch.Tensor], mask: Mask) -> dict[str, torch.Tensor]:
     out = dict(state)
@@ -444,7 +436,7 @@ def _level_zero(job, plan: _Plan, ctx: _Context, common: dict[str, Any]) -> dict
         epochs, wall = dense["epochs"], dense.get("wall_seconds") or 0.0
         accs = _accuracies(record)
         extra["dense_run_dir"] = dense["run_dir"]
-    mask = _save_mask_once(ldir / "mask.safetensors", lambda: Mask.ones(ctx.build(), ctx.prunable_names()))
+    mask = Mask.load_or_create(ldir / "mask.safetensors", lambda: Mask.ones(ctx.build(), ctx.prunable_names()))
     result = {**common, "level": 0, **_mask_counts(mask), **accs, "epochs": epochs, "wall_seconds": wall,
               "level_dir": str(ldir), **extra}
     if plan.continued:
@@ -471,7 +463,7 @@ def _level(job, plan: _Plan, ctx: _Context, common: dict[str, Any], level: int, 
     source = prev / ("continued.safetensors" if plan.continued and level > 1 else "model.safetensors")
     prev_mask = Mask.load(prev / "mask.safetensors")
     source_state = load_tensors(source)
-    mask = _save_mask_once(ldir / "mask.safetensors",
+    mask = Mask.load_or_create(ldir / "mask.safetensors",
                            lambda: magnitude_prune(source_state, prev_mask, hp.rate, hp.scope))
     if not _is_subset(mask, prev_mask):
         raise CheckpointError(f"{ldir / 'mask.safetensors'} keeps weights that level {level - 1} pruned; "
@@ -602,7 +594,7 @@ def run_one_shot(job: OneShotJob, options: RunOptions, *, callbacks: StageCallba
         ctx = _Context(folder, job.kind, job.data, job.model, job.training, job.seed, options, callbacks)
         state = load_tensors(Path(dense["run_dir"]) / "model.safetensors")
         names = ctx.prunable_names()
-        mask = _save_mask_once(folder / "mask.safetensors",
+        mask = Mask.load_or_create(folder / "mask.safetensors",
                                lambda: one_shot_magnitude(state, hp.density, hp.scope, names=names))
         pruned = _masked_state(state, mask)
         model = ctx.build()
@@ -694,7 +686,7 @@ def _run_control(source: Path, control: str, hp, options: RunOptions, callbacks)
         k = ctx.step(imp.rewind)
         rewind = load_tensors(source / "rewind.safetensors")
         if control == "random-prune":
-            mask = _save_mask_once(folder / "mask.safetensors",
+            mask = Mask.load_or_create(folder / "mask.safetensors",
                                    lambda: random_prune(reference, like=reference, scope=hp.scope, seed=hp.seed))
             start_state = _masked_state(rewind, mask)
         else:

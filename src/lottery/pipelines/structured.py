@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -291,13 +291,6 @@ class _Stage:
         return record
 
 
-def _save_once(path: Path, make: Callable[[], Mask]) -> Mask:
-    if path.exists():
-        return Mask.load(path)
-    mask = make()
-    mask.save(path)
-    return mask
-
 
 def _training_mask(model: nn.Module, mask: Mask, path: Path) -> Mask:
     def make() -> Mask:
@@ -306,7 +299,7 @@ def _training_mask(model: nn.Module, mask: Mask, path: Path) -> Mask:
         except ExportError:
             return Mask()  # a family the export does not know: nothing to prepare for it
 
-    extra = _save_once(path, make)
+    extra = Mask.load_or_create(path, make)
     return Mask({**dict(mask.items()), **dict(extra.items())})
 
 
@@ -332,7 +325,7 @@ def run_structure(job: StructureJob, options: RunOptions, *, partition: Partitio
     with folder_lock(folder):
         stage = _Stage(folder, src, options)
         model = stage.build()
-        mask = _save_once(folder / "mask.safetensors", lambda: structured_mask(model, src.mask, src.weights, hp, partition))
+        mask = Mask.load_or_create(folder / "mask.safetensors", lambda: structured_mask(model, src.mask, src.weights, hp, partition))
         train_mask = _training_mask(model, mask, folder / "channel_mask.safetensors")
         where = f"level {src.level}" if src.level is not None else "the CS search"
         log_line(options, f"{hp.method} of {where}: density {src.mask.density():.4f} -> {mask.density():.4f}")
@@ -395,9 +388,9 @@ def run_structured_imp(job: StructuredIMPJob, options: RunOptions, *,
                 result = read_json(results_path)
             else:
                 ldir.mkdir(parents=True, exist_ok=True)
-                pruned = _save_once(ldir / "pruned_mask.safetensors",
+                pruned = Mask.load_or_create(ldir / "pruned_mask.safetensors",
                                     lambda: magnitude_prune(prev_weights, prev_mask, imp.rate, imp.scope))
-                mask = _save_once(ldir / "mask.safetensors",
+                mask = Mask.load_or_create(ldir / "mask.safetensors",
                                   lambda: structured_mask(model, pruned, prev_weights, hp, partition))
                 train_mask = _training_mask(model, mask, ldir / "channel_mask.safetensors")
                 record = stage.train(ldir, train_mask, f"level_{level}", f"{hp.method} imp level {level}/{job.levels}",
