@@ -281,6 +281,17 @@ class DenseJob:
     seed: int = 0
 
 
+def reuse_finished(folder: Path, description: dict[str, Any], options: RunOptions) -> dict[str, Any] | None:
+    """Prepare a run folder (:func:`prepare_run_folder`) and return its ``results.json`` if the run has
+    already finished, else None. Every stage starts this way: a finished run is never trained again."""
+    prepare_run_folder(folder, description)
+    results_path = folder / "results.json"
+    if not results_path.exists():
+        return None
+    log_line(options, f"{folder}: already finished, reusing its results")
+    return read_json(results_path)
+
+
 def train_dense(job: DenseJob, options: RunOptions, wait_for_lock: bool = False) -> dict[str, Any]:
     """Train a dense network; write its run folder; return ``results.json``'s content.
 
@@ -289,12 +300,11 @@ def train_dense(job: DenseJob, options: RunOptions, wait_for_lock: bool = False)
     """
     folder = options.out / run_folder_name("train", job.data, job.model, job.training, seed=job.seed)
     desc = describe_run("train", job.seed, data=job.data, model=job.model, training=job.training)
-    prepare_run_folder(folder, desc)
     results_path = folder / "results.json"
-    if results_path.exists():
-        log_line(options, f"{folder}: already finished, reusing its results")
+    done = reuse_finished(folder, desc, options)
+    if done is not None:
         remove_if_exists(folder / "checkpoint.safetensors")  # left behind when killed right after results.json
-        return read_json(results_path)
+        return done
     with folder_lock(folder, wait=wait_for_lock):
         if results_path.exists():  # finished by the process we waited for
             return read_json(results_path)

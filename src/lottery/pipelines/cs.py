@@ -23,7 +23,7 @@ from lottery.engine import Trainer, evaluate
 from lottery.errors import CheckpointError, ConfigError, LotteryError
 from lottery.experiment import (
     DenseJob, MetricsCSV, RunOptions, build_model, describe_run, folder_lock, load_data, log_line,
-    make_loaders, prepare_run_folder, prune_ignore, rewind_point, run_folder_name, train_dense,
+    make_loaders, prune_ignore, reuse_finished, rewind_point, run_folder_name, train_dense,
 )
 from lottery.hparams import DataHparams, ModelHparams, TrainingHparams
 from lottery.io import load_tensors, read_json, remove_if_exists, save_tensors, write_json
@@ -62,11 +62,9 @@ def run_cs(job: CSJob, options: RunOptions) -> dict[str, Any]:
     """Run (or resume, or reuse) a CS ticket search or CS pruning; return ``results.json``'s content."""
     folder = options.out / run_folder_name(job.kind, job.data, job.model, job.training, job.cs, seed=job.seed)
     desc = describe_run(job.kind, job.seed, data=job.data, model=job.model, training=job.training, cs=job.cs)
-    prepare_run_folder(folder, desc)
-    results_path = folder / "results.json"
-    if results_path.exists():
-        log_line(options, f"{folder}: already finished, reusing its results")
-        return read_json(results_path)
+    done = reuse_finished(folder, desc, options)
+    if done is not None:
+        return done
 
     # Impossible settings (a rewind point after the end) fail before any training, dense included.
     bundle = load_data(job.data, options)

@@ -25,7 +25,7 @@ from lottery import masking
 from lottery.engine import Trainer
 from lottery.experiment import (
     DenseJob, MetricsCSV, RunOptions, build_model, describe_run, folder_lock, load_data, log_line,
-    make_loaders, prepare_run_folder, prune_ignore, run_folder_name, train_dense,
+    make_loaders, prune_ignore, reuse_finished, run_folder_name, train_dense,
 )
 from lottery.hparams import DataHparams, ModelHparams, TrainingHparams
 from lottery.io import read_json, remove_if_exists, save_tensors, write_json
@@ -54,11 +54,10 @@ def run_gmp(job: GMPJob, options: RunOptions) -> dict[str, Any]:
     hp = job.gmp
     folder = options.out / run_folder_name(job.kind, job.data, job.model, job.training, hp, seed=job.seed)
     desc = describe_run(job.kind, job.seed, data=job.data, model=job.model, training=job.training, gmp=hp)
-    prepare_run_folder(folder, desc)
     results_path = folder / "results.json"
-    if results_path.exists():
-        log_line(options, f"{folder}: already finished, reusing its results")
-        return read_json(results_path)
+    done = reuse_finished(folder, desc, options)
+    if done is not None:
+        return done
 
     bundle = load_data(job.data, options)
     train_loader, evals = make_loaders(bundle, job.training, job.seed, options)

@@ -58,7 +58,8 @@ from lottery.engine.schedule import LRSchedule
 from lottery.errors import CheckpointError, ConfigError
 from lottery.experiment import (
     DenseJob, MetricsCSV, RunOptions, build_model, describe_run, folder_lock, load_data, log_line,
-    make_loaders, prepare_run_folder, prune_ignore, run_folder_name, train_dense, write_metrics_csv,
+    make_loaders, prepare_run_folder, prune_ignore, reuse_finished, run_folder_name, train_dense,
+    write_metrics_csv,
 )
 from lottery.hparams import DataHparams, Hparams, ModelHparams, TrainingHparams
 from lottery.io import load_tensors, read_json, remove_if_exists, save_tensors, write_json
@@ -585,11 +586,10 @@ def run_one_shot(job: OneShotJob, options: RunOptions, *, callbacks: StageCallba
     dense = train_dense(DenseJob(job.data, job.model, job.training, seed=job.seed), options)
     folder = options.out / run_folder_name(job.kind, job.data, job.model, job.training, hp, seed=job.seed)
     desc = describe_run(job.kind, job.seed, data=job.data, model=job.model, training=job.training, oneshot=hp)
-    prepare_run_folder(folder, desc)
     results_path = folder / "results.json"
-    if results_path.exists():
-        log_line(options, f"{folder}: already finished, reusing its results")
-        return read_json(results_path)
+    done = reuse_finished(folder, desc, options)
+    if done is not None:
+        return done
     with folder_lock(folder):
         ctx = _Context(folder, job.kind, job.data, job.model, job.training, job.seed, options, callbacks)
         state = load_tensors(Path(dense["run_dir"]) / "model.safetensors")
@@ -675,11 +675,10 @@ def _run_control(source: Path, control: str, hp, options: RunOptions, callbacks)
     desc = describe_run(kind, seed, data=data, model=model_hp, training=training, control=hp)
     desc["imp"] = _identity_dict(imp)
     desc["source"] = source.resolve().name
-    prepare_run_folder(folder, desc)
     results_path = folder / "results.json"
-    if results_path.exists():
-        log_line(options, f"{folder}: already finished, reusing its results")
-        return read_json(results_path)
+    done = reuse_finished(folder, desc, options)
+    if done is not None:
+        return done
     with folder_lock(folder):
         ctx = _Context(folder, kind, data, model_hp, training, seed, options, callbacks)
         reference = Mask.load(level_dir / "mask.safetensors")
@@ -727,11 +726,10 @@ def run_stability(job: StabilityJob, options: RunOptions, *, callbacks: StageCal
     hp = job.stability
     folder = options.out / run_folder_name(job.kind, job.data, job.model, job.training, hp, seed=job.seed)
     desc = describe_run(job.kind, job.seed, data=job.data, model=job.model, training=job.training, stability=hp)
-    prepare_run_folder(folder, desc)
     results_path = folder / "results.json"
-    if results_path.exists():
-        log_line(options, f"{folder}: already finished, reusing its results")
-        return read_json(results_path)
+    done = reuse_finished(folder, desc, options)
+    if done is not None:
+        return done
     with folder_lock(folder):
         ctx = _Context(folder, job.kind, job.data, job.model, job.training, job.seed, options, callbacks)
         names = ctx.prunable_names()

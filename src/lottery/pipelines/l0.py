@@ -35,7 +35,7 @@ from lottery.engine import Trainer, evaluate
 from lottery.errors import CheckpointError, ConfigError
 from lottery.experiment import (
     DenseJob, MetricsCSV, RunOptions, build_model, describe_run, folder_lock, load_data, log_line,
-    make_loaders, prepare_run_folder, prune_ignore, rewind_point, run_folder_name, train_dense, write_metrics_csv,
+    make_loaders, prune_ignore, reuse_finished, rewind_point, run_folder_name, train_dense, write_metrics_csv,
 )
 from lottery.hparams import DataHparams, ModelHparams, TrainingHparams
 from lottery.io import atomic_write_bytes, load_tensors, read_json, remove_if_exists, save_tensors, write_json
@@ -78,11 +78,10 @@ def run_l0(job: L0Job, options: RunOptions) -> dict[str, Any]:
     hp = job.l0
     folder = options.out / run_folder_name(job.kind, job.data, job.model, job.training, hp, seed=job.seed)
     desc = describe_run(job.kind, job.seed, data=job.data, model=job.model, training=job.training, l0=hp)
-    prepare_run_folder(folder, desc)
     results_path = folder / "results.json"
-    if results_path.exists():
-        log_line(options, f"{folder}: already finished, reusing its results")
-        return read_json(results_path)
+    done = reuse_finished(folder, desc, options)
+    if done is not None:
+        return done
 
     # Impossible settings (a rewind point after the end) fail before any training, dense included.
     bundle = load_data(job.data, options)

@@ -37,7 +37,7 @@ from lottery.engine import Trainer
 from lottery.errors import CheckpointError, ConfigError
 from lottery.experiment import (
     MetricsCSV, RunOptions, build_model, describe_run, folder_lock, load_data, log_line, make_loaders,
-    prepare_run_folder, run_folder_name,
+    prepare_run_folder, reuse_finished, run_folder_name,
 )
 from lottery.export import ExportError, coupled_layers, dead_channel_params
 from lottery.hparams import DataHparams, Hparams, ModelHparams, TrainingHparams
@@ -317,11 +317,10 @@ def run_structure(job: StructureJob, options: RunOptions, *, partition: Partitio
     folder = options.out / run_folder_name(kind, src.data, src.model, src.training, hp, ident, seed=src.seed)
     desc = describe_run(kind, src.seed, data=src.data, model=src.model, training=src.training, structured=hp)
     desc["source"] = ident.to_dict()
-    prepare_run_folder(folder, desc)
     results_path = folder / "results.json"
-    if results_path.exists():
-        log_line(options, f"{folder}: already finished, reusing its results")
-        return read_json(results_path)
+    done = reuse_finished(folder, desc, options)
+    if done is not None:
+        return done
     with folder_lock(folder):
         stage = _Stage(folder, src, options)
         model = stage.build()
