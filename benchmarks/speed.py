@@ -12,6 +12,9 @@ Parts (``--parts``, default all):
   the logits' optimizer), through the engine (:class:`lottery.engine.Trainer`). The hard-mask run
   re-zeroes pruned weights after every step as the pipelines do (``EnforceMaskCallback``). LeNet-300-100 and
   Conv-2 (the conv network: its cost is in its convolutions).
+* ``maskops``: the operations a hard mask needs per step on LeNet's first layer (300 x 784), with a
+  bool mask (``torch.where``, ``masked_fill_``) against a multiply by the mask as 0/1 floats, beside
+  one forward+backward of the dense LeNet step for scale.
 * ``loop``: one epoch of LeNet-300-100 through the engine (the in-memory BatchLoader) against a plain
   loop (``DataLoader`` over a dataset that normalises one sample at a time, as torchvision datasets do,
   and ``torch.optim.SGD``), and against a plain loop over pre-normalised tensors.
@@ -47,7 +50,7 @@ from _common import machine  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-PARTS = ("overhead", "loop", "options", "workers", "memory", "scaling")
+PARTS = ("overhead", "maskops", "loop", "options", "workers", "memory", "scaling")
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -165,6 +168,48 @@ def part_overhead(args) -> str:
         out.append(table(f"Masking overhead: {model}, {iters} training iterations (batch 128)", res, "dense",
                          per=f"{iters} it"))
     return "\n".join(out)
+
+
+# ------------------------------------------------------------------------------------------- maskops
+def part_maskops(args) -> str:
+    g = torch.Generator().manual_seed(0)
+    grad = torch.randn(300, 784, generator=g)
+    mask = torch.rand(300, 784, generator=g) < 0.2
+    pruned, values = ~mask, mask.float()
+    model = build("lenet_300_100", 0)
+    x, y = next(iter(train_loader()))
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+
+    ops = {
+        "torch.where(bool mask, grad, 0)": lambda: torch.where(mask, grad, 0.0),
+        "grad.masked_fill_(bool pruned, 0)": lambda: grad.masked_fill_(pruned, 0.0),
+        "grad * float mask (new tensor)": lambda: grad * values,
+        "grad.mul_(float mask) (in place)": lambda: grad.mul_(values),
+        "dense LeNet step (forward + backward, batch 128)": step,
+    }
+    calls = 200
+
+    def timed(fn):
+        def make():
+            for _ in range(10):
+                fn()
+
+            def run():
+                for _ in range(calls):
+                    fn()
+            return run
+        return make
+
+    res = interleaved({k: timed(v) for k, v in ops.items()}, args.repeats)
+    lines = [f"\n### Mask operations on a 300 x 784 weight ({calls} calls per timing)\n",
+             "| operation | median us / call | time / float multiply in place |", "|---|---|---|"]
+    base = res["grad.mul_(float mask) (in place)"]["median_s"]
+    for k, r in res.items():
+        lines.append(f"| {k} | {1e6 * r['median_s'] / calls:.0f} | {r['median_s'] / base:.1f} |")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------- loop
