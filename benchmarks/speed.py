@@ -9,12 +9,14 @@ Parts (``--parts``, default all):
 
 * ``overhead``: training iterations of the same network dense, with a hard mask (a 20 % random mask,
   as when a ticket is retrained) and with CS soft masks (a CS search step: logits, temperature, penalty,
-  the logits' optimizer), through the engine (:class:`lottery.engine.Trainer`). The hard-mask run
-  re-zeroes pruned weights after every step as the pipelines do (``EnforceMaskCallback``). LeNet-300-100 and
-  Conv-2 (the conv network: its cost is in its convolutions).
+  the logits' optimizer), through the engine (:class:`lottery.engine.Trainer`). The hard-mask run keeps
+  pruned weights at 0 as the pipelines do (``EnforceMaskCallback``: gradient mask, re-zeroing only when a
+  mask changes); ``hard_every_step`` re-zeroes them after every step as well. LeNet-300-100 and Conv-2
+  (the conv network: its cost is in its convolutions).
 * ``maskops``: the operations a hard mask needs per step on LeNet's first layer (300 x 784), with a
   bool mask (``torch.where``, ``masked_fill_``) against a multiply by the mask as 0/1 floats, beside
-  one forward+backward of the dense LeNet step for scale.
+  one forward+backward of the dense LeNet step for scale; and the per-step re-zeroing pass over a whole
+  hard-masked LeNet against the mask-change check that replaced it.
 * ``loop``: one epoch of LeNet-300-100 through the engine (the in-memory BatchLoader) against a plain
   loop (``DataLoader`` over a dataset that normalises one sample at a time, as torchvision datasets do,
   and ``torch.optim.SGD``), and against a plain loop over pre-normalised tensors.
@@ -99,7 +101,17 @@ def interleaved(variants: dict[str, Callable[[], Callable[[], None]]], repeats: 
             t0 = time.perf_counter()
             run()
             times[n].append(time.perf_counter() - t0)
-    return {n: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t), "repeats": len(t)} for n, t in times.items()}
+    return {n: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t), "repeats": len(t), "times": t}
+            for n, t in times.items()}
+
+
+def paired_ratio(res: dict[str, dict], name: str, base: str) -> float | None:
+    """Median over repeats of (time of ``name`` / time of ``base`` in the same repeat). Why: the two ran
+    back to back, so a slow phase of a shared machine slows both; the ratio of medians mixes phases."""
+    a, b = res[name].get("times"), res[base].get("times")
+    if not a or not b or len(a) != len(b):
+        return None
+    return statistics.median(x / y for x, y in zip(a, b))
 
 
 def ratios(res: dict[str, dict[str, float]], base: str) -> dict[str, float]:
@@ -108,9 +120,13 @@ def ratios(res: dict[str, dict[str, float]], base: str) -> dict[str, float]:
 
 def table(title: str, res: dict[str, dict[str, float]], base: str, per: str = "run") -> str:
     rat = ratios(res, base)
-    lines = [f"\n### {title}\n", f"| variant | median s / {per} | min | max | time / {base} |", "|---|---|---|---|---|"]
+    lines = [f"\n### {title}\n",
+             f"| variant | median s / {per} | min | max | time / {base} | median of paired ratios |",
+             "|---|---|---|---|---|---|"]
     for n, r in res.items():
-        lines.append(f"| {n} | {r['median_s']:.4f} | {r['min_s']:.4f} | {r['max_s']:.4f} | {rat[n]:.3f} |")
+        pr = paired_ratio(res, n, base)
+        lines.append(f"| {n} | {r['median_s']:.4f} | {r['min_s']:.4f} | {r['max_s']:.4f} | {rat[n]:.3f} | "
+                     f"{'' if pr is None else f'{pr:.3f}'} |")
     return "\n".join(lines)
 
 
@@ -135,11 +151,13 @@ def engine_run(model_name: str, variant: str, iters: int, seed: int = 0, compile
         hp = recipe(iters)
         names = masking.prunable_weights(model)
         callbacks = []
-        if variant == "hard":
+        if variant in ("hard", "hard_every_step"):
             gen = torch.Generator().manual_seed(seed)
             masking.attach_hard_mask(model, Mask({n: torch.rand(p.shape, generator=gen) < 0.2 for n, p in names.items()}))
             optimizers = [make_optimizer(model.parameters(), hp)]
-            callbacks = [EnforceMaskCallback()]  # as every ticket retraining and IMP level runs it
+            # as every ticket retraining and IMP level runs it; "hard_every_step": the re-zeroing pass after
+            # every step that the callback used before it relied on the gradient mask (kept for comparison)
+            callbacks = [EnforceMaskCallback(every_step=True if variant == "hard_every_step" else None)]
         elif variant == "cs":
             cs = CSHparams(rounds=1)
             masking.attach_soft_mask(model, list(names), s0=cs.s0, scale_by_s0=cs.scale_by_s0)
@@ -164,7 +182,8 @@ def engine_run(model_name: str, variant: str, iters: int, seed: int = 0, compile
 def part_overhead(args) -> str:
     out = []
     for model, iters in (("lenet_300_100", args.lenet_iters), ("conv2", args.conv_iters)):
-        res = interleaved({v: engine_run(model, v, iters) for v in ("dense", "hard", "cs")}, args.repeats)
+        res = interleaved({v: engine_run(model, v, iters) for v in ("dense", "hard", "hard_every_step", "cs")},
+                          args.repeats)
         out.append(table(f"Masking overhead: {model}, {iters} training iterations (batch 128)", res, "dense",
                          per=f"{iters} it"))
     return "\n".join(out)
@@ -178,6 +197,12 @@ def part_maskops(args) -> str:
     pruned, values = ~mask, mask.float()
     model = build("lenet_300_100", 0)
     x, y = next(iter(train_loader()))
+    from lottery import masking
+    from lottery.masks import Mask
+
+    hard = build("lenet_300_100", 0)
+    masking.attach_hard_mask(hard, Mask({n: torch.rand(p.shape, generator=g) < 0.2
+                                         for n, p in masking.prunable_weights(hard).items()}))
 
     def step():
         model.zero_grad(set_to_none=True)
@@ -189,6 +214,10 @@ def part_maskops(args) -> str:
         "grad * float mask (new tensor)": lambda: grad * values,
         "grad.mul_(float mask) (in place)": lambda: grad.mul_(values),
         "dense LeNet step (forward + backward, batch 128)": step,
+        # per step of a hard-masked LeNet: the re-zeroing pass the ticket retraining used to run after every
+        # step, against the check that replaced it (EnforceMaskCallback: has a mask changed?)
+        "enforce_masks(hard-masked LeNet): re-zero all 3 layers": lambda: masking.enforce_masks(hard),
+        "hard_mask_version(hard-masked LeNet)": lambda: masking.hard_mask_version(hard),
     }
     calls = 200
 

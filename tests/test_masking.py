@@ -402,6 +402,75 @@ def test_soft_gradients_reach_weights_and_logits():
     assert {id(p) for p in M.prunable_weights(net).values()} <= {id(p) for p in others}
 
 
+def _cs_loss_grads(net, x, y, lam: float, share: bool) -> dict[str, torch.Tensor]:
+    for q in net.parameters():
+        q.grad = None
+    out = net(x)
+    if not share:  # the mask computed afresh for the penalty, as before the sharing existed
+        M._SHARED_MASKS.clear()
+    loss = F.cross_entropy(out, y) + lam * M.soft_mask_penalty(net)
+    loss.backward()
+    return {n: q.grad.clone() for n, q in net.named_parameters()}
+
+
+def test_penalty_shares_the_forward_mask_and_gets_the_same_gradients():
+    net = make_net()
+    M.attach_soft_mask(net, s0=0.1)
+    with torch.no_grad():
+        for s in M.mask_logits(net).values():
+            s.normal_()
+    M.set_temperature(net, 2.5)
+    x, y = batch()
+    net(x)
+    shared = M.soft_mask_values(net)
+    assert all(v is M._SHARED_MASKS[sm][0] for (_, sm), v in zip(M._soft_masks(net), shared.values()))
+    a = _cs_loss_grads(net, x, y, 1e-2, share=True)
+    b = _cs_loss_grads(net, x, y, 1e-2, share=False)
+    assert a.keys() == b.keys()
+    for n in a:
+        assert torch.allclose(a[n], b[n], rtol=1e-5, atol=1e-7), n
+
+
+def test_shared_mask_is_never_stale_or_consumed():
+    net = make_net()
+    M.attach_soft_mask(net, s0=0.0)
+    opt = torch.optim.SGD(M.mask_logits(net).values(), lr=1.0)
+    x, y = batch()
+
+    def fresh_penalty():
+        return sum(torch.sigmoid(sm.beta * sm.logits).sum() / sm.denominator for _, sm in M._soft_masks(net))
+
+    F.cross_entropy(net(x), y).backward()  # backward consumed the forward's graph: not reused
+    assert not M._SHARED_MASKS
+    (M.soft_mask_penalty(net)).backward()  # a fresh graph, no "backward through the graph a second time"
+    net(x)
+    opt.step()  # the logits changed after the forward: the penalty must see the new values
+    assert torch.allclose(M.soft_mask_penalty(net), fresh_penalty())
+    net(x)
+    M.set_temperature(net, 3.0)  # so does a new temperature
+    assert torch.allclose(M.soft_mask_penalty(net), fresh_penalty())
+    with torch.no_grad():
+        M._SHARED_MASKS.clear()
+        net(x)  # evaluation does not leave a graph-less mask for the next training step
+    assert not M._SHARED_MASKS
+    net(x)
+    copy.deepcopy(net)  # the shared mask (a non-leaf tensor) is not on the module
+    # gradient accumulation: forward/backward twice, each with its own penalty
+    for _ in range(2):
+        (F.cross_entropy(net(x), y) + 1e-3 * M.soft_mask_penalty(net)).backward()
+
+
+def test_a_fresh_soft_mask_is_one_for_every_usual_s0():
+    exact = 0
+    for s0 in (0.0, 0.05, -0.02, -0.03, -0.05, -0.1, 0.3, -0.2, 1.0, -2.0):
+        sm = M.SoftMask(torch.full((1000,), s0), s0=s0)
+        m = sm.mask()
+        exact += bool((m == 1).all())
+        assert torch.allclose(m, torch.ones(1000), rtol=2e-7, atol=0), s0
+    assert exact >= 8  # the scale is chosen to make it exact where one unit in the last place allows
+    assert M.SoftMask(torch.zeros(3), s0=0.0).reciprocal == 2.0
+
+
 def test_soft_mask_from_mask_init_keeps_pruned_at_zero():
     net = make_net()
     mask = random_mask(net, density=0.5)

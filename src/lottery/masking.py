@@ -56,12 +56,14 @@ __all__ = [
     "hard_mask_from_logits",
     "has_hard_mask",
     "has_soft_mask",
+    "hard_mask_version",
     "load_masked_state_dict",
     "logical_named_parameters",
     "mask_from_state_dict",
     "mask_logits",
     "non_mask_parameters",
     "prunable_weights",
+    "pruned_weights_are_zero",
     "remove_hard_mask",
     "remove_masks",
     "remove_soft_mask",
@@ -70,6 +72,7 @@ __all__ = [
     "soft_mask_penalty",
     "soft_mask_values",
     "to_plain_state_dict",
+    "zero_pruned_optimizer_state_",
 ]
 
 #: Module types whose ``weight`` is prunable (subclasses included).
@@ -425,6 +428,51 @@ def enforce_masks(model: nn.Module) -> None:
         _install_grad_hook(module, tensor_name)
 
 
+def hard_mask_version(model: nn.Module) -> tuple:
+    """A value that changes whenever a hard mask is attached, replaced, removed or edited in place (it
+    compares equal as long as every mask is the same tensor at the same version). Cheap: no tensor
+    data is read, so a training loop can check it after every step."""
+    out = []
+    for name, module, tensor_name in _masked_modules(model, _HARD_ATTR):
+        buf = module._buffers.get(tensor_name + _MASK_SUFFIX)
+        out.append((name, id(buf), None if buf is None else buf._version))
+    return tuple(out)
+
+
+@torch.no_grad()
+def pruned_weights_are_zero(model: nn.Module) -> bool:
+    """Whether every hard-pruned weight is exactly 0 (one pass over the masked weights)."""
+    for _, module, tensor_name in _masked_modules(model, _HARD_ATTR):
+        p = module._parameters[tensor_name]
+        mask = module._buffers[tensor_name + _MASK_SUFFIX]
+        if bool((p[~mask.to(device=p.device, dtype=torch.bool)] != 0).any()):
+            return False
+    return True
+
+
+@torch.no_grad()
+def zero_pruned_optimizer_state_(model: nn.Module, optimizers: Iterable[torch.optim.Optimizer]) -> None:
+    """Zero, at hard-pruned positions, every per-weight optimizer state tensor of a masked weight
+    (SGD's momentum buffer, Adam's moment estimates, ...).
+
+    Why: with a zero gradient (the gradient hook), a zero weight and zero state there, SGD (momentum,
+    Nesterov, weight decay) and Adam/AdamW compute a zero update at pruned positions, so pruned weights
+    stay exactly 0 without re-zeroing them after each step. State left over from before the mask (a
+    rewound optimizer, a mask that changed while training) would move them. Unpruned positions are
+    untouched, so training of the kept weights is exactly the same.
+    """
+    optimizers = list(optimizers)
+    for _, module, tensor_name in _masked_modules(model, _HARD_ATTR):
+        p = module._parameters[tensor_name]
+        for opt in optimizers:
+            state = opt.state.get(p)
+            if not state:
+                continue
+            for value in state.values():
+                if torch.is_tensor(value) and value.shape == p.shape and value.is_floating_point():
+                    value.mul_(_float_mask(module, tensor_name + _MASK_SUFFIX, value))
+
+
 def remove_hard_mask(model: nn.Module) -> Mask:
     """Remove all hard masks (weights stay zero where pruned); returns the removed mask."""
     out = {}
@@ -447,6 +495,34 @@ def remove_hard_mask(model: nn.Module) -> Mask:
 # ============================================================================ soft masks (CS)
 
 
+# SoftMask -> (the mask tensor of its last forward under autograd, (logits version, beta version)).
+# Why: a CS step needs m = sigmoid(beta * s) / sigmoid(s0) twice, in the forward pass and in the penalty
+# lam * sum(m); computing it once and backpropagating through one graph saves a third of CS's per-weight
+# work (benchmarks/speed.py). The entry is valid while the logits and beta are unchanged (an optimizer
+# step, set_temperature or load_state_dict bump their versions) and until the gradient has flowed
+# through it (its graph is then freed). Kept outside the module so that deepcopy never meets a non-leaf
+# tensor.
+_SHARED_MASKS: "weakref.WeakKeyDictionary[nn.Module, tuple[torch.Tensor, tuple[int, int]]]" = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _reciprocal_scale(s0: float, dtype: torch.dtype) -> float:
+    """The factor r that scales ``sigmoid(s)`` to ``sigmoid(s) / sigmoid(s0)``: 1/sigmoid(s0), nudged by
+    one unit in the last place where that makes ``sigmoid(s0) * r == 1`` exactly in ``dtype``. Why a
+    factor: dividing is about twice as slow as multiplying on CPU; why the nudge: m == 1 exactly where
+    beta * s == s0, so a fresh soft mask leaves the dense network exactly as it was."""
+    exact = 1.0 / (1.0 + math.exp(-s0))
+    if not dtype.is_floating_point:
+        return 1.0 / exact
+    y = torch.sigmoid(torch.full((67,), s0, dtype=dtype))  # vectorised and scalar-tail paths
+    r = torch.tensor(1.0, dtype=dtype) / y[0]
+    for candidate in (r, torch.nextafter(r, r + 1), torch.nextafter(r, r - 1)):
+        if bool(((y * float(candidate)) == 1).all()):
+            return float(candidate)
+    return 1.0 / exact
+
+
 class SoftMask(nn.Module):
     """Parametrisation ``w -> w * sigmoid(beta * s) / sigmoid(s0)`` with trainable logits ``s``."""
 
@@ -458,20 +534,49 @@ class SoftMask(nn.Module):
         )
         self.s0 = float(s0)
         self.scale_by_s0 = bool(scale_by_s0)
-        # division (not multiplication by the reciprocal) so that m == 1 exactly when beta*s == s0 == 0
         self.denominator = 1.0 / (1.0 + math.exp(-self.s0)) if self.scale_by_s0 else 1.0
+        self._reciprocals: dict[torch.dtype, float] = {}  # per dtype: the model may be cast later
+
+    @property
+    def reciprocal(self) -> float:
+        """The factor applied to ``sigmoid(beta * s)`` (1 without the scale; see _reciprocal_scale)."""
+        if not self.scale_by_s0:
+            return 1.0
+        dtype = self.logits.dtype
+        r = self._reciprocals.get(dtype)
+        if r is None:
+            r = self._reciprocals[dtype] = _reciprocal_scale(self.s0, dtype)
+        return r
 
     def mask(self) -> torch.Tensor:
         m = torch.sigmoid(self.beta * self.logits)
-        if self.scale_by_s0:
-            m = m / self.denominator
-        return m
+        return m * self.reciprocal if self.scale_by_s0 else m
+
+    def shared_mask(self) -> torch.Tensor:
+        """:meth:`mask`, the very tensor of the last forward pass when it is still valid (see
+        ``_SHARED_MASKS``), so that the penalty and the forward pass share one graph."""
+        hit = _SHARED_MASKS.get(self)
+        if hit is not None and torch.is_grad_enabled() and hit[1] == (self.logits._version, self.beta._version):
+            return hit[0]
+        return self.mask()
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight * self.mask()
+        m = self.mask()
+        if m.requires_grad and not torch.compiler.is_compiling():
+            _SHARED_MASKS[self] = (m, (self.logits._version, self.beta._version))
+            ref = weakref.ref(self)
+            m.register_hook(lambda grad, ref=ref: _forget_shared(ref))
+        return weight * m
 
     def extra_repr(self) -> str:
         return f"shape={tuple(self.logits.shape)}, s0={self.s0}, scale_by_s0={self.scale_by_s0}"
+
+
+def _forget_shared(ref: "weakref.ref[SoftMask]") -> None:
+    """Gradient hook of a shared mask: the backward pass consumed its graph, so it cannot be reused."""
+    module = ref()
+    if module is not None:
+        _SHARED_MASKS.pop(module, None)
 
 
 def _soft_state_dict_post_hook(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
@@ -666,7 +771,7 @@ def non_mask_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 def soft_mask_values(model: nn.Module) -> dict[str, torch.Tensor]:
     """The current soft masks ``m`` by weight name (differentiable w.r.t. the logits)."""
-    return {name: sm.mask() for name, sm in _soft_masks(model)}
+    return {name: sm.shared_mask() for name, sm in _soft_masks(model)}
 
 
 def soft_mask_penalty(model: nn.Module, normalize: bool = False) -> torch.Tensor:

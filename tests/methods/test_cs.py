@@ -494,6 +494,163 @@ def test_ticket_training_keeps_pruned_weights_zero_at_every_step(tiny_data, opti
         assert torch.all(model.state_dict()[n][~m] == 0)
 
 
+def _mask_for(model, seed: int = 14, keep: float = 0.4) -> Mask:
+    g = torch.Generator().manual_seed(seed)
+    return Mask({n: torch.rand(p.shape, generator=g) < keep for n, p in masking.prunable_weights(model).items()})
+
+
+class CountEnforce(Callback):
+    """Counts calls of masking.enforce_masks (the per-step re-zeroing pass) while training."""
+
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        original = masking.enforce_masks
+
+        def counting(model):
+            self.calls += 1
+            original(model)
+
+        monkeypatch.setattr(masking, "enforce_masks", counting)
+
+
+def _stale_state(model, mask: Mask, optimizer: str, hp: TrainingHparams):
+    """An optimizer with non-zero state at pruned positions, as after rewinding to a dense step k."""
+    from lottery.engine import make_optimizer
+
+    opt = make_optimizer(model.parameters(), hp) if optimizer != "adamw" else torch.optim.AdamW(
+        model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()  # fills momentum / moments with random values everywhere
+    opt.zero_grad(set_to_none=True)
+    masking.attach_hard_mask(model, mask)  # re-zeroes the weights, not the optimizer's state
+    return opt
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
+def test_gradient_mask_path_keeps_pruned_weights_zero_without_per_step_rezeroing(tiny_data, optimizer, monkeypatch):
+    train, test = tiny_data
+    model = tiny_mlp()
+    mask = _mask_for(model)
+    hp = TrainingHparams(training_steps="3ep", optimizer="adam" if optimizer == "adamw" else optimizer, lr=0.05,
+                         momentum=0.9, nesterov=optimizer == "sgd", weight_decay=1e-3)
+    opt = _stale_state(model, mask, optimizer, hp)
+    counter = CountEnforce(monkeypatch)
+    check = PrunedAreZero(mask)
+    enforce = EnforceMaskCallback()
+    trainer = Trainer(model, train, hp, optimizers=[opt], eval_loaders={"test": test},
+                      callbacks=[enforce, check], progress=False, log=_noop)
+    trainer.fit()
+    assert check.checked == 3 * len(train) + 1  # every step, right after the optimizer step
+    assert not enforce._per_step
+    assert counter.calls == 1  # at the start only: no re-zeroing pass per step
+
+
+def test_gradient_mask_path_trains_the_kept_weights_exactly_as_per_step_rezeroing(tiny_data):
+    train, test = tiny_data
+    finals = []
+    for every_step in (True, None):
+        model = tiny_mlp()
+        mask = _mask_for(model)
+        hp = TrainingHparams(training_steps="2ep", lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3)
+        opt = _stale_state(model, mask, "sgd", hp)
+        torch.manual_seed(3)
+        Trainer(model, train, hp, optimizers=[opt], callbacks=[EnforceMaskCallback(every_step=every_step)],
+                progress=False, log=_noop).fit()
+        finals.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    for k in finals[0]:
+        assert torch.equal(finals[0][k], finals[1][k]), k
+
+
+class _PruneMoreAt(Callback):
+    """Replaces the mask by a sparser one at one iteration (as GMP's pruning events do)."""
+
+    def __init__(self, iteration: int, mask: Mask):
+        self.iteration, self.mask = iteration, mask
+
+    def on_step_start(self, trainer):
+        if trainer.iteration == self.iteration:
+            masking.attach_hard_mask(trainer.model, self.mask)
+
+
+def test_a_mask_changed_during_training_is_enforced_at_once(tiny_data):
+    train, _ = tiny_data
+    model = tiny_mlp()
+    first = _mask_for(model, keep=0.8)
+    second = Mask({n: m & _mask_for(model, seed=5, keep=0.5)[n] for n, m in first.items()})
+    masking.attach_hard_mask(model, first)
+    hp = TrainingHparams(training_steps="2ep", lr=0.05, momentum=0.9)
+
+    class ZeroUnderCurrentMask(Callback):
+        checked = 0
+
+        def on_step_end(self, trainer):
+            now = second if trainer.iteration > 4 else first
+            params = masking.logical_named_parameters(trainer.model)
+            for n, m in now.items():
+                assert torch.all(params[n].detach()[~m] == 0), (n, trainer.iteration)
+            ZeroUnderCurrentMask.checked += 1
+
+    enforce = EnforceMaskCallback()
+    trainer = Trainer(model, train, hp, callbacks=[_PruneMoreAt(4, second), enforce, ZeroUnderCurrentMask()],
+                      progress=False, log=_noop)
+    trainer.fit()
+    assert ZeroUnderCurrentMask.checked == 2 * len(train)
+    assert not enforce._per_step
+    # the momentum at the newly pruned positions was cleared too, which is what keeps them at 0
+    params = masking.logical_named_parameters(model)
+    for n, m in second.items():
+        buf = trainer.optimizers[0].state[params[n]]["momentum_buffer"]
+        assert torch.all(buf[~m] == 0) and buf[m].abs().sum() > 0
+
+
+class _NoisySGD(torch.optim.SGD):
+    """An optimizer the callback does not know: it moves every weight, pruned or not."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        super().step(closure)
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.add_(1e-3)
+
+
+def test_unknown_optimizers_get_per_step_rezeroing(tiny_data):
+    train, _ = tiny_data
+    model = tiny_mlp()
+    mask = _mask_for(model)
+    masking.attach_hard_mask(model, mask)
+    hp = TrainingHparams(training_steps="1ep", lr=0.05)
+    check = PrunedAreZero(mask)
+    enforce = EnforceMaskCallback()
+    Trainer(model, train, hp, optimizers=[_NoisySGD(model.parameters(), lr=0.05)], callbacks=[enforce, check],
+            progress=False, log=_noop).fit()
+    assert enforce._per_step
+    assert check.checked == len(train) + 1
+
+
+def test_pruned_weights_moved_behind_the_callbacks_back_are_caught_at_the_epoch_end(tiny_data):
+    train, _ = tiny_data
+    model = tiny_mlp()
+    mask = _mask_for(model)
+    masking.attach_hard_mask(model, mask)
+
+    class Vandal(Callback):
+        def on_step_end(self, trainer):
+            if trainer.iteration == 2:
+                with torch.no_grad():
+                    for p in masking.prunable_weights(trainer.model).values():
+                        p.add_(1.0)
+
+    enforce = EnforceMaskCallback()
+    hp = TrainingHparams(training_steps="2ep", lr=0.05)
+    with pytest.warns(RuntimeWarning, match="pruned weights became non-zero"):
+        Trainer(model, train, hp, callbacks=[Vandal(), enforce], progress=False, log=_noop).fit()
+    assert enforce._per_step
+    assert masking.pruned_weights_are_zero(model)
+    assert masking.current_mask(model) == mask
+
+
 # -- 8. the rewind snapshot ---------------------------------------------------------------------------
 class StateAt(Callback):
     def __init__(self):
