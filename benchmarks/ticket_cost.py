@@ -1,0 +1,134 @@
+"""What tickets cost: training epochs that CS (independent runs, one per ticket, parallelisable) and IMP
+(one sequential run, a ticket per level) spend to produce tickets down to a given density, on
+LeNet-300-100 / Fashion-MNIST. Trains nothing: it reads the finished run folders of
+benchmarks/cs_lenet_fashion.py and benchmarks/imp_lenet_fashion.py and counts the epochs their
+results.json record (every training epoch of a run: CS search rounds and ticket retraining; IMP's
+dense training and every level's retraining).
+
+The CS paper's comparison (METHODS.md): K = 5 CS tickets at different sparsities, searched in parallel,
+for 425 epochs against IMP's 2550 sequential epochs on CIFAR-10 (6x). Here:
+
+* per CS setting (s0): the density reached, epochs per ticket, and the IMP level that first reaches the
+  same density, with the epochs IMP spent until then (measured where IMP's runs went that far,
+  otherwise marked as extrapolated at IMP's epochs per level);
+* K CS tickets (every CS setting with all seeds): total epochs (the work) and the epochs of the longest
+  one (the wall-clock length with K workers), against the IMP run that reaches the sparsest of them.
+
+    python benchmarks/ticket_cost.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import machine  # noqa: E402
+
+
+def _read(pattern: str, root: Path) -> list[dict]:
+    out = []
+    for path in sorted(root.glob(pattern)) if root.is_dir() else []:
+        try:
+            out.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def cs_settings(cs_out: Path, seeds: list[int]) -> list[dict]:
+    """One row per CS setting (s0, lam) finished for every seed: mean density, epochs per ticket."""
+    runs = [r for r in _read("search-cs_*/results.json", cs_out) if r.get("seed") in seeds and r.get("mode") == "ticket"]
+    rows = []
+    for key in sorted({(r["s0"], r["lam"]) for r in runs}, key=lambda k: -k[0]):
+        rs = [r for r in runs if (r["s0"], r["lam"]) == key]
+        if sorted(r["seed"] for r in rs) != sorted(seeds):
+            continue
+        rows.append({"s0": key[0], "lam": key[1], "density": statistics.mean(r["density"] for r in rs),
+                     "epochs": statistics.mean(r["epochs"] for r in rs),
+                     "test_accuracy": statistics.mean(r["test_accuracy"] for r in rs)})
+    return rows
+
+
+def imp_levels(imp_out: Path, seeds: list[int], method: str, rewind: str) -> list[dict]:
+    """Per IMP level (all seeds finished): density and the epochs the run spent up to and including it."""
+    runs = [r for r in _read("search-imp*/results.json", imp_out)
+            if r.get("method") == method and r.get("rewind") == rewind and r.get("seed") in seeds]
+    by_level: dict[int, list[dict]] = {}
+    for r in runs:
+        for lv in r.get("levels", []):
+            by_level.setdefault(lv["level"], []).append(lv)
+    out = []
+    for level in sorted(by_level):
+        lvs = by_level[level]
+        if len(lvs) != len(seeds):
+            continue
+        out.append({"level": level, "density": statistics.mean(lv["density"] for lv in lvs),
+                    "epochs": statistics.mean(lv["epochs"] for lv in lvs)})
+    return out
+
+
+def imp_epochs_to(density: float, levels: list[dict], rate: float) -> tuple[int, float, bool]:
+    """(level, epochs, measured?) of the first IMP level at or below ``density``; past the last measured
+    level, extrapolated at the run's last epochs per level (flagged)."""
+    for lv in levels:
+        if lv["density"] <= density * (1 + 1e-9):
+            return lv["level"], lv["epochs"], True
+    last = levels[-1]
+    per_level = (last["epochs"] - levels[0]["epochs"]) / max(last["level"], 1)
+    level = math.ceil(math.log(density) / math.log(1 - rate) - 1e-9)
+    return level, last["epochs"] + per_level * (level - last["level"]), False
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cs-out", default="benchmarks/out/cs_lenet_fashion")
+    ap.add_argument("--imp-out", default="benchmarks/out/imp_lenet_fashion")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--imp-rate", type=float, default=0.2, help="IMP's pruning rate per level (for extrapolation)")
+    args = ap.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    cs = cs_settings(Path(args.cs_out), seeds)
+    imps = {name: imp_levels(Path(args.imp_out), seeds, method, rewind)
+            for name, method, rewind in (("IMP k=0", "imp", "0it"), ("IMP-R k=1ep", "imp", "1ep"))}
+    if not cs or not all(imps.values()):
+        sys.exit("no finished CS or IMP runs with all seeds under --cs-out / --imp-out: run the CS and IMP benchmarks first")
+    print(f"machine: {machine()}\n")
+    print(f"seeds {','.join(map(str, seeds))}; epochs are means over seeds (they do not vary); "
+          "'*' = IMP did not go that far: extrapolated at its epochs per level\n")
+    names = list(imps)
+    print("| CS setting | CS ticket density | CS epochs | " + " | ".join(f"{n}: level reaching it | {n}: epochs" for n in names)
+          + " | IMP epochs / CS epochs |")
+    print("|---|---|---|" + "---|---|" * len(names) + "---|")
+    for row in cs:
+        cells = []
+        ratios = []
+        for n in names:
+            level, epochs, measured = imp_epochs_to(row["density"], imps[n], args.imp_rate)
+            mark = "" if measured else "*"
+            cells += [f"{level}{mark}", f"{epochs:.0f}{mark}"]
+            ratios.append(f"{epochs / row['epochs']:.1f}{mark}")
+        print(f"| s0={row['s0']:g} lam={row['lam']:g} | {row['density']:.4f} | {row['epochs']:.0f} | " + " | ".join(cells)
+              + f" | {' / '.join(ratios)} |")
+    k = len(cs)
+    sparsest = min(r["density"] for r in cs)
+    total = sum(r["epochs"] for r in cs)
+    longest = max(r["epochs"] for r in cs)
+    densities = ", ".join(f"{r['density']:.3f}" for r in cs)
+    print(f"\nK = {k} CS tickets (densities {densities}):\n")
+    print("| method | epochs, all K tickets (work) | epochs of the longest run (wall with K workers) | sparsest density |")
+    print("|---|---|---|---|")
+    print(f"| CS, {k} independent runs | {total:.0f} | {longest:.0f} | {sparsest:.4f} |")
+    for n in names:
+        level, epochs, measured = imp_epochs_to(sparsest, imps[n], args.imp_rate)
+        mark = "" if measured else " (extrapolated)"
+        print(f"| {n}, one run to level {level} | {epochs:.0f}{mark} | {epochs:.0f}{mark} (sequential) | "
+              f"{(1 - args.imp_rate) ** level:.4f} |")
+
+
+if __name__ == "__main__":
+    main()
