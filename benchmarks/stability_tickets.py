@@ -1,0 +1,103 @@
+"""Stability of CS and IMP tickets at comparable density (LeNet-300-100 / Fashion-MNIST, fashion_lenet
+recipe): for each rewind point k, two copies of the sparse network start from the dense run's state at
+k times the ticket's mask and train to the end with different data orders; the test-error barrier on the
+line between them is the instability, and their L2 distance to the trained dense network the distance
+(Frankle et al., linear mode connectivity). The masks come from the finished runs of the CS and IMP
+benchmarks (no search here): CS ``s0 = 0`` (16.3 % density) and IMP-R (k = 1ep) level 8 (16.8 %), per seed.
+
+    python benchmarks/stability_tickets.py --seeds 0,1,2 --workers 2
+    python benchmarks/stability_tickets.py --report-only
+
+The dense network's own instability at the same k is in the IMP benchmark (benchmarks/imp_lenet_fashion.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import machine, mean_std, run_parallel  # noqa: E402
+
+POINTS = ("0it", "1ep")
+
+
+def _results(root: Path, pattern: str) -> list[tuple[Path, dict]]:
+    out = []
+    for path in sorted(root.glob(pattern)) if root.is_dir() else []:
+        try:
+            out.append((path.parent, json.loads(path.read_text())))
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def find_masks(cs_out: Path, imp_out: Path, seed: int, cs_s0: float, imp_level: int) -> dict[str, Path]:
+    """{ticket name: mask file} of one seed, from the finished CS and IMP-R runs."""
+    masks = {}
+    for folder, r in _results(cs_out, "search-cs_*/results.json"):
+        if r.get("seed") == seed and r.get("s0") == cs_s0 and r.get("mode") == "ticket":
+            masks["CS"] = folder / "mask.safetensors"
+    for folder, r in _results(imp_out, "search-imp_*/results.json"):
+        if r.get("seed") == seed and r.get("method") == "imp" and r.get("rewind") == "1ep":
+            path = folder / f"level_{imp_level}" / "mask.safetensors"
+            if path.exists():
+                masks["IMP-R"] = path
+    return masks
+
+
+def stability_job(mask: str, seed: int, out: str):
+    from lottery.experiment import RunOptions
+    from lottery.methods.stability import StabilityHparams
+    from lottery.pipelines.imp import StabilityJob, run_stability
+    from lottery.presets import get_preset
+
+    p = get_preset("fashion_lenet")
+    hp = StabilityHparams(rewind_points=POINTS, copy_seeds=(101 + seed, 201 + seed), mask=mask)
+    return run_stability(StabilityJob(p.data, p.model, p.training, hp, seed=seed), RunOptions(out=out, progress=False))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--out", default="benchmarks/out/stability_tickets")
+    ap.add_argument("--cs-out", default="benchmarks/out/cs_lenet_fashion")
+    ap.add_argument("--imp-out", default="benchmarks/out/imp_lenet_fashion")
+    ap.add_argument("--cs-s0", type=float, default=0.0)
+    ap.add_argument("--imp-level", type=int, default=8)
+    ap.add_argument("--report-only", action="store_true")
+    args = ap.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    jobs, names = [], {}
+    for seed in seeds:
+        masks = find_masks(Path(args.cs_out), Path(args.imp_out), seed, args.cs_s0, args.imp_level)
+        if set(masks) != {"CS", "IMP-R"}:
+            sys.exit(f"seed {seed}: missing finished runs for {sorted({'CS', 'IMP-R'} - set(masks))} under "
+                     f"--cs-out / --imp-out; run benchmarks/cs_lenet_fashion.py and imp_lenet_fashion.py first")
+        for name, path in masks.items():
+            jobs.append((str(path), seed, args.out))
+            names[str(path)] = name
+    results = [] if args.report_only else run_parallel(stability_job, jobs, args.workers)
+    if args.report_only:
+        for folder, r in _results(Path(args.out), "stability_*/results.json"):
+            results.append(r)
+    print(f"machine: {machine()}\n")
+    print("| ticket | density | k | instability % (mean ± std) | L2 distance to dense (mean ± std) | seeds |")
+    print("|---|---|---|---|---|---|")
+    for name in ("CS", "IMP-R"):
+        runs = [r for r in results if r and names.get(str(r.get("mask"))) == name]
+        for k in POINTS:
+            rows = [p for r in runs for p in r.get("rows", []) if p.get("rewind") == k]
+            if not rows:
+                continue
+            i, isd = mean_std([p["instability"] for p in rows])
+            d, dsd = mean_std([p["l2_to_dense"] for p in rows])
+            dens, _ = mean_std([p.get("density", float("nan")) for p in rows])
+            print(f"| {name} | {dens:.4f} | {k} | {100 * i:.2f} ± {100 * isd:.2f} | {d:.3f} ± {dsd:.3f} | {len(rows)} |")
+
+
+if __name__ == "__main__":
+    main()
