@@ -204,6 +204,30 @@ def test_attach_again_replaces_mask_without_stacking_hooks():
         assert bool((p.grad[~m2[name]] == 0).all())
 
 
+def test_hard_mask_version_sees_every_mask_change():
+    net = make_net()
+    names = list(M.prunable_weights(net))
+    seen = set()
+    for i in range(20):  # remove + attach: the new buffer often reuses the freed one's id
+        g = torch.Generator().manual_seed(i)
+        M.remove_hard_mask(net)
+        M.attach_hard_mask(net, Mask({n: torch.rand(M.prunable_weights(net)[n].shape, generator=g) < 0.5 for n in names}))
+        v = M.hard_mask_version(net)
+        assert v not in seen, i
+        seen.add(v)
+    v = M.hard_mask_version(net)
+    net.load_state_dict(net.state_dict())
+    assert M.hard_mask_version(net) != v  # a load may bring another mask
+    v = M.hard_mask_version(net)
+    w = M.prunable_weights(net)[names[0]]
+    w.requires_grad_(False)
+    M.enforce_masks(net)  # frozen: no gradient hook
+    v_frozen = M.hard_mask_version(net)
+    assert v_frozen != v
+    w.requires_grad_(True)  # unfrozen: the gradient hook is missing until enforce_masks
+    assert M.hard_mask_version(net) != v_frozen
+
+
 def test_enforce_masks_rezeroes_in_place():
     net = make_net()
     mask = random_mask(net)
@@ -402,18 +426,21 @@ def test_soft_gradients_reach_weights_and_logits():
     assert {id(p) for p in M.prunable_weights(net).values()} <= {id(p) for p in others}
 
 
+def _cached(net) -> list:
+    """The forward-pass masks this model's soft masks have cached for reuse."""
+    return [M._SHARED_MASKS[sm] for _, sm in M._soft_masks(net) if sm in M._SHARED_MASKS]
+
+
 def _cs_loss_grads(net, x, y, lam: float, share: bool) -> dict[str, torch.Tensor]:
     for q in net.parameters():
         q.grad = None
     out = net(x)
-    if not share:  # the mask computed afresh for the penalty, as before the sharing existed
-        M._SHARED_MASKS.clear()
-    loss = F.cross_entropy(out, y) + lam * M.soft_mask_penalty(net)
+    loss = F.cross_entropy(out, y) + lam * M.soft_mask_penalty(net, reuse_forward=share)
     loss.backward()
     return {n: q.grad.clone() for n, q in net.named_parameters()}
 
 
-def test_penalty_shares_the_forward_mask_and_gets_the_same_gradients():
+def test_penalty_reusing_the_forward_mask_gets_the_same_gradients():
     net = make_net()
     M.attach_soft_mask(net, s0=0.1)
     with torch.no_grad():
@@ -422,8 +449,11 @@ def test_penalty_shares_the_forward_mask_and_gets_the_same_gradients():
     M.set_temperature(net, 2.5)
     x, y = batch()
     net(x)
-    shared = M.soft_mask_values(net)
-    assert all(v is M._SHARED_MASKS[sm][0] for (_, sm), v in zip(M._soft_masks(net), shared.values()))
+    cached = [M._SHARED_MASKS[sm][0] for _, sm in M._soft_masks(net)]
+    assert all(v is c for v, c in zip(M.soft_mask_values(net, reuse_forward=True).values(), cached))
+    assert not _cached(net)  # used once
+    net(x)
+    assert all(v is not c for v, c in zip(M.soft_mask_values(net).values(), cached))  # default: fresh
     a = _cs_loss_grads(net, x, y, 1e-2, share=True)
     b = _cs_loss_grads(net, x, y, 1e-2, share=False)
     assert a.keys() == b.keys()
@@ -431,33 +461,53 @@ def test_penalty_shares_the_forward_mask_and_gets_the_same_gradients():
         assert torch.allclose(a[n], b[n], rtol=1e-5, atol=1e-7), n
 
 
-def test_shared_mask_is_never_stale_or_consumed():
+def test_a_penalty_backpropagated_on_its_own_first_still_works():
+    net = make_net()
+    M.attach_soft_mask(net, s0=0.0)
+    x, y = batch()
+    out = net(x)
+    pen = M.soft_mask_penalty(net)  # the default: a graph of its own
+    pen.backward()
+    F.cross_entropy(out, y).backward()
+    out = net(x)
+    torch.autograd.grad(M.soft_mask_penalty(net), list(M.mask_logits(net).values()))
+    F.cross_entropy(out, y).backward()
+
+
+def test_a_reused_forward_mask_is_never_stale_or_consumed():
     net = make_net()
     M.attach_soft_mask(net, s0=0.0)
     opt = torch.optim.SGD(M.mask_logits(net).values(), lr=1.0)
     x, y = batch()
 
     def fresh_penalty():
-        return sum(torch.sigmoid(sm.beta * sm.logits).sum() / sm.denominator for _, sm in M._soft_masks(net))
+        return sum((torch.sigmoid(sm.beta * sm.logits) * sm.reciprocal).sum() for _, sm in M._soft_masks(net))
+
+    def reused():
+        return M.soft_mask_penalty(net, reuse_forward=True)
 
     F.cross_entropy(net(x), y).backward()  # backward consumed the forward's graph: not reused
-    assert not M._SHARED_MASKS
-    (M.soft_mask_penalty(net)).backward()  # a fresh graph, no "backward through the graph a second time"
+    assert not _cached(net)
+    reused().backward()  # a fresh graph, no "backward through the graph a second time"
     net(x)
     opt.step()  # the logits changed after the forward: the penalty must see the new values
-    assert torch.allclose(M.soft_mask_penalty(net), fresh_penalty())
+    assert torch.allclose(reused(), fresh_penalty())
     net(x)
     M.set_temperature(net, 3.0)  # so does a new temperature
-    assert torch.allclose(M.soft_mask_penalty(net), fresh_penalty())
+    assert torch.allclose(reused(), fresh_penalty())
     with torch.no_grad():
-        M._SHARED_MASKS.clear()
         net(x)  # evaluation does not leave a graph-less mask for the next training step
-    assert not M._SHARED_MASKS
+    assert not _cached(net)
+    net(x)
+    net.double()  # new storage and dtype for the logits: not the forward pass's mask
+    pen = reused()
+    assert pen.dtype == torch.float64 and torch.allclose(pen, fresh_penalty())
+    net.float()
     net(x)
     copy.deepcopy(net)  # the shared mask (a non-leaf tensor) is not on the module
     # gradient accumulation: forward/backward twice, each with its own penalty
     for _ in range(2):
-        (F.cross_entropy(net(x), y) + 1e-3 * M.soft_mask_penalty(net)).backward()
+        (F.cross_entropy(net(x), y) + 1e-3 * reused()).backward()
 
 
 def test_a_fresh_soft_mask_is_one_for_every_usual_s0():

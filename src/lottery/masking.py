@@ -29,6 +29,7 @@ Parameter names are always the *logical* ones, i.e. the ``state_dict`` keys of t
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import weakref
@@ -80,6 +81,7 @@ PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, 
 
 _HARD_ATTR = "_lottery_hard_masks"  # tuple of tensor names with a hard mask on this module
 _HARD_LOAD_HANDLE = "_lottery_hard_load_handle"
+_HARD_STAMPS = "_lottery_hard_stamps"  # {tensor name: stamp}, a new stamp at every attach and load
 _SOFT_ATTR = "_lottery_soft_masks"  # tuple of tensor names with a soft mask on this module
 _SOFT_HANDLES = "_lottery_soft_handles"
 _PARAM_ORDER = "_lottery_param_order"  # the module's parameter order before a soft mask was attached
@@ -247,6 +249,15 @@ def _masked_modules(model: nn.Module, attr: str) -> Iterable[tuple[str, nn.Modul
 # deepcopy of the model never see it.
 _FLOAT_MASKS: "weakref.WeakKeyDictionary[nn.Module, dict[str, tuple]]" = weakref.WeakKeyDictionary()
 
+# Stamps for hard_mask_version: a fresh number whenever a mask is attached or loaded. Why not id() of the
+# buffer: a buffer freed by remove_hard_mask and the next one allocated often share an id (and both are
+# at _version 0), which would hide a changed mask.
+_STAMP_COUNTER = itertools.count(1)
+
+
+def _stamp(module: nn.Module, tensor_name: str) -> None:
+    module.__dict__.setdefault(_HARD_STAMPS, {})[tensor_name] = next(_STAMP_COUNTER)
+
 
 def _float_mask(module: nn.Module, buffer_name: str, like: torch.Tensor) -> torch.Tensor | None:
     """The module's bool mask buffer as 0/1 in ``like``'s dtype and device (cached; see above)."""
@@ -361,6 +372,7 @@ def _hard_after_load(module: nn.Module, incompatible_keys: Any) -> None:
     """load_state_dict post-hook: re-zero pruned weights with the loaded mask and re-install the gradient
     hooks (``load_state_dict(assign=True)`` replaces the parameter objects)."""
     for tensor_name in module.__dict__.get(_HARD_ATTR, ()):
+        _stamp(module, tensor_name)
         _zero_pruned(module, tensor_name)
         _install_grad_hook(module, tensor_name)
 
@@ -407,6 +419,7 @@ def attach_hard_mask(model: nn.Module, mask: Mask | Mapping[str, torch.Tensor]) 
     for module, tensor_name, m in targets:
         p = module._parameters[tensor_name]
         module.register_buffer(tensor_name + _MASK_SUFFIX, m.to(device=p.device, dtype=torch.bool).clone())
+        _stamp(module, tensor_name)
         if not has_hard_mask(module, tensor_name):
             module.__dict__[_HARD_ATTR] = tuple(module.__dict__.get(_HARD_ATTR, ())) + (tensor_name,)
         if _HARD_LOAD_HANDLE not in module.__dict__:
@@ -429,13 +442,17 @@ def enforce_masks(model: nn.Module) -> None:
 
 
 def hard_mask_version(model: nn.Module) -> tuple:
-    """A value that changes whenever a hard mask is attached, replaced, removed or edited in place (it
-    compares equal as long as every mask is the same tensor at the same version). Cheap: no tensor
-    data is read, so a training loop can check it after every step."""
+    """A value that changes whenever a hard mask is attached, replaced, removed, loaded or edited in place
+    (through the tensor, not ``.data``), or a masked weight's gradient hook or ``requires_grad`` changes,
+    so that a training loop can tell cheaply, after every step, whether pruned weights could have moved
+    (no tensor data is read)."""
     out = []
     for name, module, tensor_name in _masked_modules(model, _HARD_ATTR):
         buf = module._buffers.get(tensor_name + _MASK_SUFFIX)
-        out.append((name, id(buf), None if buf is None else buf._version))
+        p = module._parameters.get(tensor_name)
+        out.append((name, module.__dict__.get(_HARD_STAMPS, {}).get(tensor_name), id(buf),
+                    None if buf is None else buf._version,
+                    None if p is None else (p.requires_grad, _hook_entry(p) is not None)))
     return tuple(out)
 
 
@@ -481,6 +498,10 @@ def remove_hard_mask(model: nn.Module) -> Mask:
         out[name] = module._buffers[tensor_name + _MASK_SUFFIX].detach().cpu().clone()
         _remove_grad_hook(module._parameters.get(tensor_name))
         del module._buffers[tensor_name + _MASK_SUFFIX]
+        stamps = module.__dict__.get(_HARD_STAMPS, {})
+        stamps.pop(tensor_name, None)
+        if not stamps:
+            module.__dict__.pop(_HARD_STAMPS, None)
         remaining = tuple(t for t in module.__dict__[_HARD_ATTR] if t != tensor_name)
         if remaining:
             module.__dict__[_HARD_ATTR] = remaining
@@ -495,16 +516,20 @@ def remove_hard_mask(model: nn.Module) -> Mask:
 # ============================================================================ soft masks (CS)
 
 
-# SoftMask -> (the mask tensor of its last forward under autograd, (logits version, beta version)).
-# Why: a CS step needs m = sigmoid(beta * s) / sigmoid(s0) twice, in the forward pass and in the penalty
-# lam * sum(m); computing it once and backpropagating through one graph saves a third of CS's per-weight
-# work (benchmarks/speed.py). The entry is valid while the logits and beta are unchanged (an optimizer
-# step, set_temperature or load_state_dict bump their versions) and until the gradient has flowed
-# through it (its graph is then freed). Kept outside the module so that deepcopy never meets a non-leaf
-# tensor.
-_SHARED_MASKS: "weakref.WeakKeyDictionary[nn.Module, tuple[torch.Tensor, tuple[int, int]]]" = (
-    weakref.WeakKeyDictionary()
-)
+# SoftMask -> (the mask tensor of its last forward pass under autograd, a fingerprint of the logits and
+# beta it was computed from). Why: a CS step needs m = sigmoid(beta * s) / sigmoid(s0) twice, in the
+# forward pass and in the penalty lam * sum(m); computing it once and backpropagating through one graph
+# saves a third of CS's per-weight work (benchmarks/speed.py). Only callers that opt in reuse it
+# (``soft_mask_values(model, reuse_forward=True)``, as the trainer's CS penalty does right after the
+# forward pass): a penalty backpropagated on its own before the task loss needs a graph of its own. An
+# entry is used once, only while the logits and beta are the same tensors, storage, dtype, device and
+# version as in the forward pass, and is dropped once a backward pass has gone through it. Kept outside
+# the module so that deepcopy never meets a non-leaf tensor.
+_SHARED_MASKS: "weakref.WeakKeyDictionary[nn.Module, tuple[torch.Tensor, tuple]]" = weakref.WeakKeyDictionary()
+
+
+def _fingerprint(t: torch.Tensor) -> tuple:
+    return (id(t), t.data_ptr(), t.dtype, t.device, t._version)
 
 
 def _reciprocal_scale(s0: float, dtype: torch.dtype) -> float:
@@ -553,17 +578,18 @@ class SoftMask(nn.Module):
         return m * self.reciprocal if self.scale_by_s0 else m
 
     def shared_mask(self) -> torch.Tensor:
-        """:meth:`mask`, the very tensor of the last forward pass when it is still valid (see
-        ``_SHARED_MASKS``), so that the penalty and the forward pass share one graph."""
-        hit = _SHARED_MASKS.get(self)
-        if hit is not None and torch.is_grad_enabled() and hit[1] == (self.logits._version, self.beta._version):
+        """:meth:`mask`: the very tensor of the last forward pass if it is still valid (see
+        ``_SHARED_MASKS``; used once), so that the penalty and the forward pass share one graph."""
+        hit = _SHARED_MASKS.pop(self, None)
+        if (hit is not None and torch.is_grad_enabled()
+                and hit[1] == (_fingerprint(self.logits), _fingerprint(self.beta))):
             return hit[0]
         return self.mask()
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         m = self.mask()
         if m.requires_grad and not torch.compiler.is_compiling():
-            _SHARED_MASKS[self] = (m, (self.logits._version, self.beta._version))
+            _SHARED_MASKS[self] = (m, (_fingerprint(self.logits), _fingerprint(self.beta)))
             ref = weakref.ref(self)
             m.register_hook(lambda grad, ref=ref: _forget_shared(ref))
         return weight * m
@@ -769,15 +795,20 @@ def non_mask_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if id(p) not in logit_ids]
 
 
-def soft_mask_values(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The current soft masks ``m`` by weight name (differentiable w.r.t. the logits)."""
-    return {name: sm.shared_mask() for name, sm in _soft_masks(model)}
+def soft_mask_values(model: nn.Module, reuse_forward: bool = False) -> dict[str, torch.Tensor]:
+    """The current soft masks ``m`` by weight name (differentiable w.r.t. the logits).
+
+    ``reuse_forward=True``: the masks computed by the forward pass just run, when still valid, so that a
+    loss ``task + lam * sum(m)`` backpropagates through one graph (faster). Only for a value that is
+    added to that forward pass's loss and backpropagated with it, right after it."""
+    return {name: sm.shared_mask() if reuse_forward else sm.mask() for name, sm in _soft_masks(model)}
 
 
-def soft_mask_penalty(model: nn.Module, normalize: bool = False) -> torch.Tensor:
+def soft_mask_penalty(model: nn.Module, normalize: bool = False, reuse_forward: bool = False) -> torch.Tensor:
     """``sum over layers of sum(m)`` (the reference code's L1 penalty, not normalised); with
-    ``normalize=True`` divided by the number of masked weights. Multiply by ``lam`` yourself."""
-    terms = [m.sum() for m in soft_mask_values(model).values()]
+    ``normalize=True`` divided by the number of masked weights. Multiply by ``lam`` yourself.
+    ``reuse_forward``: see :func:`soft_mask_values`."""
+    terms = [m.sum() for m in soft_mask_values(model, reuse_forward).values()]
     if not terms:
         raise ConfigError("the model has no soft masks")
     total = torch.stack(terms).sum() if len(terms) > 1 else terms[0]

@@ -112,9 +112,10 @@ def temperature(progress_index: int, progress_total: int, beta_final: float) -> 
     return float(beta_final) ** (progress_index / (progress_total - 1))
 
 
-def mask_penalty(model: nn.Module, lam: float, mode: str = "sum") -> torch.Tensor:
-    """``lam * sum over layers of sum(m)`` (or divided by the number of masked weights for ``mean``)."""
-    values = masking.soft_mask_values(model)
+def mask_penalty(model: nn.Module, lam: float, mode: str = "sum", reuse_forward: bool = False) -> torch.Tensor:
+    """``lam * sum over layers of sum(m)`` (or divided by the number of masked weights for ``mean``).
+    ``reuse_forward``: the masks of the forward pass just run (see masking.soft_mask_values)."""
+    values = masking.soft_mask_values(model, reuse_forward)
     if not values:
         raise ConfigError("the model has no soft masks: attach them first (ContinuousSparsification does)")
     total = sum(v.sum() for v in values.values())
@@ -188,8 +189,11 @@ class ContinuousSparsification:
         """The mask logits, for users who prefer their own separate optimizer."""
         return list(masking.mask_logits(self.model).values())
 
-    def penalty(self) -> torch.Tensor:
-        return mask_penalty(self.model, self.hp.lam, self.hp.penalty)
+    def penalty(self, reuse_forward: bool = False) -> torch.Tensor:
+        """``lam * sum(m)``, to add to the loss. ``reuse_forward=True`` (faster) reuses the masks of the
+        forward pass just run; only when this penalty is added to that pass's loss and backpropagated with
+        it, as in ``loss = criterion(model(x), y) + cs.penalty(reuse_forward=True)``."""
+        return mask_penalty(self.model, self.hp.lam, self.hp.penalty, reuse_forward)
 
     def density(self) -> float:
         return self.mask().density()
@@ -264,7 +268,9 @@ class PenaltyCallback(Callback):
         self.last_penalty = 0.0
 
     def extra_loss(self, trainer: Trainer) -> torch.Tensor:
-        p = mask_penalty(trainer.model, self.hp.lam, self.hp.penalty)
+        # the trainer adds this to the loss of the forward pass it has just run and backpropagates both
+        # together: the masks of that forward pass can be reused
+        p = mask_penalty(trainer.model, self.hp.lam, self.hp.penalty, reuse_forward=True)
         self.last_penalty = p.detach()
         return p
 
@@ -335,7 +341,8 @@ class EnforceMaskCallback(Callback):
 
     def _rezero(self, trainer: Trainer) -> None:
         masking.enforce_masks(trainer.model)
-        masking.zero_pruned_optimizer_state_(trainer.model, trainer.optimizers)
+        if not self._per_step:  # only the known optimizers' state is known to be safe to edit
+            masking.zero_pruned_optimizer_state_(trainer.model, trainer.optimizers)
         self._version = masking.hard_mask_version(trainer.model)
 
     def on_fit_start(self, trainer: Trainer) -> None:
@@ -359,7 +366,7 @@ class EnforceMaskCallback(Callback):
             RuntimeWarning, stacklevel=2,
         )
         self._per_step = True
-        self._rezero(trainer)
+        masking.enforce_masks(trainer.model)
 
 
 def make_search_optimizers(model: nn.Module, training: TrainingHparams, hp: CSHparams) -> list[torch.optim.Optimizer]:
