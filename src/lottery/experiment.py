@@ -292,6 +292,23 @@ def reuse_finished(folder: Path, description: dict[str, Any], options: RunOption
     return read_json(results_path)
 
 
+def copy_finished_files(source: Path, folder: Path, files: list[str], last: str, optional: tuple[str, ...] = ()) -> bool:
+    """Copy ``files`` (paths relative to the run folders) from ``source`` into ``folder`` if every one of
+    them exists there (and those of ``optional`` that exist), ``last`` (one of ``files``, the file whose
+    presence marks the work as done) last so that a copy interrupted half-way is never taken for a
+    finished one. Returns whether it copied.
+
+    Why: a search that does not depend on how its result is used (a ticket and a pruned network of the
+    same setting) is run once, and the second run folder starts from the first one's files."""
+    if last not in files or not all((source / name).exists() for name in files):
+        return False
+    files = list(files) + [name for name in optional if (source / name).exists()]
+    for name in sorted(files, key=lambda n: n == last):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(folder / name, (source / name).read_bytes())
+    return True
+
+
 def train_dense(job: DenseJob, options: RunOptions, wait_for_lock: bool = False) -> dict[str, Any]:
     """Train a dense network; write its run folder; return ``results.json``'s content.
 

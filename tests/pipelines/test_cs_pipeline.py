@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -298,6 +299,29 @@ def test_second_call_returns_saved_results_without_training(baseline, monkeypatc
     again = run_cs(JOB, _options(baseline.out))
     assert again == baseline.results
     assert {p: p.stat().st_mtime_ns for p in baseline.folder.rglob("*") if p.is_file()} == stamps
+
+
+def test_cs_pruning_reuses_the_finished_search_of_its_ticket_run(tmp_path):
+    ticket = CSJob(data=DATA, model=ModelHparams("lenet_300_100"), training=TRAIN, cs=CS, dense_reference=False)
+    prune = dataclasses.replace(ticket, mode="prune")
+    fresh = run_cs(prune, _options(tmp_path / "fresh"))
+    out, logs = tmp_path / "both", []
+    run_cs(ticket, _options(out))
+    r = run_cs(prune, _options(out, logs))
+    assert any("reusing the finished CS search" in line for line in logs), logs
+    for key in ("density", "kept_weights", "test_accuracy", "epochs", "search_epochs"):
+        assert r[key] == fresh[key], key
+    folder, want = Path(r["run_dir"]), Path(fresh["run_dir"])
+    assert Mask.load(folder / "mask.safetensors") == Mask.load(want / "mask.safetensors")
+    a, b = load_tensors(folder / "pruned/model.safetensors"), load_tensors(want / "pruned/model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [row["stage"] for row in _rows(folder)] == [row["stage"] for row in _rows(want)]
+    # an unfinished ticket search (its last round's state missing) is not reused: the run searches itself
+    out, logs = tmp_path / "unfinished", []
+    sibling = Path(run_cs(ticket, _options(out))["run_dir"])
+    (sibling / f"round_{CS.rounds - 1}" / "state.safetensors").unlink()
+    r = run_cs(prune, _options(out, logs))
+    assert not any("reusing" in line for line in logs) and r["test_accuracy"] == fresh["test_accuracy"]
 
 
 @pytest.mark.parametrize("finetune", ["0ep", "1ep"])

@@ -15,15 +15,18 @@ Folder layout (each file marks a finished stage; a killed run restarts at the fi
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from lottery import masking
 from lottery.engine import Trainer, evaluate
 from lottery.errors import CheckpointError, ConfigError, LotteryError
 from lottery.experiment import (
-    DenseJob, MetricsCSV, RunOptions, build_model, describe_run, folder_lock, load_data, log_line,
-    make_loaders, prune_ignore, reuse_finished, rewind_point, run_folder_name, train_dense,
+    DenseJob, MetricsCSV, RunOptions, build_model, copy_finished_files, describe_run, folder_lock, load_data,
+    log_line, make_loaders, prune_ignore, reuse_finished, rewind_point, run_folder_name, train_dense,
+    write_metrics_csv,
 )
 from lottery.hparams import DataHparams, ModelHparams, TrainingHparams
 from lottery.io import load_tensors, read_json, remove_if_exists, save_tensors, write_json
@@ -97,6 +100,8 @@ def run_cs(job: CSJob, options: RunOptions) -> dict[str, Any]:
         names = list(masking.prunable_weights(model, ignore=ignore))
         masking.attach_soft_mask(model, names, s0=job.cs.s0, scale_by_s0=job.cs.scale_by_s0)
         rewind_path = folder / "rewind.safetensors"
+        if job.mode == "prune" and not (folder / "round_0" / "state.safetensors").exists():
+            _reuse_ticket_search(job, options, folder)
         for r in range(job.cs.rounds):
             rdir = folder / f"round_{r}"
             state_path = rdir / "state.safetensors"
@@ -176,6 +181,23 @@ def run_cs(job: CSJob, options: RunOptions) -> dict[str, Any]:
             results["dense_run_dir"] = dense["run_dir"]
         write_json(folder / "results.json", results)
         return results
+
+
+def _reuse_ticket_search(job: CSJob, options: RunOptions, folder: Path) -> None:
+    """Pruning: copy the finished search rounds of the ticket run of the same hparams, if there is one.
+
+    Why: the search does not depend on the mode (same seed, data order and recipe; the ticket run's rewind
+    snapshot only reads the weights), so a ticket and a pruned network of one setting need one search.
+    Only this direction: a pruning run saves no rewind point, which a ticket needs.
+    """
+    ticket = dataclasses.replace(job, mode="ticket")
+    sibling = options.out / run_folder_name(ticket.kind, ticket.data, ticket.model, ticket.training, ticket.cs,
+                                            seed=job.seed)
+    files = [f"round_{r}/{name}" for r in range(job.cs.rounds) for name in ("history.json", "state.safetensors")]
+    if copy_finished_files(sibling, folder, files, last=f"round_{job.cs.rounds - 1}/state.safetensors"):
+        rows = [row for r in range(job.cs.rounds) for row in read_json(folder / f"round_{r}" / "history.json")["rows"]]
+        write_metrics_csv(folder / "metrics.csv", rows)
+        log_line(options, f"{folder}: reusing the finished CS search of {sibling} (the search is the same in both modes)")
 
 
 def _retrain_ticket(job, options, folder, bundle, train_loader, evals, mask: Mask, k: Step, rows) -> dict[str, Any]:

@@ -34,11 +34,12 @@ from lottery import masking
 from lottery.engine import Trainer, evaluate
 from lottery.errors import CheckpointError, ConfigError
 from lottery.experiment import (
-    DenseJob, MetricsCSV, RunOptions, build_model, describe_run, folder_lock, load_data, log_line,
-    make_loaders, prune_ignore, reuse_finished, rewind_point, run_folder_name, train_dense, write_metrics_csv,
+    DenseJob, MetricsCSV, RunOptions, build_model, copy_finished_files, describe_run, folder_lock, load_data,
+    log_line, make_loaders, prune_ignore, reuse_finished, rewind_point, run_folder_name, train_dense,
+    write_metrics_csv,
 )
 from lottery.hparams import DataHparams, ModelHparams, TrainingHparams
-from lottery.io import atomic_write_bytes, load_tensors, read_json, remove_if_exists, save_tensors, write_json
+from lottery.io import load_tensors, read_json, remove_if_exists, save_tensors, write_json
 from lottery.masks import Mask
 from lottery.methods.cs import EnforceMaskCallback
 from lottery.methods.imp import derived_seed
@@ -197,16 +198,10 @@ def _reuse_sibling_search(job: L0Job, options: RunOptions, folder: Path, k: Step
     """
     other = dataclasses.replace(job, mode="prune" if job.mode == "ticket" else "ticket")
     sibling = options.out / run_folder_name(other.kind, other.data, other.model, other.training, other.l0, seed=job.seed)
-    files = [("search/history.json", True), ("search/state.safetensors", True),
-             ("rewind.safetensors", job.mode == "ticket")]
-    if not all((sibling / name).exists() for name, needed in files if needed):
+    files = ["search/history.json", "search/state.safetensors"] + (["rewind.safetensors"] if job.mode == "ticket" else [])
+    # a pruning run keeps the rewind point too when there is one, so that a later ticket run can reuse it
+    if not copy_finished_files(sibling, folder, files, last="search/state.safetensors", optional=("rewind.safetensors",)):
         return
-    (folder / "search").mkdir(parents=True, exist_ok=True)
-    # state.safetensors last: its presence is what marks this run's search as done.
-    for name, _ in sorted(files, key=lambda f: f[0] == "search/state.safetensors"):
-        src = sibling / name
-        if src.exists():
-            atomic_write_bytes(folder / name, src.read_bytes())
     write_metrics_csv(folder / "metrics.csv", read_json(folder / "search/history.json")["rows"])
     log_line(options, f"{folder}: reusing the finished L0 search of {sibling} (the search is the same in both modes)")
 
