@@ -14,7 +14,7 @@ for 425 epochs against IMP's 2550 sequential epochs on CIFAR-10 (6x). Here:
 * K CS tickets (every CS setting with all seeds): total epochs (the work) and the epochs of the longest
   one (the wall-clock length with K workers), against the IMP run that reaches the sparsest of them.
 
-    python benchmarks/ticket_cost.py
+    python benchmarks/ticket_cost.py --k 5
 """
 
 from __future__ import annotations
@@ -90,6 +90,8 @@ def main() -> None:
     ap.add_argument("--imp-out", default="benchmarks/out/imp_lenet_fashion")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--imp-rate", type=float, default=0.2, help="IMP's pruning rate per level (for extrapolation)")
+    ap.add_argument("--k", type=int, default=None, help="K: the K sparsest CS settings form the set of tickets "
+                                                         "(default: all finished settings)")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     cs = cs_settings(Path(args.cs_out), seeds)
@@ -114,6 +116,8 @@ def main() -> None:
             ratios.append(f"{epochs / row['epochs']:.1f}{mark}")
         print(f"| s0={row['s0']:g} lam={row['lam']:g} | {row['density']:.4f} | {row['epochs']:.0f} | " + " | ".join(cells)
               + f" | {' / '.join(ratios)} |")
+    if args.k is not None:
+        cs = sorted(cs, key=lambda r: r["density"])[: args.k][::-1]
     k = len(cs)
     sparsest = min(r["density"] for r in cs)
     total = sum(r["epochs"] for r in cs)
