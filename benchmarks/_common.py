@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import platform
 import statistics
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 
@@ -15,6 +17,18 @@ def machine() -> str:
 
     return (f"{platform.platform()}, {os.cpu_count()} CPUs, python {platform.python_version()}, "
             f"torch {torch.__version__}, date {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC")
+
+
+def read_results(root: Path, pattern: str) -> list[tuple[Path, dict]]:
+    """(folder, parsed JSON) of every file under ``root`` matching ``pattern`` (e.g. ``search-cs_*/results.json``),
+    sorted by path; unreadable or damaged files are skipped (a run still being written)."""
+    out = []
+    for path in sorted(root.glob(pattern)) if root.is_dir() else []:
+        try:
+            out.append((path.parent, json.loads(path.read_text())))
+        except (OSError, ValueError):
+            continue
+    return out
 
 
 def _init_worker(threads: int) -> None:

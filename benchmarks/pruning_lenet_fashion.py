@@ -20,26 +20,19 @@ iterative magnitude pruning with fine-tuning, accuracy against density.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine, mean_std, run_parallel  # noqa: E402
+from _common import machine, mean_std, read_results, run_parallel  # noqa: E402
 
 PRESET = "fashion_lenet"
 
 
 def _read(root: Path, pattern: str) -> list[dict]:
-    out = []
-    for path in sorted(root.glob(pattern)) if root.is_dir() else []:
-        try:
-            out.append(json.loads(path.read_text()))
-        except (OSError, ValueError):
-            continue
-    return out
+    return [r for _, r in read_results(root, pattern)]
 
 
 def cs_settings(out: Path, seeds: list[int]) -> list[float]:

@@ -14,33 +14,22 @@ The dense network's own instability at the same k is in the IMP benchmark (bench
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine, mean_std, run_parallel  # noqa: E402
+from _common import machine, mean_std, read_results, run_parallel  # noqa: E402
 
 POINTS = ("0it", "1ep")
-
-
-def _results(root: Path, pattern: str) -> list[tuple[Path, dict]]:
-    out = []
-    for path in sorted(root.glob(pattern)) if root.is_dir() else []:
-        try:
-            out.append((path.parent, json.loads(path.read_text())))
-        except (OSError, ValueError):
-            continue
-    return out
 
 
 def find_masks(cs_out: Path, imp_out: Path, seed: int, cs_s0: float, imp_level: int) -> dict[str, Path]:
     """{ticket name: mask file} of one seed, from the finished CS and IMP-R runs."""
     masks = {}
-    for folder, r in _results(cs_out, "search-cs_*/results.json"):
+    for folder, r in read_results(cs_out, "search-cs_*/results.json"):
         if r.get("seed") == seed and r.get("s0") == cs_s0 and r.get("mode") == "ticket":
             masks["CS"] = folder / "mask.safetensors"
-    for folder, r in _results(imp_out, "search-imp_*/results.json"):
+    for folder, r in read_results(imp_out, "search-imp_*/results.json"):
         if r.get("seed") == seed and r.get("method") == "imp" and r.get("rewind") == "1ep":
             path = folder / f"level_{imp_level}" / "mask.safetensors"
             if path.exists():
@@ -82,7 +71,7 @@ def main() -> None:
             names[str(path)] = name
     results = [] if args.report_only else run_parallel(stability_job, jobs, args.workers)
     if args.report_only:
-        for folder, r in _results(Path(args.out), "stability_*/results.json"):
+        for folder, r in read_results(Path(args.out), "stability_*/results.json"):
             results.append(r)
     print(f"machine: {machine()}\n")
     print("| ticket | density | k | instability % (mean ± std) | L2 distance to dense (mean ± std) | seeds |")

@@ -20,24 +20,17 @@ for 425 epochs against IMP's 2550 sequential epochs on CIFAR-10 (6x). Here:
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine  # noqa: E402
+from _common import machine, read_results  # noqa: E402
 
 
 def _read(pattern: str, root: Path) -> list[dict]:
-    out = []
-    for path in sorted(root.glob(pattern)) if root.is_dir() else []:
-        try:
-            out.append(json.loads(path.read_text()))
-        except (OSError, ValueError):
-            continue
-    return out
+    return [r for _, r in read_results(root, pattern)]
 
 
 def cs_settings(cs_out: Path, seeds: list[int]) -> list[dict]:
