@@ -732,7 +732,7 @@ def _run_readme_example():
     for epoch in range(cs.total_epochs):
         loader.set_epoch(epoch)
         for x, y in loader:
-            loss = F.cross_entropy(model(x), y) + cs.penalty()
+            loss = F.cross_entropy(model(x), y) + cs.penalty(reuse_forward=True)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
