@@ -440,14 +440,19 @@ def _cs_loss_grads(net, x, y, lam: float, share: bool) -> dict[str, torch.Tensor
     return {n: q.grad.clone() for n, q in net.named_parameters()}
 
 
-def test_penalty_reusing_the_forward_mask_gets_the_same_gradients():
+def _soft_net_with_random_logits(s0: float, beta: float):
+    """A test net with soft masks, random logits and temperature ``beta``, and one batch."""
     net = make_net()
-    M.attach_soft_mask(net, s0=0.1)
+    M.attach_soft_mask(net, s0=s0)
     with torch.no_grad():
-        for s in M.mask_logits(net).values():
-            s.normal_()
-    M.set_temperature(net, 2.5)
-    x, y = batch()
+        for logits in M.mask_logits(net).values():
+            logits.normal_()
+    M.set_temperature(net, beta)
+    return net, batch()
+
+
+def test_penalty_reusing_the_forward_mask_gets_the_same_gradients():
+    net, (x, y) = _soft_net_with_random_logits(0.1, 2.5)
     net(x)
     cached = [M._SHARED_MASKS[sm][0] for _, sm in M._soft_masks(net)]
     assert all(v is c for v, c in zip(M.soft_mask_values(net, reuse_forward=True).values(), cached))
@@ -511,13 +516,7 @@ def test_a_reused_forward_mask_is_never_stale_or_consumed():
 
 
 def test_soft_masked_layer_gradients_equal_the_plain_formula():
-    net = make_net()
-    M.attach_soft_mask(net, s0=0.3)
-    with torch.no_grad():
-        for sm in M.mask_logits(net).values():
-            sm.normal_()
-    M.set_temperature(net, 4.0)
-    x, y = batch()
+    net, (x, y) = _soft_net_with_random_logits(0.3, 4.0)
     loss = F.cross_entropy(net(x), y) + 1e-2 * M.soft_mask_penalty(net, reuse_forward=True)
     loss.backward()
     # the same network computed with plain autograd operations
