@@ -29,7 +29,6 @@ import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
-import torch
 from torch import nn
 
 from lottery import masking
@@ -180,23 +179,6 @@ def attach_gmp_masks(model: nn.Module, names: Iterable[str]) -> Mask:
     return mask
 
 
-@torch.no_grad()
-def _zero_optimizer_state(optimizers: Sequence[torch.optim.Optimizer], model: nn.Module, mask: Mask) -> None:
-    """Zero momentum buffers / Adam moments of pruned entries, so no optimizer moves them again."""
-    params = masking.logical_named_parameters(model)
-    by_id = {id(params[n]): m for n, m in mask.items() if n in params}
-    for opt in optimizers:
-        for group in opt.param_groups:
-            for p in group["params"]:
-                m = by_id.get(id(p))
-                state = opt.state.get(p) if m is not None else None
-                if not state:
-                    continue
-                for v in state.values():
-                    if isinstance(v, torch.Tensor) and tuple(v.shape) == tuple(m.shape):
-                        v.masked_fill_(~m.to(v.device), 0)
-
-
 class GMPPruningCallback(Callback):
     """Prunes the hard-masked ``names`` of the trainer's model to the schedule's density at each of its
     pruning steps (after the optimizer step that reaches the iteration; at the start of training for
@@ -230,7 +212,8 @@ class GMPPruningCallback(Callback):
         new = prune_to_density({n: params[n] for n in self.names}, current, density, self.scope)
         if new is not current:
             masking.attach_hard_mask(model, new)
-            _zero_optimizer_state(trainer.optimizers, model, new)
+            # momentum / Adam moments of newly pruned entries would move them again
+            masking.zero_pruned_optimizer_state_(model, trainer.optimizers)
         self.events.append((t, density, new.num_kept()))
 
     def on_fit_start(self, trainer: Trainer) -> None:
