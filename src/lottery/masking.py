@@ -242,8 +242,9 @@ def _masked_modules(model: nn.Module, attr: str) -> Iterable[tuple[str, nn.Modul
 
 
 # module -> {buffer name: (weakref to the bool mask, its _version, dtype, device, the mask as 0/1 floats)}.
-# Why: on CPU, ops driven by a bool mask (torch.where, masked_fill_) are ~15x slower than a multiply by
-# the same mask in floats (benchmarks/speed.py); a LeNet step paid ~2 ms of them per masked layer. The
+# Why: on CPU, ops driven by a bool mask (torch.where, masked_fill_) are 20-23x slower than a multiply by
+# the same mask in floats (benchmarks/speed.py, part maskops); on LeNet's first layer two of them cost
+# about 1 ms per step. The
 # float copy is rebuilt whenever the bool buffer is replaced (``.to(device)``, re-attaching) or changed
 # in place (``load_state_dict`` bumps its version). Kept outside the module so that pickling and
 # deepcopy of the model never see it.
@@ -519,7 +520,8 @@ def remove_hard_mask(model: nn.Module) -> Mask:
 # SoftMask -> (the mask tensor of its last forward pass under autograd, a fingerprint of the logits and
 # beta it was computed from). Why: a CS step needs m = sigmoid(beta * s) / sigmoid(s0) twice, in the
 # forward pass and in the penalty lam * sum(m); computing it once and backpropagating through one graph
-# saves a third of CS's per-weight work (benchmarks/speed.py). Only callers that opt in reuse it
+# saves the second computation and its backward pass (with the multiply of _reciprocal_scale it took a
+# LeNet-300-100 CS step from 2.2x to 1.7x the dense step: benchmarks/RESULTS.md). Only callers that opt in reuse it
 # (``soft_mask_values(model, reuse_forward=True)``, as the trainer's CS penalty does right after the
 # forward pass): a penalty backpropagated on its own before the task loss needs a graph of its own. An
 # entry is used once, only while the logits and beta are the same tensors, storage, dtype, device and
@@ -535,7 +537,7 @@ def _fingerprint(t: torch.Tensor) -> tuple:
 def _reciprocal_scale(s0: float, dtype: torch.dtype) -> float:
     """The factor r that scales ``sigmoid(s)`` to ``sigmoid(s) / sigmoid(s0)``: 1/sigmoid(s0), nudged by
     one unit in the last place where that makes ``sigmoid(s0) * r == 1`` exactly in ``dtype``. Why a
-    factor: dividing is about twice as slow as multiplying on CPU; why the nudge: m == 1 exactly where
+    factor: a division costs more than a multiplication on CPU; why the nudge: m == 1 exactly where
     beta * s == s0, so a fresh soft mask leaves the dense network exactly as it was."""
     exact = 1.0 / (1.0 + math.exp(-s0))
     if not dtype.is_floating_point:
