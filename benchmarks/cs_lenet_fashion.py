@@ -1,9 +1,11 @@
-"""Dense LeNet-300-100 and CS tickets on Fashion-MNIST, several s0 values, several seeds.
+"""Dense network and CS tickets on Fashion-MNIST, several s0 values, several seeds: LeNet-300-100 by
+default, any preset's recipe with --preset (e.g. fashion_conv4_narrow, the CPU convolutional network).
 
 Every run is a normal lottery run folder under --out, so a killed benchmark resumes and a finished
 one is reused. Prints Markdown tables (mean and sample std over seeds) for benchmarks/RESULTS.md.
 
     python benchmarks/cs_lenet_fashion.py --s0 0.05,0,-0.05,-0.1 --seeds 0,1,2 --workers 2
+    python benchmarks/cs_lenet_fashion.py --preset fashion_conv4_narrow --out benchmarks/out/cs_conv_fashion
 """
 
 from __future__ import annotations
@@ -16,21 +18,21 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import machine, mean_std, run_parallel  # noqa: E402
 
 
-def dense_job(seed: int, out: str):
+def dense_job(seed: int, out: str, preset: str = "fashion_lenet"):
     from lottery.experiment import DenseJob, RunOptions, train_dense
     from lottery.presets import get_preset
 
-    p = get_preset("fashion_lenet")
+    p = get_preset(preset)
     return train_dense(DenseJob(p.data, p.model, p.training, seed=seed), RunOptions(out=out, progress=False))
 
 
-def cs_job(s0: float, lam: float, seed: int, out: str):
+def cs_job(s0: float, lam: float, seed: int, out: str, preset: str = "fashion_lenet"):
     from lottery.experiment import RunOptions
     from lottery.methods.cs import CSHparams
     from lottery.pipelines.cs import CSJob, run_cs
     from lottery.presets import get_preset
 
-    p = get_preset("fashion_lenet")
+    p = get_preset(preset)
     cs = CSHparams.from_dict(p.methods["cs"]).replace(s0=s0, lam=lam)
     return run_cs(CSJob(p.data, p.model, p.training, cs, seed=seed), RunOptions(out=out, progress=False))
 
@@ -41,16 +43,18 @@ def main() -> None:
     ap.add_argument("--lam", default="1e-8")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--preset", default="fashion_lenet", help="the recipe (data, model, training, CS settings)")
     ap.add_argument("--out", default="benchmarks/out/cs_lenet_fashion")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     s0s = [float(s) for s in args.s0.split(",")]
     lams = [float(s) for s in args.lam.split(",")]
 
-    dense = run_parallel(dense_job, [(s, args.out) for s in seeds], args.workers)
-    cs = run_parallel(cs_job, [(s0, lam, s, args.out) for s0 in s0s for lam in lams for s in seeds], args.workers)
+    dense = run_parallel(dense_job, [(s, args.out, args.preset) for s in seeds], args.workers)
+    cs = run_parallel(cs_job, [(s0, lam, s, args.out, args.preset) for s0 in s0s for lam in lams for s in seeds],
+                      args.workers)
 
-    print(f"machine: {machine()}\n")
+    print(f"machine: {machine()}\npreset: {args.preset}\n")
     m, sd = mean_std([r["test_accuracy"] for r in dense])
     em, _ = mean_std([r["epochs"] for r in dense])
     wm, wsd = mean_std([r["wall_seconds"] for r in dense])

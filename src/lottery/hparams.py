@@ -248,14 +248,16 @@ class ModelHparams(Hparams):
     """Which network, and which of its weights are never pruned."""
 
     model: str = "lenet_300_100"
-    width: int | None = None  # width multiplier for families that have one (CIFAR ResNets)
+    # Width multiplier for families that have one: an integer for the CIFAR ResNets, any positive number
+    # for Conv-2/4/6 (0.25: a quarter of the channels, small enough for CPU-only benchmarks).
+    width: float | None = None
     # None: the model's default ignore list (METHODS.md); () prunes every Conv/Linear weight.
     prune_ignore: tuple[str, ...] | None = None
 
     _prefix = "model"
     _help = {
         "model": "registered model name (lottery models lists them)",
-        "width": "width multiplier, for model families that take one",
+        "width": "width multiplier, for model families that take one (resnet*: integer; conv2/4/6: e.g. 0.25)",
         "prune_ignore": "comma-separated parameter names or patterns never pruned (default: the model's own)",
     }
 
@@ -265,6 +267,8 @@ class ModelHparams(Hparams):
         self._check_types()
         if self.width is not None:
             self._positive("width")
+            if float(self.width).is_integer():  # 2.0 from a flag names the same run folder as 2
+                object.__setattr__(self, "width", int(self.width))
         if self.prune_ignore is not None and not all(isinstance(p, str) and p for p in self.prune_ignore):
             raise ConfigError(f"ModelHparams.prune_ignore must be parameter names or patterns, got {self.prune_ignore!r}")
 

@@ -45,6 +45,16 @@ PRESETS: dict[str, Preset] = {
             methods={"cs": {"lam": 1e-8, "rounds": 3, "round_steps": "20ep", "rewind": "1ep"}},
         ),
         Preset(
+            "fashion_conv4_narrow",
+            "Conv-4 at width 0.125 (8, 8, 16, 16 channels) on Fashion-MNIST, 3 epochs, SGD lr 0.05, momentum 0.9, "
+            "cosine; CS: 3 rounds of 2 epochs, rewind 100it: a convolutional network for CPU benchmarks",
+            DataHparams(dataset="fashion-mnist", val_size=5000),
+            ModelHparams(model="conv4", width=0.125),
+            TrainingHparams(training_steps="3ep", batch_size=128, lr=0.05, momentum=0.9, schedule="cosine"),
+            methods={"cs": {"lam": 1e-8, "rounds": 3, "round_steps": "2ep", "rewind": "100it"},
+                     "imp": {"rewind": "100it"}},
+        ),
+        Preset(
             "cifar10_resnet20",
             "ResNet-20 on CIFAR-10 (open_lth: 160 epochs, lr 0.1, x0.1 at 80/120, wd 1e-4; "
             "CS reference: 3 rounds of 85 epochs, x0.1 at 56/71, rewind 2ep); GPU",

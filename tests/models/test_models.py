@@ -281,6 +281,31 @@ def test_bad_num_classes_is_a_config_error(num_classes):
         build_model("conv2", num_classes=num_classes)
 
 
+def test_convnet_width_scales_the_convolutions_only():
+    narrow = build_model("conv4", input_shape=(1, 28, 28), width=0.125)
+    assert [m.out_channels for m in narrow.features if isinstance(m, nn.Conv2d)] == [8, 8, 16, 16]
+    assert narrow.fc_layers[0].in_features == 16 * 7 * 7 and narrow.fc_layers[0].out_features == 256
+    assert n_params(narrow) == 273_474
+    assert [m.out_channels for m in build_model("conv2", width=0.01).features if isinstance(m, nn.Conv2d)] == [1, 1]
+    assert n_params(build_model("conv4", width=1)) == n_params(build_model("conv4"))
+    with torch.no_grad():
+        assert narrow.eval()(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    for bad in (0, -0.5, float("nan"), float("inf"), "0.5", True):
+        with pytest.raises(ConfigError, match="width"):
+            build_model("conv4", width=bad)
+
+
+def test_model_hparams_width_is_a_number_and_integral_values_keep_their_run_folder():
+    from lottery.hparams import ModelHparams, hparams_hash
+
+    assert ModelHparams(model="conv4", width=0.25).width == 0.25
+    two = ModelHparams(model="resnet20", width=2.0)
+    assert two.width == 2 and isinstance(two.width, int)
+    assert hparams_hash(two) == hparams_hash(ModelHparams(model="resnet20", width=2))
+    with pytest.raises(ConfigError, match="width"):
+        build_model("resnet20", width=0.5)  # ResNets take whole multiples only
+
+
 # ----------------------------------------------------------------------------- ResNet specifics
 
 

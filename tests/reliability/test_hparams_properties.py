@@ -81,7 +81,7 @@ INVALID = [
     (DataHparams, "synthetic_classes", st.integers(max_value=1) | NON_INTEGER.filter(lambda v: v is not None), SYN),
     (DataHparams, "synthetic_train_size", NON_POSITIVE_INT.filter(lambda v: v is not None), SYN),
     (DataHparams, "synthetic_test_size", NON_POSITIVE_INT.filter(lambda v: v is not None), SYN),
-    (ModelHparams, "width", NON_POSITIVE_INT.filter(lambda v: v is not None), {}),
+    (ModelHparams, "width", NON_POSITIVE | NOT_A_NUMBER.filter(lambda v: v is not None), {}),
     (ModelHparams, "prune_ignore", st.sampled_from([(1,), ("",), (None,), "fc"]), {}),
     (CSHparams, "s0", NONFINITE | NOT_A_NUMBER, {}),
     (CSHparams, "lam", NOT_NON_NEGATIVE | NOT_A_NUMBER, {}),

@@ -54,6 +54,12 @@ def check_positive_int(model: str, option: str, value) -> int:
     return int(value)
 
 
+def check_positive_number(model: str, option: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"model {model!r}: option {option!r} must be a positive number, got {value!r}")
+    return value
+
+
 def reject_unknown_options(model: str, options: dict, accepted: Iterable[str] = ()) -> None:
     """Raise ``ConfigError`` if a builder got options it does not understand."""
     if options:

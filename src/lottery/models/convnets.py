@@ -3,6 +3,11 @@
 Each is pairs of 3x3 convolutions (padding 1, ReLU) separated by 2x2 max-pools, then fully connected
 layers 256-256-num_classes. The flatten size is computed from the input shape, so the networks also
 run on e.g. 1x28x28 images.
+
+Option ``width`` (a positive number, default 1) scales every convolution's channel count (rounded, at
+least 1); the fully connected layers keep their 256 units. ``conv4`` at ``width=0.25`` (16, 16, 32, 32
+channels) costs about a sixteenth of Conv-4's convolution multiply-adds: a convolutional network that
+trains an epoch of Fashion-MNIST in seconds on two CPU cores, for benchmarks (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from torch import nn
 from lottery.models._common import (
     check_input_shape,
     check_num_classes,
+    check_positive_number,
     init_weights,
     pooled_size,
     reject_unknown_options,
@@ -68,8 +74,9 @@ class ConvNet(nn.Module):
 
 
 def _build(name: str, input_shape, num_classes, options) -> ConvNet:
-    reject_unknown_options(name, options)
-    stages = _PLANS[name]
+    width = check_positive_number(name, "width", options.pop("width", 1))
+    reject_unknown_options(name, options, accepted=("width",))
+    stages = tuple(tuple(max(1, round(c * width)) for c in stage) for stage in _PLANS[name])
     shape = check_input_shape(name, input_shape, min_size=2 ** len(stages))
     return ConvNet(shape, check_num_classes(name, num_classes), stages)
 
