@@ -5,8 +5,11 @@ line between them is the instability, and their L2 distance to the trained dense
 (Frankle et al., linear mode connectivity). The masks come from the finished runs of the CS and IMP
 benchmarks (no search here): CS ``s0 = 0`` (16.3 % density) and IMP-R (k = 1ep) level 8 (16.8 %), per seed.
 
-    python benchmarks/stability_tickets.py --seeds 0,1,2 --workers 2
-    python benchmarks/stability_tickets.py --report-only
+    python benchmarks/stability_tickets.py --seeds 0,1,2 --workers 2                  # k = 0it, 1ep
+    python benchmarks/stability_tickets.py --seeds 0,1,2 --workers 2 --points 100it,5ep
+    python benchmarks/stability_tickets.py --report-only       # every finished k, from the run folders
+
+Each --points set is its own stability run (its own dense reference run, deterministic per seed).
 
 The dense network's own instability at the same k is in the IMP benchmark (benchmarks/imp_lenet_fashion.py).
 """
@@ -21,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import machine, mean_std, read_results, run_parallel  # noqa: E402
 
 POINTS = ("0it", "1ep")
+REPORT_ORDER = ("0it", "100it", "1ep", "5ep")
 
 
 def find_masks(cs_out: Path, imp_out: Path, seed: int, cs_s0: float, imp_level: int) -> dict[str, Path]:
@@ -37,14 +41,14 @@ def find_masks(cs_out: Path, imp_out: Path, seed: int, cs_s0: float, imp_level: 
     return masks
 
 
-def stability_job(mask: str, seed: int, out: str):
+def stability_job(mask: str, seed: int, out: str, points: tuple[str, ...] = POINTS):
     from lottery.experiment import RunOptions
     from lottery.methods.stability import StabilityHparams
     from lottery.pipelines.imp import StabilityJob, run_stability
     from lottery.presets import get_preset
 
     p = get_preset("fashion_lenet")
-    hp = StabilityHparams(rewind_points=POINTS, copy_seeds=(101 + seed, 201 + seed), mask=mask)
+    hp = StabilityHparams(rewind_points=tuple(points), copy_seeds=(101 + seed, 201 + seed), mask=mask)
     return run_stability(StabilityJob(p.data, p.model, p.training, hp, seed=seed), RunOptions(out=out, progress=False))
 
 
@@ -57,8 +61,10 @@ def main() -> None:
     ap.add_argument("--imp-out", default="benchmarks/out/imp_lenet_fashion")
     ap.add_argument("--cs-s0", type=float, default=0.0)
     ap.add_argument("--imp-level", type=int, default=8)
+    ap.add_argument("--points", default=",".join(POINTS), help="rewind points k of this run")
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args()
+    points = tuple(p.strip() for p in args.points.split(",") if p.strip())
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     jobs, names = [], {}
     for seed in seeds:
@@ -67,18 +73,19 @@ def main() -> None:
             sys.exit(f"seed {seed}: missing finished runs for {sorted({'CS', 'IMP-R'} - set(masks))} under "
                      f"--cs-out / --imp-out; run benchmarks/cs_lenet_fashion.py and imp_lenet_fashion.py first")
         for name, path in masks.items():
-            jobs.append((str(path), seed, args.out))
+            jobs.append((str(path), seed, args.out, points))
             names[str(path)] = name
-    results = [] if args.report_only else run_parallel(stability_job, jobs, args.workers)
-    if args.report_only:
-        for folder, r in read_results(Path(args.out), "stability_*/results.json"):
-            results.append(r)
+    if not args.report_only:
+        run_parallel(stability_job, jobs, args.workers)
+    results = [r for _, r in read_results(Path(args.out), "stability_*/results.json")]
+    found = {p.get("rewind") for r in results for p in r.get("rows", [])}
+    order = [k for k in REPORT_ORDER if k in found] + sorted(found - set(REPORT_ORDER) - {None})
     print(f"machine: {machine()}\n")
     print("| ticket | density | k | instability % (mean ± std) | L2 distance to dense (mean ± std) | seeds |")
     print("|---|---|---|---|---|---|")
     for name in ("CS", "IMP-R"):
         runs = [r for r in results if r and names.get(str(r.get("mask"))) == name]
-        for k in POINTS:
+        for k in order:
             rows = [p for r in runs for p in r.get("rows", []) if p.get("rewind") == k]
             if not rows:
                 continue
