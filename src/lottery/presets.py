@@ -47,11 +47,15 @@ PRESETS: dict[str, Preset] = {
         Preset(
             "fashion_conv4_narrow",
             "Conv-4 at width 0.125 (8, 8, 16, 16 channels) on Fashion-MNIST, 3 epochs, SGD lr 0.05, momentum 0.9, "
-            "cosine; CS: 3 rounds of 2 epochs, rewind 100it: a convolutional network for CPU benchmarks",
+            "cosine; CS: 3 rounds of 2 epochs, beta annealed every iteration, rewind 100it: a convolutional "
+            "network for CPU benchmarks",
             DataHparams(dataset="fashion-mnist", val_size=5000),
             ModelHparams(model="conv4", width=0.125),
             TrainingHparams(training_steps="3ep", batch_size=128, lr=0.05, momentum=0.9, schedule="cosine"),
-            methods={"cs": {"lam": 1e-8, "rounds": 3, "round_steps": "2ep", "rewind": "100it"},
+            # Rounds of 2 epochs: a per-epoch temperature would jump from 1 to 200 in one step, so beta grows
+            # every iteration.
+            methods={"cs": {"lam": 1e-8, "rounds": 3, "round_steps": "2ep", "rewind": "100it",
+                            "temperature_schedule": "iteration"},
                      "imp": {"rewind": "100it"}},
         ),
         Preset(
