@@ -517,3 +517,18 @@ def test_one_epoch_rounds_warn_that_beta_cannot_anneal(tmp_path):
     run_cs(job, RunOptions(out=tmp_path, progress=False, log=lines.append))
     assert any(l.startswith("plan: CS 1 round(s) x 1 epochs") for l in lines)
     assert any("cannot anneal the temperature" in l for l in lines)
+
+
+def test_short_rounds_warn_of_large_temperature_jumps_unless_beta_grows_per_iteration(tmp_path):
+    """Per-epoch beta in 2-epoch rounds jumps 1 -> beta_final in one step (a Conv-4 search collapsed)."""
+    def warnings_of(cs):
+        lines = []
+        job = CSJob(data=DATA, model=ModelHparams("lenet_300_100"), training=TRAIN.replace(training_steps="2ep"),
+                    cs=cs, dense_reference=False)
+        run_cs(job, RunOptions(out=tmp_path / cs.temperature_schedule, progress=False, log=lines.append))
+        return [l for l in lines if "temperature" in l]
+
+    short = CS.replace(round_steps="2ep", rounds=1, rewind="0it")
+    (warning,) = warnings_of(short)
+    assert "2-epoch CS rounds" in warning and "only 2 values from 1 to 50" in warning
+    assert warnings_of(short.replace(temperature_schedule="iteration")) == []
