@@ -26,7 +26,7 @@ def dense_job(seed: int, out: str, preset: str = "fashion_lenet"):
     return train_dense(DenseJob(p.data, p.model, p.training, seed=seed), RunOptions(out=out, progress=False))
 
 
-def cs_job(s0: float, lam: float, seed: int, out: str, preset: str = "fashion_lenet"):
+def cs_job(s0: float, lam: float, seed: int, out: str, preset: str = "fashion_lenet", rounds: int | None = None):
     from lottery.experiment import RunOptions
     from lottery.methods.cs import CSHparams
     from lottery.pipelines.cs import CSJob, run_cs
@@ -34,6 +34,8 @@ def cs_job(s0: float, lam: float, seed: int, out: str, preset: str = "fashion_le
 
     p = get_preset(preset)
     cs = CSHparams.from_dict(p.methods["cs"]).replace(s0=s0, lam=lam)
+    if rounds is not None:
+        cs = cs.replace(rounds=rounds)
     return run_cs(CSJob(p.data, p.model, p.training, cs, seed=seed), RunOptions(out=out, progress=False))
 
 
@@ -43,16 +45,18 @@ def main() -> None:
     ap.add_argument("--lam", default="1e-8")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--rounds", default="", help="comma-separated numbers of CS rounds (default: the preset's)")
     ap.add_argument("--preset", default="fashion_lenet", help="the recipe (data, model, training, CS settings)")
     ap.add_argument("--out", default="benchmarks/out/cs_lenet_fashion")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     s0s = [float(s) for s in args.s0.split(",")]
     lams = [float(s) for s in args.lam.split(",")]
+    rounds_list = [int(r) for r in args.rounds.split(",") if r.strip()] or [None]
 
     dense = run_parallel(dense_job, [(s, args.out, args.preset) for s in seeds], args.workers)
-    cs = run_parallel(cs_job, [(s0, lam, s, args.out, args.preset) for s0 in s0s for lam in lams for s in seeds],
-                      args.workers)
+    cs = run_parallel(cs_job, [(s0, lam, s, args.out, args.preset, n) for n in rounds_list for s0 in s0s
+                               for lam in lams for s in seeds], args.workers)
 
     print(f"machine: {machine()}\npreset: {args.preset}\n")
     m, sd = mean_std([r["test_accuracy"] for r in dense])
@@ -62,16 +66,16 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     print(f"| dense | 1.0000 | {100 * m:.2f} ± {100 * sd:.2f} | {em:.0f} | {wm:.0f} ± {wsd:.0f} | {len(dense)} |")
     dense_mean = m
-    for s0 in s0s:
-        for lam in lams:
-            rs = [r for r in cs if r["s0"] == s0 and r["lam"] == lam]
-            d, dsd = mean_std([r["density"] for r in rs])
-            a, asd = mean_std([r["test_accuracy"] for r in rs])
-            e, _ = mean_std([r["epochs"] for r in rs])
-            w, wsd = mean_std([r["wall_seconds"] for r in rs])
-            gap = 100 * (a - dense_mean)
-            print(f"| CS ticket s0={s0:g} lam={lam:g} | {d:.4f} ± {dsd:.4f} | {100 * a:.2f} ± {100 * asd:.2f} "
-                  f"({gap:+.2f} vs dense) | {e:.0f} | {w:.0f} ± {wsd:.0f} | {len(rs)} |")
+    for rounds, s0, lam in ((n, s0, lam) for n in rounds_list for s0 in s0s for lam in lams):
+        rs = [r for r in cs if r["s0"] == s0 and r["lam"] == lam and rounds in (None, r["rounds"])]
+        d, dsd = mean_std([r["density"] for r in rs])
+        a, asd = mean_std([r["test_accuracy"] for r in rs])
+        e, _ = mean_std([r["epochs"] for r in rs])
+        w, wsd = mean_std([r["wall_seconds"] for r in rs])
+        gap = 100 * (a - dense_mean)
+        name = f"s0={s0:g} lam={lam:g}" + (f" rounds={rounds}" if rounds is not None else "")
+        print(f"| CS ticket {name} | {d:.4f} ± {dsd:.4f} | {100 * a:.2f} ± {100 * asd:.2f} "
+              f"({gap:+.2f} vs dense) | {e:.0f} | {w:.0f} ± {wsd:.0f} | {len(rs)} |")
 
 
 if __name__ == "__main__":
