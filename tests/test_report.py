@@ -481,3 +481,13 @@ def test_layer_density_plot_fits_and_log_axis_has_labels_between_decades(tmp_pat
     lo, hi = sorted(ax.get_xlim())
     labels = {t.get_text() for t in ax.get_xticklabels() if lo <= t.get_position()[0] <= hi and t.get_text()}
     assert {"2", "5", "20", "50"} <= labels
+
+
+def test_cs_rounds_move_a_ticket_along_the_density_axis_not_onto_another_curve():
+    """Each CS round prunes further, so tickets of 1, 2 and 3 rounds are points of one CS curve."""
+    from lottery.report import _series_names
+
+    rows = [{"method": "cs ticket", "params": {"s0": 0.0, "rounds": n}} for n in (1, 2, 3)]
+    rows.append({"method": "cs ticket", "params": {"s0": 0.0, "rounds": 3, "penalty": "mean"}})
+    names = _series_names(rows)
+    assert names[0] == names[1] == names[2] and names[3] != names[0]

@@ -167,8 +167,9 @@ DISTINGUISHING = ("s0", "lam", "rounds", "target_density", "rate", "scope", "rew
 _NOT_SETTINGS = ("data", "model", "training", "seed", "kind", "source")
 # hparams that repeat a results field under another name.
 _ALIASES = {"control.seed": "control_seed"}
-# The settings swept along the density axis of accuracy-against-density (every other one splits series).
-_SWEPT_BY_METHOD = {"cs": ("s0", "lam"), "l0": ("lam",), "gmp": ("target_density", "density"),
+# The settings swept along the density axis of accuracy-against-density (every other one splits series);
+# a CS ticket's density follows s0, lam and the number of rounds (each round prunes further).
+_SWEPT_BY_METHOD = {"cs": ("s0", "lam", "rounds"), "l0": ("lam",), "gmp": ("target_density", "density"),
                     "magnitude": ("target_density", "density"), "oneshot": ("target_density", "density")}
 _SWEPT_ALWAYS = ("target_density", "source", "source_level")
 # Methods whose runs restructure another run's ticket: not ticket searches of their own.
