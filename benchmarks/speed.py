@@ -52,7 +52,7 @@ from _common import machine  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-PARTS = ("overhead", "maskops", "loop", "options", "workers", "memory", "scaling")
+PARTS = ("overhead", "maskops", "csfloor", "loop", "options", "workers", "memory", "scaling")
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -238,6 +238,88 @@ def part_maskops(args) -> str:
     base = res["grad.mul_(float mask) (in place)"]["median_s"]
     for k, r in res.items():
         lines.append(f"| {k} | {1e6 * r['median_s'] / calls:.0f} | {r['median_s'] / base:.1f} |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------- csfloor
+def part_csfloor(args) -> str:
+    """A lower bound of CS's training-step overhead on LeNet-300-100, from its unavoidable parts.
+
+    Whatever the implementation, a CS step does more than the dense one: the logits' own optimizer step
+    (SGD, momentum 0.9, Nesterov: the reference recipe), a sigmoid over every logit in the forward (the
+    soft mask) and at least one more elementwise pass in the backward (their gradient, from the saved
+    sigmoid: a multiply-class pass). Each part is timed alone against the whole dense training step;
+    their sum is the overhead of a perfectly fused CS step."""
+    torch.manual_seed(0)
+    model = build("lenet_300_100", 0)
+    x, y = next(iter(train_loader()))
+    from lottery import masking
+
+    weights = list(masking.prunable_weights(model).values())
+    logits = [torch.zeros_like(w, requires_grad=True) for w in weights]
+    for t in logits:
+        t.grad = torch.randn_like(t)
+    dense_opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    logit_opt = torch.optim.SGD(logits, lr=0.1, momentum=0.9, nesterov=True)
+    soft = build("lenet_300_100", 0)
+    masking.attach_soft_mask(soft, list(masking.prunable_weights(soft)), s0=0.0)
+    from lottery.methods.cs import CSHparams, make_search_optimizers
+    from lottery.hparams import TrainingHparams
+
+    cs_opts = make_search_optimizers(soft, TrainingHparams(lr=0.1), CSHparams())
+
+    def dense_step():
+        dense_opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        dense_opt.step()
+
+    def cs_step():
+        for o in cs_opts:
+            o.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(soft(x), y) + 1e-8 * masking.soft_mask_penalty(soft, reuse_forward=True)
+        loss.backward()
+        for o in cs_opts:
+            o.step()
+
+    def sigmoid_pass():
+        for t in logits:
+            torch.sigmoid(t.detach())
+
+    def multiply_pass():
+        for t, w in zip(logits, weights):
+            torch.mul(t.detach(), w.detach())
+
+    ops = {
+        "dense LeNet training step (forward, backward, SGD step; batch 128)": dense_step,
+        "CS search step as the trainer runs it (soft masks, penalty, both optimizers)": cs_step,
+        "logits' SGD step alone (momentum 0.9, Nesterov)": logit_opt.step,
+        "sigmoid over all logits (out of place)": sigmoid_pass,
+        "one multiply over all logits (logits x weights, out of place)": multiply_pass,
+    }
+    calls = 100
+
+    def timed(fn):
+        def make():
+            for _ in range(10):
+                fn()
+
+            def run():
+                for _ in range(calls):
+                    fn()
+            return run
+        return make
+
+    res = interleaved({k: timed(v) for k, v in ops.items()}, args.repeats)
+    names = list(ops)
+    base = res[names[0]]["median_s"]
+    lines = [f"\n### Lower bound of CS's step overhead, LeNet-300-100 ({sum(w.numel() for w in weights):,} logits; "
+             f"{calls} calls per timing)\n", "| part | median us / call | / dense step |", "|---|---|---|"]
+    for k in names:
+        lines.append(f"| {k} | {1e6 * res[k]['median_s'] / calls:.0f} | {res[k]['median_s'] / base:.3f} |")
+    floor = (res[names[2]]["median_s"] + res[names[3]]["median_s"] + res[names[4]]["median_s"]) / base
+    lines.append(f"\nA perfectly fused CS step would still add the logits' optimizer step, the sigmoid and one "
+                 f"multiply pass: "
+                 f"{100 * floor:.1f} % of the dense step (measured CS step: +{100 * (res[names[1]]['median_s'] / base - 1):.0f} %).")
     return "\n".join(lines)
 
 
