@@ -190,6 +190,20 @@ def part_overhead(args) -> str:
 
 
 # ------------------------------------------------------------------------------------------- maskops
+def repeated_calls(fn: Callable[[], object], calls: int) -> Callable[[], Callable[[], None]]:
+    """Factory for :func:`interleaved`: 10 warm-up calls of ``fn``, then a run of ``calls`` calls."""
+
+    def make():
+        for _ in range(10):
+            fn()
+
+        def run():
+            for _ in range(calls):
+                fn()
+        return run
+    return make
+
+
 def part_maskops(args) -> str:
     g = torch.Generator().manual_seed(0)
     grad = torch.randn(300, 784, generator=g)
@@ -220,19 +234,7 @@ def part_maskops(args) -> str:
         "hard_mask_version(hard-masked LeNet)": lambda: masking.hard_mask_version(hard),
     }
     calls = 200
-
-    def timed(fn):
-        def make():
-            for _ in range(10):
-                fn()
-
-            def run():
-                for _ in range(calls):
-                    fn()
-            return run
-        return make
-
-    res = interleaved({k: timed(v) for k, v in ops.items()}, args.repeats)
+    res = interleaved({k: repeated_calls(v, calls) for k, v in ops.items()}, args.repeats)
     lines = [f"\n### Mask operations on a 300 x 784 weight ({calls} calls per timing)\n",
              "| operation | median us / call | time / float multiply in place |", "|---|---|---|"]
     base = res["grad.mul_(float mask) (in place)"]["median_s"]
@@ -297,19 +299,7 @@ def part_csfloor(args) -> str:
         "one multiply over all logits (logits x weights, out of place)": multiply_pass,
     }
     calls = 100
-
-    def timed(fn):
-        def make():
-            for _ in range(10):
-                fn()
-
-            def run():
-                for _ in range(calls):
-                    fn()
-            return run
-        return make
-
-    res = interleaved({k: timed(v) for k, v in ops.items()}, args.repeats)
+    res = interleaved({k: repeated_calls(v, calls) for k, v in ops.items()}, args.repeats)
     names = list(ops)
     base = res[names[0]]["median_s"]
     lines = [f"\n### Lower bound of CS's step overhead, LeNet-300-100 ({sum(w.numel() for w in weights):,} logits; "
