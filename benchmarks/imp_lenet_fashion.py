@@ -12,12 +12,11 @@ another recipe (e.g. fashion_conv4_narrow, the CPU convolutional network; IMP-R 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine, mean_std, run_parallel  # noqa: E402
+from _common import machine, mean_std, read_results, run_parallel  # noqa: E402
 
 CONTROL_LEVELS = (2, 4, 6, 8, 10, 12)
 STABILITY_POINTS = ("0it", "100it", "1ep", "5ep")
@@ -55,10 +54,7 @@ def stability_job(seed: int, out: str, preset: str = "fashion_lenet"):
 
 
 def _finished(out: Path, prefix: str) -> list[dict]:
-    found = []
-    for path in sorted(out.glob(f"{prefix}*/results.json")):
-        found.append(json.loads(path.read_text()))
-    return found
+    return [r for _, r in read_results(out, f"{prefix}*/results.json")]
 
 
 def report(out: Path, levels: int, rewind: str = "1ep", control_levels=CONTROL_LEVELS) -> None:
@@ -79,7 +75,7 @@ def report(out: Path, levels: int, rewind: str = "1ep", control_levels=CONTROL_L
             d, _ = mean_std([lv["density"] for lv in rows])
             e, _ = mean_std([lv["epochs"] for lv in rows])
             print(f"| {name} | {level} | {d:.4f} | {100 * a:.2f} ± {100 * asd:.2f} | {e:.0f} | {len(rows)} |")
-    controls = [r for r in (json.loads(p.read_text()) for p in sorted(out.glob("*random-prune*/results.json")))]
+    controls = [r for _, r in read_results(out, "*random-prune*/results.json")]
     for level in control_levels:
         rows = [r for r in controls if r.get("level") == level]
         if rows:

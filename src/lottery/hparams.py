@@ -249,7 +249,7 @@ class ModelHparams(Hparams):
 
     model: str = "lenet_300_100"
     # Width multiplier for families that have one: an integer for the CIFAR ResNets, any positive number
-    # for Conv-2/4/6 (0.25: a quarter of the channels, small enough for CPU-only benchmarks).
+    # for Conv-2/4/6 (0.125: an eighth of the channels, the fashion_conv4_narrow CPU benchmark preset).
     width: float | None = None
     # None: the model's default ignore list (METHODS.md); () prunes every Conv/Linear weight.
     prune_ignore: tuple[str, ...] | None = None

@@ -5,9 +5,10 @@ layers 256-256-num_classes. The flatten size is computed from the input shape, s
 run on e.g. 1x28x28 images.
 
 Option ``width`` (a positive number, default 1) scales every convolution's channel count (rounded, at
-least 1); the fully connected layers keep their 256 units. ``conv4`` at ``width=0.25`` (16, 16, 32, 32
-channels) costs about a sixteenth of Conv-4's convolution multiply-adds: a convolutional network that
-trains an epoch of Fashion-MNIST in seconds on two CPU cores, for benchmarks (benchmarks/RESULTS.md).
+least 1); the fully connected layers keep their 256 units. ``conv4`` at ``width=0.125`` (8, 8, 16, 16
+channels; the ``fashion_conv4_narrow`` preset) trained a Fashion-MNIST epoch in about 18 s per
+single-threaded worker on the 2-core benchmark machine (full-width Conv-4: about 313 s in the speed
+benchmark's scaling table): a convolutional network for CPU benchmarks (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
