@@ -25,12 +25,21 @@ on its own) so that two workers stay busy.
 
     python benchmarks/structured_fashion.py --seeds 0,1,2 --workers 2
     python benchmarks/structured_fashion.py --report-only     # tables of whatever has finished
+
+On a GPU the same recipe trains long enough to recover what channel removal costs: ``--device cuda``
+trains every network there (several workers share one GPU), ``--cuda`` also times the networks on the
+GPU (``--cuda-batches``), and the CPU latency is still measured at ``--threads`` threads after all
+training has ended. The 10-epoch run of benchmarks/RESULTS.md (one H100, about 11 minutes in all):
+
+    python benchmarks/structured_fashion.py --device cuda --seeds 0,1,2 --workers 12 --steps 9380 \
+        --rewind 250it --cuda --out benchmarks/out/structured_fashion_gpu_10ep
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -60,7 +69,7 @@ def imp_job(args: dict, seed: int):
     data, model, training = recipe(args)
     hp = IMPHparams(levels=args["imp_levels"], rate=args["imp_rate"], scope="layerwise", rewind=args["rewind"])
     return run_imp(IMPJob(data, model, training, hp, seed=seed),
-                   RunOptions(out=args["out"], progress=False, data_dir=args["data_dir"]))
+                   RunOptions(out=args["out"], progress=False, data_dir=args["data_dir"], device=args["device"]))
 
 
 def cs_job(args: dict, seed: int):
@@ -72,7 +81,7 @@ def cs_job(args: dict, seed: int):
     hp = CSHparams(s0=args["cs_s0"], lam=args["cs_lam"], rounds=args["cs_rounds"], rewind=args["rewind"],
                    temperature_schedule="iteration", mask_lr=args["cs_mask_lr"])
     return run_cs(CSJob(data, model, training, hp, seed=seed, dense_reference=False),
-                  RunOptions(out=args["out"], progress=False, data_dir=args["data_dir"]))
+                  RunOptions(out=args["out"], progress=False, data_dir=args["data_dir"], device=args["device"]))
 
 
 def structure_job(args: dict, source: str, method: str):
@@ -82,7 +91,7 @@ def structure_job(args: dict, source: str, method: str):
 
     hp = StructuredHparams(method=method, fillback_rate=args["fillback"], columns=args["regroup_columns"])
     return run_structure(StructureJob(Path(source), hp),
-                         RunOptions(out=args["out"], progress=False, data_dir=args["data_dir"]))
+                         RunOptions(out=args["out"], progress=False, data_dir=args["data_dir"], device=args["device"]))
 
 
 def _finished(out: Path, prefix: str, seed: int | None = None) -> list[dict]:
@@ -142,8 +151,9 @@ def latency_job(args: dict, seed: int) -> dict | None:
     write_json(path, report)
     print(f"\nseed {seed}\n" + format_latency_table(report))
     if args["cuda"] and torch.cuda.is_available():
-        gpu = measure_latency(variants, (1, 28, 28), LatencySettings(batch_sizes=(1, 64), warmup=args["warmup"],
-                                                                     repeats=args["repeats"], device="cuda"),
+        gpu = measure_latency(variants, (1, 28, 28),
+                              LatencySettings(batch_sizes=tuple(int(b) for b in args["cuda_batches"].split(",")),
+                                              warmup=args["warmup"], repeats=args["repeats"], device="cuda"),
                               baseline="dense")
         report["cuda"] = gpu
         write_json(path, report)
@@ -152,7 +162,7 @@ def latency_job(args: dict, seed: int) -> dict | None:
 
 
 def report(out: Path) -> None:
-    print(f"machine: {machine()}\n")
+    print(f"report made on: {machine()} (the latency tables name the machine they were measured on)\n")
     imp = _finished(out, "search-imp_")
     cs = _finished(out, "search-cs_")
     structured = _finished(out, "structure-")
@@ -209,6 +219,23 @@ def report(out: Path) -> None:
     if imp and "imp csr" in (lat[0]["speedup"]["64"] if lat else {}):
         print(f"| IMP-R ticket, CSR export of its Linear layers | - | {params('imp csr')} | - | - | "
               f"{speed('imp csr', '1')} | {speed('imp csr', '64')} | {len(lat)} |")
+    gpu = [r["cuda"] for r in lat if "cuda" in r]
+    if gpu:
+        batches = [str(b) for b in gpu[0]["settings"]["batch_sizes"]]
+        print(f"\nGPU ({gpu[0]['machine']['device']}): speed-up over the dense network, median of interleaved "
+              "timings, mean ± std over seeds\n")
+        print("| network | " + " | ".join(f"batch {b}" for b in batches) + " | dense median ms |")
+        print("|---|" + "---|" * (len(batches) + 1))
+        labels = list(gpu[0]["speedup"][batches[0]])
+        for label in labels:
+            cells = []
+            for b in batches:
+                vals = [g["speedup"][b][label] for g in gpu if label in g["speedup"].get(b, {})]
+                m, sd = mean_std(vals)
+                cells.append(f"{m:.2f}x ± {sd:.2f}")
+            dense_ms = "; ".join(f"{statistics.median(r['median_ms'] for g in gpu for r in g['rows'] if r['variant'] == 'dense' and str(r['batch']) == b):.3f}"
+                                 for b in batches) if label == "dense" else ""
+            print(f"| {label} | " + " | ".join(cells) + f" | {dense_ms} |")
     print(f"\ntarget (matching within {100 * MATCH:.1f} points and >= {TARGET_SPEEDUP}x at batch 64): "
           + ("; ".join(hits) if hits else "not met by any structured ticket"))
     if lat:
@@ -246,6 +273,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--cuda", action="store_true", help="also time on the GPU when there is one")
+    ap.add_argument("--cuda-batches", default="1,64,1024", help="batch sizes of the GPU timing")
+    ap.add_argument("--device", default="cpu", help="where the networks train: cpu or cuda")
+    ap.add_argument("--threads-per-worker", type=int, default=1, help="torch CPU threads of each training worker")
     ap.add_argument("--redo-latency", action="store_true")
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args()
@@ -253,12 +283,13 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     cfg = {k: getattr(args, k) for k in ("steps", "batch", "rewind", "imp_levels", "imp_rate", "cs_s0", "cs_lam", "cs_rounds",
                                          "cs_mask_lr", "fillback", "regroup_columns", "threads", "warmup", "repeats", "cuda",
-                                         "redo_latency", "data_dir")}
+                                         "redo_latency", "data_dir", "cuda_batches", "device")}
     cfg["out"] = str(out)
     if not args.report_only:
-        sources = run_parallel(_source_job, [(cfg, kind, s) for s in seeds for kind in ("imp", "cs")], args.workers)
+        sources = run_parallel(_source_job, [(cfg, kind, s) for s in seeds for kind in ("imp", "cs")], args.workers,
+                               args.threads_per_worker)
         jobs = [(cfg, r["run_dir"], m) for r in sources for m in METHODS]
-        run_parallel(structure_job, jobs, args.workers)
+        run_parallel(structure_job, jobs, args.workers, args.threads_per_worker)
         for s in seeds:  # one process at a time: nothing else of ours runs during a timing
             latency_job(cfg, s)
     report(out)
