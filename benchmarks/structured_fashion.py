@@ -44,7 +44,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine, mean_std, run_parallel  # noqa: E402
+from _common import machine, mean_std, read_results, run_parallel  # noqa: E402
 
 METHODS = ("refill", "refill+", "regroup")
 TARGET_SPEEDUP = 2.86  # 65% of the dense network's time saved
@@ -95,12 +95,7 @@ def structure_job(args: dict, source: str, method: str):
 
 
 def _finished(out: Path, prefix: str, seed: int | None = None) -> list[dict]:
-    rows = []
-    for path in sorted(out.glob(f"{prefix}*/results.json")):
-        r = json.loads(path.read_text())
-        if seed is None or r.get("seed") == seed:
-            rows.append(r)
-    return rows
+    return [r for _, r in read_results(out, f"{prefix}*/results.json") if seed is None or r.get("seed") == seed]
 
 
 def latency_job(args: dict, seed: int) -> dict | None:
@@ -224,18 +219,15 @@ def report(out: Path) -> None:
         batches = [str(b) for b in gpu[0]["settings"]["batch_sizes"]]
         print(f"\nGPU ({gpu[0]['machine']['device']}): speed-up over the dense network, median of interleaved "
               "timings, mean ± std over seeds\n")
-        print("| network | " + " | ".join(f"batch {b}" for b in batches) + " | dense median ms |")
-        print("|---|" + "---|" * (len(batches) + 1))
-        labels = list(gpu[0]["speedup"][batches[0]])
-        for label in labels:
-            cells = []
-            for b in batches:
-                vals = [g["speedup"][b][label] for g in gpu if label in g["speedup"].get(b, {})]
-                m, sd = mean_std(vals)
-                cells.append(f"{m:.2f}x ± {sd:.2f}")
-            dense_ms = "; ".join(f"{statistics.median(r['median_ms'] for g in gpu for r in g['rows'] if r['variant'] == 'dense' and str(r['batch']) == b):.3f}"
-                                 for b in batches) if label == "dense" else ""
-            print(f"| {label} | " + " | ".join(cells) + f" | {dense_ms} |")
+        print("| network | " + " | ".join(f"batch {b}" for b in batches) + " |")
+        print("|---|" + "---|" * len(batches))
+        for label in gpu[0]["speedup"][batches[0]]:
+            cells = [mean_std([g["speedup"][b][label] for g in gpu if label in g["speedup"].get(b, {})]) for b in batches]
+            print(f"| {label} | " + " | ".join(f"{m:.2f}x ± {sd:.2f}" for m, sd in cells) + " |")
+        dense_ms = {b: statistics.median(r["median_ms"] for g in gpu for r in g["rows"]
+                                         if r["variant"] == "dense" and str(r["batch"]) == b) for b in batches}
+        print("\ndense network's median ms (median over seeds): "
+              + ", ".join(f"batch {b} {ms:.3f}" for b, ms in dense_ms.items()))
     print(f"\ntarget (matching within {100 * MATCH:.1f} points and >= {TARGET_SPEEDUP}x at batch 64): "
           + ("; ".join(hits) if hits else "not met by any structured ticket"))
     if lat:
