@@ -103,4 +103,4 @@ def test_latency_on_cuda_reports_every_variant():
                              (1, 16, 16), LatencySettings(batch_sizes=(1, 8), warmup=2, repeats=5, device="cuda"))
     assert {r["variant"] for r in report["rows"]} == {"a", "b"}
     assert all(r["median_ms"] > 0 for r in report["rows"])
-    assert report["settings"]["device"] == "cuda"
+    assert report["machine"]["device"] == torch.cuda.get_device_name(0)  # the GPU, not the CPU, is named
