@@ -159,7 +159,8 @@ def engine_run(model_name: str, variant: str, iters: int, seed: int = 0, compile
             # every step that the callback used before it relied on the gradient mask (kept for comparison)
             callbacks = [EnforceMaskCallback(every_step=True if variant == "hard_every_step" else None)]
         elif variant == "cs":
-            cs = CSHparams(rounds=1)
+            # the reference recipe (SGD logits, per-epoch temperature), as measured in RESULTS.md's Speed section
+            cs = CSHparams(rounds=1, s0=0.0, mask_optimizer="sgd", temperature_schedule="epoch", beta_final=200.0)
             masking.attach_soft_mask(model, list(names), s0=cs.s0, scale_by_s0=cs.scale_by_s0)
             optimizers = make_search_optimizers(model, hp, cs)
             callbacks = search_round_callbacks(cs, 0)
@@ -268,7 +269,7 @@ def part_csfloor(args) -> str:
     from lottery.methods.cs import CSHparams, make_search_optimizers
     from lottery.hparams import TrainingHparams
 
-    cs_opts = make_search_optimizers(soft, TrainingHparams(lr=0.1), CSHparams())
+    cs_opts = make_search_optimizers(soft, TrainingHparams(lr=0.1), CSHparams(mask_optimizer="sgd"))
 
     def dense_step():
         dense_opt.zero_grad(set_to_none=True)

@@ -196,6 +196,7 @@ def cmd_search_cs(args: argparse.Namespace, mode: str = "ticket") -> int:
 
     job = _cs_job(args, mode)
     options = _options(args)
+    options.strict = bool(getattr(args, "strict", False))
     results = run_cs(job, options)
     if not _is_main_rank():
         return 0
@@ -249,6 +250,8 @@ def _add_cs_commands(sub) -> None:
         _common_flags(p)
         add_hparams_flags(p, CSHparams, "continuous sparsification")
         p.add_argument("--no-dense", action="store_true", help="do not train the dense reference network")
+        p.add_argument("--strict", action="store_true",
+                       help="stop with an error when a search round's mask did not converge (default: a warning)")
         p.set_defaults(func=lambda a, m=mode: cmd_search_cs(a, m))
     return search_sub, prune_sub
 

@@ -35,6 +35,7 @@ class RunOptions:
     progress: bool = True
     download: bool = True
     log: Any = None  # a callable taking one line; default: tqdm.write
+    strict: bool = False  # CS: a search round whose mask did not converge is an error, not a warning
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)

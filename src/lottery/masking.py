@@ -29,11 +29,12 @@ Parameter names are always the *logical* ones, i.e. the ``state_dict`` keys of t
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import re
 import weakref
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from fnmatch import fnmatchcase
 from typing import Any
 
@@ -563,6 +564,7 @@ class SoftMask(nn.Module):
         self.scale_by_s0 = bool(scale_by_s0)
         self.denominator = 1.0 / (1.0 + math.exp(-self.s0)) if self.scale_by_s0 else 1.0
         self._reciprocals: dict[torch.dtype, float] = {}  # per dtype: the model may be cast later
+        self.hard = False  # True inside hardened_soft_masks(): the mask is its beta -> infinity limit
 
     @property
     def reciprocal(self) -> float:
@@ -576,7 +578,10 @@ class SoftMask(nn.Module):
         return r
 
     def mask(self) -> torch.Tensor:
-        m = torch.sigmoid(self.beta * self.logits)
+        if self.hard:  # 1[s > 0] (times the scale): the network the hard mask will give, for evaluation
+            m = (self.logits > 0).to(self.logits.dtype)
+        else:
+            m = torch.sigmoid(self.beta * self.logits)
         return m * self.reciprocal if self.scale_by_s0 else m
 
     def shared_mask(self) -> torch.Tensor:
@@ -784,6 +789,23 @@ def get_temperature(model: nn.Module) -> float | None:
     for _, sm in _soft_masks(model):
         return float(sm.beta)
     return None
+
+
+@contextlib.contextmanager
+def hardened_soft_masks(model: nn.Module) -> Iterator[None]:
+    """Inside this block every soft mask computes its beta -> infinity limit ``1[s > 0] / sigmoid(s0)``
+    (``1[s > 0]`` without the scale) instead of ``sigmoid(beta * s) / sigmoid(s0)``: the network that
+    ``harden_soft_masks`` / ``lottery prune cs`` would give, evaluated without copying or changing the
+    model. Why: comparing it with the soft network shows whether the mask has become binary."""
+    masks = [sm for _, sm in _soft_masks(model)]
+    before = [sm.hard for sm in masks]
+    for sm in masks:
+        sm.hard = True
+    try:
+        yield
+    finally:
+        for sm, b in zip(masks, before):
+            sm.hard = b
 
 
 def mask_logits(model: nn.Module) -> dict[str, nn.Parameter]:

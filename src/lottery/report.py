@@ -166,7 +166,7 @@ DISTINGUISHING = ("s0", "lam", "rounds", "target_density", "rate", "scope", "rew
 # seed, the kind (it is the method) and the source (replaced by the source run's own settings).
 _NOT_SETTINGS = ("data", "model", "training", "seed", "kind", "source")
 # hparams that repeat a results field under another name.
-_ALIASES = {"control.seed": "control_seed"}
+_ALIASES = {"control.seed": "control_seed", "cs.density": "target_density"}
 # The settings swept along the density axis of accuracy-against-density (every other one splits series);
 # a CS ticket's density follows s0, lam and the number of rounds (each round prunes further).
 _SWEPT_BY_METHOD = {"cs": ("s0", "lam", "rounds"), "l0": ("lam",), "gmp": ("target_density", "density"),
@@ -529,6 +529,25 @@ def _dense_of(row: dict[str, Any], refs: dict[tuple, float]) -> list[float]:
     return paired or list(same.values())
 
 
+def _mask_convergence(rs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Worst case over the seeds and search rounds of CS runs' mask convergence figures (results.json's
+    ``convergence``): the largest undecided fraction, the largest soft-hard accuracy gap, and whether
+    every round of every seed converged. None where the runs record none (other methods, older runs)."""
+    rounds = [c for r in rs for c in (r.get("convergence") or [])]
+    if not rounds:
+        return {"mask_undecided_max": None, "mask_gap_max": None, "mask_converged": None}
+    return {"mask_undecided_max": max(c["undecided"] for c in rounds),
+            "mask_gap_max": max(abs(c["soft_hard_gap"]) for c in rounds),
+            "mask_converged": all(bool(c["converged"]) for c in rounds)}
+
+
+def _mask_cell(row: dict[str, Any]) -> str:
+    if row.get("mask_converged") is None:
+        return "-"
+    detail = f"{100 * row['mask_undecided_max']:.2f} % undecided, gap {100 * row['mask_gap_max']:.2f}"
+    return ("yes" if row["mask_converged"] else "NO") + f" ({detail})"
+
+
 def summarize(records: Sequence[dict[str, Any]], tolerance: float = MATCH_TOLERANCE) -> list[dict[str, Any]]:
     """One row per group of runs that differ only in their seed, with means, stds and matching.
 
@@ -587,6 +606,7 @@ def summarize(records: Sequence[dict[str, Any]], tolerance: float = MATCH_TOLERA
             "wall_seconds": _mean(_nums(rs, "wall_seconds")),
             "run_dirs": [r.get("run_dir") for r in sorted(rs, key=lambda r: (r.get("seed") is None, r.get("seed")))],
             "_recipe_fields": rs[0].get("_recipe_fields") or {},
+            **_mask_convergence(rs),
         })
 
     # The setting column shows the hparams that vary within a method's rows (the results' own fields if
@@ -802,19 +822,23 @@ REPORT_COLUMNS = (
     ("n_seeds", "seeds", "{}"),
     ("dense", "dense acc %", "{}"),
     ("match", "matches dense", "{}"),
+    ("mask", "mask binary (worst round)", "{}"),
     ("epochs", "epochs/run", "{:.1f}"),
     ("wall_seconds", "wall s/run", "{:.1f}"),
 )
 
 FOOTNOTE = ("± std: sample standard deviation over seeds (n - 1), – with a single seed. epochs/run, wall s/run: "
             "mean per seed of everything spent to obtain that network; for a level of an iterative run (IMP) "
-            "both are cumulative, from the dense level 0 up to and including that level.")
+            "both are cumulative, from the dense level 0 up to and including that level. mask binary (CS): whether "
+            "every search round of every seed ended with at most 1 % of logits undecided (|beta*s| < ln 99) and "
+            "hard-mask val accuracy within 0.3 points of the soft network's; worst undecided %, worst gap in points.")
 
 
 def _display_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{**r, "acc": _pm(r["test_accuracy"], r["test_accuracy_std"]),
              "dense": _pm(r["dense_test_accuracy"], r["dense_test_accuracy_std"]),
              "match": {True: "yes", False: "no", None: "-"}[r["matching"]],
+             **({"mask": _mask_cell(r)} if r.get("mask_converged") is not None else {}),
              "setting": r["setting"] or "-"} for r in rows]
 
 
@@ -825,6 +849,8 @@ CSV_COLUMNS = (("method", "method"), ("model", "model"), ("dataset", "dataset"),
                ("density_std_n-1", "density_std"), ("test_accuracy", "test_accuracy"),
                ("test_accuracy_std_n-1", "test_accuracy_std"), ("dense_test_accuracy", "dense_test_accuracy"),
                ("dense_test_accuracy_std_n-1", "dense_test_accuracy_std"), ("matching", "matching"),
+               ("mask_converged", "mask_converged"), ("mask_undecided_max", "mask_undecided_max"),
+               ("mask_soft_hard_gap_max", "mask_gap_max"),
                ("epochs", "epochs"), ("wall_seconds_cumulative", "wall_seconds"), ("recipe", "recipe"),
                ("run_dirs", "run_dirs"))
 CSV_FIELDS = tuple(name for name, _ in CSV_COLUMNS)
@@ -837,7 +863,8 @@ def rows_to_csv(rows: Sequence[dict[str, Any]]) -> str:
     w.writerow(CSV_FIELDS)
     for r in rows:
         out = {**r, "seeds": " ".join(map(str, r["seeds"])), "run_dirs": ";".join(map(str, r["run_dirs"])),
-               "matching": "" if r["matching"] is None else str(r["matching"]).lower()}
+               "matching": "" if r["matching"] is None else str(r["matching"]).lower(),
+               "mask_converged": "" if r.get("mask_converged") is None else str(r["mask_converged"]).lower()}
         w.writerow(["" if out.get(key) is None else out[key] for _, key in CSV_COLUMNS])
     return buf.getvalue()
 

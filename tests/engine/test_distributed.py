@@ -37,7 +37,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, kind: str) -> N
         masking.attach_hard_mask(model, mask)
         trainer = Trainer(model, loader, HP, progress=False, log=lambda m: None)
     else:
-        cs = CSHparams(s0=0.0, lam=1e-4)
+        cs = CSHparams(s0=0.0, lam=1e-4, mask_optimizer="sgd", temperature_schedule="epoch")
         masking.attach_soft_mask(model, list(masking.prunable_weights(model)), s0=0.0)
         trainer = Trainer(model, loader, HP, optimizers=make_search_optimizers(model, HP, cs),
                           callbacks=search_round_callbacks(cs, 0), progress=False, log=lambda m: None)

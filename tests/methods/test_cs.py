@@ -97,7 +97,7 @@ def test_penalty_is_lam_times_sum_of_mask(mode):
     assert got.item() == pytest.approx(expected.item(), rel=1e-6)
     # the same through the in-loop API
     cs_model = _small_net()
-    cs = ContinuousSparsification(cs_model, epochs_per_round=2, rounds=1, s0=0.2, lam=lam, penalty=mode)
+    cs = ContinuousSparsification(cs_model, mask_optimizer="sgd", epochs_per_round=2, rounds=1, s0=0.2, lam=lam, penalty=mode)
     _set_logits(cs_model, seed=3, scale=2.0)
     masking.set_temperature(cs_model, beta)
     assert cs.penalty().item() == pytest.approx(expected.item(), rel=1e-6)
@@ -218,11 +218,11 @@ def _search(tiny_data, hp: CSHparams, recipe: TrainingHparams, rounds: int):
     """Run CS rounds with the library's callbacks and optimizers on a tiny MLP; one recorder per round."""
     train, test = tiny_data
     model = tiny_mlp()
-    masking.attach_soft_mask(model, s0=hp.s0, scale_by_s0=hp.scale_by_s0)
+    masking.attach_soft_mask(model, s0=hp.initial_logit, scale_by_s0=hp.scale_by_s0)
     recorders, histories = [], []
     for r in range(rounds):
         if r > 0:
-            masking.cs_reset_logits_(model, hp.beta_final, hp.s0)
+            masking.cs_reset_logits_(model, hp.beta_final, hp.initial_logit)
         rec = BetaRecorder()
         trainer = Trainer(model, train, recipe, optimizers=make_search_optimizers(model, recipe, hp),
                           eval_loaders={"test": test}, callbacks=[*search_round_callbacks(hp, r), rec],
@@ -237,7 +237,7 @@ RECIPE = TrainingHparams(training_steps="3ep", batch_size=32, lr=0.1, momentum=0
 
 def test_temperature_callback_per_epoch_in_trainer(tiny_data):
     bf = 50.0
-    hp = CSHparams(lam=1e-4, beta_final=bf, rounds=2)
+    hp = CSHparams(lam=1e-4, beta_final=bf, rounds=2, temperature_schedule="epoch", mask_optimizer="sgd")
     _, recorders, histories = _search(tiny_data, hp, RECIPE, rounds=2)
     ipe = len(tiny_data[0])
     for rec, history in zip(recorders, histories):
@@ -256,7 +256,7 @@ def test_temperature_callback_per_epoch_in_trainer(tiny_data):
 
 def test_temperature_callback_per_iteration_in_trainer(tiny_data):
     bf = 50.0
-    hp = CSHparams(lam=1e-4, beta_final=bf, rounds=2, temperature_schedule="iteration")
+    hp = CSHparams(lam=1e-4, beta_final=bf, rounds=2, temperature_schedule="iteration", mask_optimizer="sgd")
     _, recorders, _ = _search(tiny_data, hp, RECIPE, rounds=2)
     n = 3 * len(tiny_data[0])
     for rec in recorders:
@@ -272,7 +272,7 @@ def test_temperature_callback_per_iteration_in_trainer(tiny_data):
 def test_in_loop_beta_schedule_and_model_temperature_agree(E):
     bf = 20.0
     model = tiny_mlp()
-    cs = ContinuousSparsification(model, epochs_per_round=E, rounds=3, beta_final=bf)
+    cs = ContinuousSparsification(model, mask_optimizer="sgd", epochs_per_round=E, rounds=3, beta_final=bf)
     seen = [(cs.beta, masking.get_temperature(model))]
     for _ in range(cs.total_epochs):
         out = cs.epoch_end()
@@ -295,7 +295,7 @@ def test_in_loop_beta_schedule_and_model_temperature_agree(E):
 def test_in_loop_reset_keeps_negative_logits_pruned(s0):
     bf = 50.0
     model = tiny_mlp()
-    cs = ContinuousSparsification(model, epochs_per_round=2, rounds=2, s0=s0, beta_final=bf)
+    cs = ContinuousSparsification(model, mask_optimizer="sgd", epochs_per_round=2, rounds=2, s0=s0, beta_final=bf)
     logits = _set_logits(model, seed=9)
     with torch.no_grad():  # exact zeros are pruned (strict mask) and must stay pruned
         for s in masking.mask_logits(model).values():
@@ -347,7 +347,7 @@ def test_search_optimizers_logits_have_no_weight_decay(weights_optimizer, mask_l
     masking.attach_soft_mask(model)
     _set_logits(model, seed=11)
     recipe = TrainingHparams(optimizer=weights_optimizer, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.05)
-    hp = CSHparams(mask_lr=mask_lr, mask_momentum=0.8, mask_nesterov=True)
+    hp = CSHparams(mask_lr=mask_lr, mask_momentum=0.8, mask_nesterov=True, mask_optimizer="sgd")
     w_opt, s_opt = make_search_optimizers(model, recipe, hp)
     logit_ids = {id(p) for p in masking.mask_logits(model).values()}
     w_ids = {id(p) for g in w_opt.param_groups for p in g["params"]}
@@ -384,7 +384,7 @@ def test_search_optimizers_logits_have_no_weight_decay(weights_optimizer, mask_l
 def test_in_loop_logits_group_has_no_weight_decay():
     model = tiny_mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.05)
-    cs = ContinuousSparsification(model, opt, epochs_per_round=2, rounds=1, mask_momentum=0.7)
+    cs = ContinuousSparsification(model, opt, mask_optimizer="sgd", epochs_per_round=2, rounds=1, mask_momentum=0.7)
     assert len(opt.param_groups) == 2
     group = opt.param_groups[-1]
     assert {id(p) for p in group["params"]} == {id(p) for p in cs.logits()}
@@ -404,7 +404,7 @@ def test_in_loop_logits_group_has_no_weight_decay():
 # -- 6 / 7. hard mask: strict, and pruned weights are 0 at every step of a ticket ---------------------
 def test_hard_mask_is_strict_and_finish_gives_exact_zeros():
     model = tiny_mlp()
-    cs = ContinuousSparsification(model, epochs_per_round=1, rounds=1)
+    cs = ContinuousSparsification(model, mask_optimizer="sgd", epochs_per_round=1, rounds=1)
     logits = _set_logits(model, seed=13)
     with torch.no_grad():
         for s in cs.logits():
@@ -430,7 +430,7 @@ def test_hard_mask_is_strict_and_finish_gives_exact_zeros():
 def test_finish_equals_the_trained_network_at_high_temperature():
     """finish() keeps the function the search trained: the soft-masked net as beta -> infinity."""
     model = tiny_mlp().eval()
-    cs = ContinuousSparsification(model, epochs_per_round=1, rounds=1, s0=-0.05)
+    cs = ContinuousSparsification(model, mask_optimizer="sgd", epochs_per_round=1, rounds=1, s0=-0.05)
     with torch.no_grad():
         for s in cs.logits():
             s.copy_(torch.randn(s.shape, generator=torch.Generator().manual_seed(5)).sign() * 0.5)
@@ -445,7 +445,7 @@ def test_finish_equals_the_trained_network_at_high_temperature():
 
 def test_finish_without_rescale_keeps_raw_weights():
     model = tiny_mlp()
-    cs = ContinuousSparsification(model, epochs_per_round=1, rounds=1, s0=-0.05)
+    cs = ContinuousSparsification(model, mask_optimizer="sgd", epochs_per_round=1, rounds=1, s0=-0.05)
     _set_logits(model, seed=3)
     raw = {n: w.detach().clone() for n, w in _raw_weights(model).items()}
     mask = cs.finish(rescale=False)
@@ -670,7 +670,7 @@ class StateAt(Callback):
 @pytest.mark.parametrize("k", [0, 5, 8])
 def test_snapshot_callback_takes_raw_weights_after_k_steps(tiny_data, k):
     train, _ = tiny_data
-    hp = CSHparams(lam=1e-3, beta_final=10.0)
+    hp = CSHparams(lam=1e-3, beta_final=10.0, mask_optimizer="sgd", temperature_schedule="epoch")
     model = tiny_mlp()
     masking.attach_soft_mask(model)
     taken = []
@@ -726,7 +726,7 @@ def _run_readme_example():
     model = UserNet()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     before_ids = {n: id(p) for n, p in masking.prunable_weights(model).items()}
-    cs = ContinuousSparsification(model, optimizer, epochs_per_round=2, rounds=2, s0=0.02, lam=1e-3)
+    cs = ContinuousSparsification(model, optimizer, mask_optimizer="sgd", epochs_per_round=2, rounds=2, s0=0.02, lam=1e-3)
     loader = _user_data()
     losses = []
     for epoch in range(cs.total_epochs):

@@ -31,7 +31,9 @@ DATA = DataHparams(dataset="synthetic", val_size=64, synthetic_shape=(1, 8, 8), 
                    synthetic_train_size=320, synthetic_test_size=128)
 IPE = 8
 TRAIN = TrainingHparams(training_steps="3ep", batch_size=32, lr=0.05, momentum=0.9, weight_decay=1e-4)
-CS = CSHparams(s0=0.0, lam=5e-6, beta_final=50.0, rounds=2, round_steps="2ep", rewind="1ep")
+# the reference recipe (SGD logits, per-epoch temperature): these tests check the paper's mechanics
+CS = CSHparams(s0=0.0, lam=5e-6, beta_final=50.0, rounds=2, round_steps="2ep", rewind="1ep",
+               mask_optimizer="sgd", temperature_schedule="epoch")
 JOB = CSJob(data=DATA, model=ModelHparams("lenet_300_100"), training=TRAIN, cs=CS, dense_reference=True)
 
 
@@ -77,8 +79,8 @@ def _instrument(mp: pytest.MonkeyPatch) -> dict:
     record: dict = {"ticket_checks_before": 0, "ticket_checks_after": 0}
     original = cs_pipe.search_round_callbacks
 
-    def search_round_callbacks(hp, round_index):
-        return [*original(hp, round_index), RoundRecorder(record, round_index)]
+    def search_round_callbacks(hp, round_index, *args):
+        return [*original(hp, round_index, *args), RoundRecorder(record, round_index)]
 
     def check_pruned_zero(model, mask: Mask, when: str) -> None:
         params = masking.logical_named_parameters(model)
@@ -423,8 +425,8 @@ def test_resume_after_interrupt_in_round_1(tmp_path, monkeypatch, baseline):
     original = cs_pipe.search_round_callbacks
     crashed = []
 
-    def crashing(hp, round_index):
-        cbs = original(hp, round_index)
+    def crashing(hp, round_index, *args):
+        cbs = original(hp, round_index, *args)
         if round_index == 1 and not crashed:
             crashed.append(True)
             cbs.append(Interrupt(IPE + 3))  # mid-epoch 1 of round 1, after the epoch-0 checkpoint
@@ -455,8 +457,8 @@ def test_resume_after_interrupt_in_round_0_keeps_the_rewind_point(tmp_path, monk
     original = cs_pipe.search_round_callbacks
     crashed = []
 
-    def crashing(hp, round_index):
-        cbs = original(hp, round_index)
+    def crashing(hp, round_index, *args):
+        cbs = original(hp, round_index, *args)
         if round_index == 0 and not crashed:
             crashed.append(True)
             cbs.append(Interrupt(IPE + 2))
@@ -526,7 +528,7 @@ def test_short_rounds_warn_of_large_temperature_jumps_unless_beta_grows_per_iter
         job = CSJob(data=DATA, model=ModelHparams("lenet_300_100"), training=TRAIN.replace(training_steps="2ep"),
                     cs=cs, dense_reference=False)
         run_cs(job, RunOptions(out=tmp_path / cs.temperature_schedule, progress=False, log=lines.append))
-        return [l for l in lines if "temperature" in l]
+        return [l for l in lines if "per-epoch temperature" in l or "cannot anneal" in l]
 
     short = CS.replace(round_steps="2ep", rounds=1, rewind="0it")
     (warning,) = warnings_of(short)

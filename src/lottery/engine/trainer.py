@@ -221,7 +221,8 @@ class Trainer:
         mult = self.schedule(self.iteration)
         for opt in self.optimizers:
             for group in opt.param_groups:
-                group["lr"] = group["base_lr"] * mult
+                # a group with follow_schedule=False keeps its base LR (CS's Adam logits: see methods/cs.py)
+                group["lr"] = group["base_lr"] * (mult if group.get("follow_schedule", True) else 1.0)
         for cb in self.callbacks:
             cb.on_step_start(self)
         x = x.to(self.device, non_blocking=True)

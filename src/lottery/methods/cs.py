@@ -30,49 +30,72 @@ from lottery.engine import Callback, Trainer, make_optimizer
 from lottery.errors import ConfigError
 from lottery.hparams import Hparams, TrainingHparams
 from lottery.masks import Mask
+from lottery.methods.cs_density import DensityCallback, project_to_density
 from lottery.step import validate_step_spec
+
+
+#: Initial logit with a target density: slightly positive, so that every weight starts kept (hard density 1)
+#: and the density schedule can take it down from there.
+DENSITY_S0 = 0.02
+#: Adam logits (the budget-robust default): learning rate ``ADAM_LR_SCALE / sqrt(steps per round)``.
+ADAM_LR_SCALE = 0.1
 
 
 @dataclass(frozen=True)
 class CSHparams(Hparams):
-    """The hparams of a CS search. Defaults follow the reference ResNet-20 run (METHODS.md)."""
+    """The hparams of a CS search.
 
-    s0: float = 0.0
+    The defaults are lottery's budget-robust recipe: the mask logits have their own Adam optimizer at a
+    constant learning rate ``0.1 / sqrt(steps per round)``, the temperature grows every iteration to
+    ``beta_final = 1000``. It gives binary masks at any round length, from one epoch to the paper's 85
+    (docs/cs.md: why). The paper's reference recipe is ``mask_optimizer="sgd"`` (the weights' learning
+    rate and schedule, momentum 0.9, Nesterov), ``temperature_schedule="epoch"``, ``beta_final=200``: the
+    ``cifar10_*`` presets set exactly that.
+    """
+
+    s0: float | None = None  # None: 0, or DENSITY_S0 with a target density
     lam: float = 1e-8
-    beta_final: float = 200.0
+    beta_final: float = 1000.0
     rounds: int = 3
+    density: float | None = None  # target density of the final mask; None: steered by s0 and lam
+    density_ramp: float = 0.6  # fraction of each round over which the density moves to the round's target
     scale_by_s0: bool = True
     penalty: str = "sum"  # sum: lam * sum(m) (the reference); mean: lam * sum(m) / number of masked weights
-    temperature_schedule: str = "epoch"  # epoch: beta grows once per epoch (reference); iteration: every step
+    temperature_schedule: str = "iteration"  # iteration: beta grows every step; epoch: once per epoch (reference)
     rewind: str = "2ep"  # the rewind point k, saved during round 0
     round_steps: str | None = None  # length of a search round; None: the training recipe's length
     round_milestones: tuple[str, ...] | None = None  # LR milestones within a round; None: the recipe's
-    mask_lr: float | None = None  # None: the weights' learning rate
+    mask_optimizer: str = "adam"  # adam: own optimizer, constant LR (robust); sgd: the reference
+    mask_lr: float | None = None  # None: adam 0.1/sqrt(steps per round); sgd the weights' learning rate
     mask_momentum: float = 0.9
     mask_nesterov: bool = True
     finetune_steps: str = "0ep"  # pruning mode: fine-tuning of the pruned network
 
     _prefix = "cs"
     _help = {
-        "s0": "initial mask logit; steers sparsity (0.1 denser, -0.1 sparser)",
-        "lam": "penalty weight on the soft mask's sum",
-        "beta_final": "temperature at the last epoch of each round",
+        "s0": "initial mask logit (default 0, or 0.02 with --density); steers sparsity (larger: denser)",
+        "lam": "penalty weight on the soft mask's sum (larger: sparser)",
+        "beta_final": "temperature at the end of each round",
         "rounds": "number of search rounds",
+        "density": "target density of the final mask, in (0, 1), e.g. 0.05 (default: none; s0 and lam steer)",
+        "density_ramp": "with --density: fraction of each round over which the density moves to that round's target",
         "scale_by_s0": "divide the soft mask by sigmoid(s0) so it starts at exactly 1",
         "penalty": "sum (reference) or mean (normalised by the number of masked weights)",
-        "temperature_schedule": "anneal beta per epoch (reference) or per iteration",
+        "temperature_schedule": "anneal beta every iteration (default) or once per epoch (reference)",
         "rewind": "rewind point k saved during round 0, e.g. 2ep or 500it",
         "round_steps": "length of one search round (default: the training length)",
         "round_milestones": "LR milestones within a round (default: the training recipe's)",
-        "mask_lr": "learning rate of the mask logits (default: the weights')",
-        "mask_momentum": "SGD momentum of the mask logits",
-        "mask_nesterov": "Nesterov momentum for the mask logits",
+        "mask_optimizer": "adam (default: own Adam, constant LR 0.1/sqrt(steps per round)) or sgd (reference: the weights' LR and schedule)",
+        "mask_lr": "learning rate of the mask logits (default: see --mask-optimizer)",
+        "mask_momentum": "sgd: momentum of the mask logits",
+        "mask_nesterov": "sgd: Nesterov momentum for the mask logits",
         "finetune_steps": "pruning mode: fine-tune the pruned network this long",
     }
 
     def __post_init__(self) -> None:
         self._check_types()
-        self._finite("s0")
+        if self.s0 is not None:
+            self._finite("s0")
         self._non_negative("lam")
         self._fraction_below_one("mask_momentum")
         self._positive("beta_final")
@@ -80,8 +103,20 @@ class CSHparams(Hparams):
             raise ConfigError(f"CSHparams.beta_final must be >= 1 (beta starts at 1), got {self.beta_final}")
         if not isinstance(self.rounds, int) or isinstance(self.rounds, bool) or self.rounds < 1:
             raise ConfigError(f"CSHparams.rounds must be a positive integer, got {self.rounds!r}")
+        if self.density is not None:
+            self._finite("density")
+            if not 0 < self.density < 1:
+                raise ConfigError(f"--density must be a fraction of the weights strictly between 0 and 1 "
+                                  f"(e.g. 0.05 keeps 5 %), got {self.density!r}")
+            if self.s0 is not None:
+                raise ConfigError(f"--density sets the initial logit itself; drop --s0 (got {self.s0!r}) or drop "
+                                  "--density and steer the density with --s0 and --lam")
+        self._finite("density_ramp")
+        if not 0 < self.density_ramp <= 1:
+            raise ConfigError(f"CSHparams.density_ramp must be in (0, 1], got {self.density_ramp!r}")
         self._choice("penalty", ("sum", "mean"))
         self._choice("temperature_schedule", ("epoch", "iteration"))
+        self._choice("mask_optimizer", ("adam", "sgd"))
         self._step("rewind", "finetune_steps")
         if self.round_steps is not None:
             self._positive_step("round_steps")
@@ -91,6 +126,26 @@ class CSHparams(Hparams):
             self._positive("mask_lr")
         if self.mask_nesterov and self.mask_momentum == 0:
             raise ConfigError("CSHparams.mask_nesterov needs mask_momentum > 0")
+
+    @property
+    def initial_logit(self) -> float:
+        """``s0`` as used: the given value, else DENSITY_S0 with a target density, else 0."""
+        if self.s0 is not None:
+            return float(self.s0)
+        return DENSITY_S0 if self.density is not None else 0.0
+
+    def logit_lr(self, weights_lr: float, round_iterations: int) -> float:
+        """The mask logits' learning rate for rounds of ``round_iterations`` steps.
+
+        Adam moves each logit by about its learning rate per step; noisy (undecided) logits then spread
+        like a random walk, ~ lr * sqrt(steps). ``0.1 / sqrt(steps)`` keeps that spread the same at any
+        round length, so short rounds move the logits as far from 0 as long ones (measured in
+        benchmarks/cs_budget.py)."""
+        if self.mask_lr is not None:
+            return float(self.mask_lr)
+        if self.mask_optimizer == "adam":
+            return ADAM_LR_SCALE / math.sqrt(max(1, round_iterations))
+        return float(weights_lr)
 
     def round_recipe(self, training: TrainingHparams) -> TrainingHparams:
         """The training recipe of one search round."""
@@ -126,11 +181,21 @@ def mask_penalty(model: nn.Module, lam: float, mode: str = "sum", reuse_forward:
 
 # -- use inside your own training loop --------------------------------------------------------------
 class ContinuousSparsification:
-    """CS inside any training loop: add ``penalty()`` to the loss and call ``epoch_end()`` per epoch.
+    """CS inside any training loop: add ``penalty()`` to the loss, call ``step()`` after every optimizer
+    step and ``epoch_end()`` after every epoch.
 
-    ``optimizer`` (the user's, over the weights) gets the mask logits as an extra parameter group with
-    no weight decay (METHODS.md: the logits are never decayed) and momentum ``mask_momentum``; its
-    learning rate and any LR scheduler the user steps apply to the logits too.
+    Default (budget-robust) recipe: the mask logits get their own Adam optimizer at a constant learning
+    rate ``0.1 / sqrt(steps per round)``, stepped by ``step()``, and the temperature grows every step to
+    ``beta_final``; ``steps_per_epoch`` (``len(train_loader)``) is then required. ``density=D`` makes the
+    final mask keep the fraction ``D`` of the weights (see lottery.methods.cs_density).
+
+    ``mask_optimizer="sgd"`` is the paper's reference: the logits join ``optimizer`` (the user's, over
+    the weights) as an extra parameter group with no weight decay and momentum ``mask_momentum``, so its
+    learning rate and the user's LR scheduler apply to them too; without ``steps_per_epoch`` the
+    temperature then grows once per epoch.
+
+    At each round's end ``epoch_end()`` warns when the mask has not become binary or kept all or none of
+    the weights; ``convergence(loader)`` gives the full figures (lottery.methods.cs_convergence).
     """
 
     def __init__(
@@ -139,31 +204,55 @@ class ContinuousSparsification:
         optimizer: torch.optim.Optimizer | None = None,
         *,
         epochs_per_round: int,
+        steps_per_epoch: int | None = None,
         rounds: int = 3,
-        s0: float = 0.0,
+        s0: float | None = None,
         lam: float = 1e-8,
-        beta_final: float = 200.0,
+        beta_final: float = 1000.0,
+        density: float | None = None,
+        density_ramp: float = 0.6,
         penalty: str = "sum",
         scale_by_s0: bool = True,
         ignore: Sequence[str] | None = None,
+        mask_optimizer: str = "adam",
+        temperature_schedule: str | None = None,
         mask_lr: float | None = None,
         mask_momentum: float = 0.9,
         mask_nesterov: bool = True,
     ):
-        if not isinstance(epochs_per_round, int) or epochs_per_round < 1:
+        if not isinstance(epochs_per_round, int) or isinstance(epochs_per_round, bool) or epochs_per_round < 1:
             raise ConfigError(f"epochs_per_round must be a positive integer, got {epochs_per_round!r}")
-        self.hp = CSHparams(s0=s0, lam=lam, beta_final=beta_final, rounds=rounds, penalty=penalty,
-                            scale_by_s0=scale_by_s0, mask_lr=mask_lr, mask_momentum=mask_momentum,
-                            mask_nesterov=mask_nesterov)
+        if steps_per_epoch is not None and (not isinstance(steps_per_epoch, int) or steps_per_epoch < 1):
+            raise ConfigError(f"steps_per_epoch must be a positive integer (len(train_loader)), got {steps_per_epoch!r}")
+        if temperature_schedule is None:
+            temperature_schedule = "iteration" if steps_per_epoch is not None else "epoch"
+        self.hp = CSHparams(s0=s0, lam=lam, beta_final=beta_final, rounds=rounds, density=density,
+                            density_ramp=density_ramp, penalty=penalty, scale_by_s0=scale_by_s0,
+                            temperature_schedule=temperature_schedule, mask_optimizer=mask_optimizer,
+                            mask_lr=mask_lr, mask_momentum=mask_momentum, mask_nesterov=mask_nesterov)
+        needs_steps = mask_optimizer == "adam" or temperature_schedule == "iteration" or density is not None
+        if needs_steps and steps_per_epoch is None:
+            raise ConfigError(
+                "pass steps_per_epoch=len(train_loader): the default recipe (Adam logits, per-step temperature) and "
+                "--density need the number of steps per round; or use mask_optimizer='sgd' (the paper's reference, "
+                "per-epoch temperature) without a density"
+            )
         self.model = model
         self.epochs_per_round = epochs_per_round
+        self.steps_per_epoch = steps_per_epoch
         names = list(masking.prunable_weights(model, ignore=tuple(ignore or ())))
-        masking.attach_soft_mask(model, names, s0=s0, scale_by_s0=scale_by_s0)
+        self.s0 = self.hp.initial_logit
+        masking.attach_soft_mask(model, names, s0=self.s0, scale_by_s0=scale_by_s0)
         self.epoch = 0  # epochs completed, over all rounds
-        masking.set_temperature(model, self.beta)  # 1, or beta_final for one-epoch rounds (temperature())
+        self.step_in_round = 0
+        self.round_start_mask = masking.hard_mask_from_logits(model)
+        self.round_start_density = 1.0 if self.s0 > 0 else self.round_start_mask.density()
         self.optimizer = optimizer
-        if optimizer is not None:
-            group = {"params": list(masking.mask_logits(model).values()), "weight_decay": 0.0}
+        self.logit_optimizer: torch.optim.Optimizer | None = None
+        if mask_optimizer == "adam":
+            self._new_logit_optimizer()
+        elif optimizer is not None:
+            group = {"params": self.logits(), "weight_decay": 0.0}
             if mask_lr is not None:
                 group["lr"] = mask_lr
             if isinstance(optimizer, torch.optim.SGD):
@@ -171,6 +260,16 @@ class ContinuousSparsification:
                 group["nesterov"] = mask_nesterov
                 group["dampening"] = 0.0
             optimizer.add_param_group(group)
+        masking.set_temperature(model, self.beta)  # 1, or beta_final for one-step rounds (temperature())
+
+    def _new_logit_optimizer(self) -> None:
+        """A fresh Adam for the logits (each round starts a fresh one, as ``lottery search cs`` does)."""
+        lr = self.hp.logit_lr(0.0, self.steps_per_round)
+        self.logit_optimizer = torch.optim.Adam(self.logits(), lr=lr)
+
+    @property
+    def steps_per_round(self) -> int:
+        return self.epochs_per_round * (self.steps_per_epoch or 1)
 
     @property
     def total_epochs(self) -> int:
@@ -182,8 +281,12 @@ class ContinuousSparsification:
 
     @property
     def beta(self) -> float:
-        return temperature(self.epoch % self.epochs_per_round if self.epoch < self.total_epochs else self.epochs_per_round - 1,
-                           self.epochs_per_round, self.hp.beta_final)
+        if self.epoch >= self.total_epochs:  # after the last round: its final temperature
+            return float(self.hp.beta_final)
+        if self.hp.temperature_schedule == "iteration":
+            return temperature(min(self.step_in_round, self.steps_per_round - 1), self.steps_per_round,
+                               self.hp.beta_final)
+        return temperature(self.epoch % self.epochs_per_round, self.epochs_per_round, self.hp.beta_final)
 
     def logits(self) -> list[nn.Parameter]:
         """The mask logits, for users who prefer their own separate optimizer."""
@@ -195,17 +298,69 @@ class ContinuousSparsification:
         it, as in ``loss = criterion(model(x), y) + cs.penalty(reuse_forward=True)``."""
         return mask_penalty(self.model, self.hp.lam, self.hp.penalty, reuse_forward)
 
+    def step(self) -> None:
+        """After every optimizer step: step the logits' own optimizer (default recipe), keep the density
+        on its schedule (with ``density``) and advance a per-step temperature."""
+        if self.logit_optimizer is not None:
+            self.logit_optimizer.step()
+            self.logit_optimizer.zero_grad(set_to_none=True)
+        self.step_in_round += 1
+        if self.hp.density is not None:
+            from lottery.methods.cs_density import round_target_density, scheduled_density
+
+            end = round_target_density(self.hp.density, self.round, self.hp.rounds)
+            wanted = scheduled_density(self.round_start_density, end, self.step_in_round, self.steps_per_round,
+                                       self.hp.density_ramp)
+            n = self.round_start_mask.num_total()
+            project_to_density(self.model, min(n - 1, max(1, round(wanted * n))))
+        masking.set_temperature(self.model, self.beta)
+
     def density(self) -> float:
         return self.mask().density()
 
     def epoch_end(self) -> dict[str, float]:
-        """Advance the temperature; at a round's end reset the logits for the next round."""
+        """Advance the temperature; at a round's end check the mask and reset the logits for the next round."""
         self.epoch += 1
         finished_round = self.epoch % self.epochs_per_round == 0
-        if finished_round and self.epoch < self.total_epochs:
-            masking.cs_reset_logits_(self.model, self.hp.beta_final, self.hp.s0)
+        info: dict[str, float] = {}
+        if finished_round:
+            info = self._check_round_end()
+            if self.epoch < self.total_epochs:
+                masking.cs_reset_logits_(self.model, self.hp.beta_final, self.s0)
+                self.step_in_round = 0
+                self.round_start_mask = self.mask()
+                self.round_start_density = self.round_start_mask.density()
+                if self.logit_optimizer is not None:
+                    self._new_logit_optimizer()
         masking.set_temperature(self.model, self.beta)
-        return {"beta": self.beta, "density": self.density(), "round": self.round}
+        return {"beta": self.beta, "density": self.density(), "round": self.round, **info}
+
+    def _check_round_end(self) -> dict[str, float]:
+        import warnings
+
+        from lottery.methods.cs_convergence import MAX_UNDECIDED, undecided_fractions
+
+        undecided = undecided_fractions(self.model, self.hp.beta_final)["overall"]
+        mask = self.mask()
+        density = mask.density()
+        r = (self.epoch - 1) // self.epochs_per_round
+        if mask.num_kept() in (0, mask.num_total()):
+            warnings.warn(f"CS round {r + 1} ended with density {density:g}: the mask keeps "
+                          f"{'none' if mask.num_kept() == 0 else 'all'} of the weights, so it is no ticket; "
+                          "ask for a density (density=0.1) or change s0 / lam", RuntimeWarning, stacklevel=3)
+        elif undecided > MAX_UNDECIDED:
+            warnings.warn(f"CS round {r + 1}: {100 * undecided:.2f} % of the mask logits are undecided "
+                          f"(limit {100 * MAX_UNDECIDED:g} %): the hard mask is not the network that was trained; "
+                          "use the default recipe (mask_optimizer='adam' with steps_per_epoch), longer rounds or a "
+                          "larger beta_final", RuntimeWarning, stacklevel=3)
+        return {"undecided": undecided}
+
+    def convergence(self, loader, device: str | torch.device = "cpu") -> dict[str, Any]:
+        """The round-end figures (undecided fraction, soft and hard accuracy on ``loader``, flips since
+        the start of the current round) for the mask as it is now."""
+        from lottery.methods.cs_convergence import round_convergence
+
+        return round_convergence(self.model, loader, device, self.hp.beta_final, self.round_start_mask)
 
     def mask(self) -> Mask:
         """The hard mask ``1[s > 0]``."""
@@ -220,7 +375,7 @@ class ContinuousSparsification:
         dropping the factor would change the function that was trained (x2 at s0 = 0). Use
         ``rescale=False`` for the raw ``w * 1[s > 0]``.
         """
-        return harden_soft_masks(self.model, self.hp.s0, self.hp.scale_by_s0 and rescale)
+        return harden_soft_masks(self.model, self.s0, self.hp.scale_by_s0 and rescale)
 
 
 def harden_soft_masks(model: nn.Module, s0: float, scale_by_s0: bool) -> Mask:
@@ -369,17 +524,34 @@ class EnforceMaskCallback(Callback):
         masking.enforce_masks(trainer.model)
 
 
-def make_search_optimizers(model: nn.Module, training: TrainingHparams, hp: CSHparams) -> list[torch.optim.Optimizer]:
-    """Two optimizers (reference code): the weights with the recipe, the logits without weight decay."""
+def make_search_optimizers(model: nn.Module, training: TrainingHparams, hp: CSHparams,
+                           round_iterations: int | None = None) -> list[torch.optim.Optimizer]:
+    """Two optimizers: the weights with the recipe, and the logits (never weight-decayed).
+
+    Logits: ``adam`` (default) a constant learning rate (``follow_schedule=False``: the weights' LR
+    schedule does not reach it, so logits still move at the round's end, when the temperature is highest
+    and the mask is decided); ``sgd`` the reference code's SGD with the weights' LR and schedule."""
     logits = list(masking.mask_logits(model).values())
     logit_ids = {id(p) for p in logits}
     weights = [p for p in model.parameters() if id(p) not in logit_ids]
-    mask_recipe = training.replace(
-        optimizer="sgd", lr=hp.mask_lr or training.lr, momentum=hp.mask_momentum, nesterov=hp.mask_nesterov
-    )
-    return [make_optimizer(weights, training), make_optimizer(logits, mask_recipe, weight_decay=0.0)]
+    if round_iterations is None and hp.mask_optimizer == "adam" and hp.mask_lr is None:
+        raise ConfigError("make_search_optimizers: Adam logits without mask_lr need round_iterations (steps per round)")
+    lr = hp.logit_lr(training.lr, round_iterations or 1)
+    if hp.mask_optimizer == "adam":
+        logit_opt: torch.optim.Optimizer = torch.optim.Adam(logits, lr=lr, weight_decay=0.0)
+        for group in logit_opt.param_groups:
+            group["base_lr"] = lr
+            group["follow_schedule"] = False
+    else:
+        mask_recipe = training.replace(optimizer="sgd", lr=lr, momentum=hp.mask_momentum, nesterov=hp.mask_nesterov)
+        logit_opt = make_optimizer(logits, mask_recipe, weight_decay=0.0)
+    return [make_optimizer(weights, training), logit_opt]
 
 
-def search_round_callbacks(hp: CSHparams, round_index: int) -> list[Callback]:
+def search_round_callbacks(hp: CSHparams, round_index: int, start_density: float = 1.0) -> list[Callback]:
+    """Temperature, penalty and (with a target density) the density schedule of one search round."""
     t = TemperatureCallback(hp)
-    return [t, PenaltyCallback(hp, t, round_index)]
+    callbacks: list[Callback] = [t, PenaltyCallback(hp, t, round_index)]
+    if hp.density is not None:
+        callbacks.append(DensityCallback(hp.density, round_index, hp.rounds, start_density, hp.density_ramp))
+    return callbacks

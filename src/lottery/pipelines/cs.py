@@ -6,7 +6,7 @@ Folder layout (each file marks a finished stage; a killed run restarts at the fi
       hparams.json
       rewind.safetensors          weights and buffers at the rewind point k (round 0)
       round_0/state.safetensors   weights + mask logits at the end of each round
-      round_0/history.json        that round's metrics rows
+      round_0/history.json        that round's metrics rows and mask convergence figures
       mask.safetensors, mask.json the final hard mask 1[s > 0] and its sparsity report
       ticket/model.safetensors    the retrained ticket (pruned weights exactly 0)   [ticket mode]
       pruned/model.safetensors    final weights x mask, optionally fine-tuned       [prune mode]
@@ -35,6 +35,8 @@ from lottery.masks import Mask
 from lottery.methods.cs import (
     CSHparams, EnforceMaskCallback, harden_soft_masks, SnapshotCallback, make_search_optimizers, search_round_callbacks,
 )
+from lottery.methods.cs_convergence import describe, not_converged_message, round_convergence
+from lottery.methods.cs_density import DensityCallback
 from lottery.step import Step
 
 
@@ -86,10 +88,10 @@ def run_cs(job: CSJob, options: RunOptions) -> dict[str, Any]:
     log_line(options, f"plan: {'dense reference ' + format(total_epochs, 'g') + ' epochs, ' if job.dense_reference else ''}"
                       f"CS {job.cs.rounds} round(s) x {round_epochs:g} epochs, "
                       f"{'ticket retraining' if job.mode == 'ticket' else 'fine-tuning'} {retrain:g} epochs")
-    if job.cs.temperature_schedule == "epoch" and round_epochs < 2:
+    if job.cs.mask_optimizer == "sgd" and job.cs.temperature_schedule == "epoch" and round_epochs < 2:
         log_line(options, "warning: a CS round shorter than 2 epochs cannot anneal the temperature per epoch "
                           "(the whole round runs at beta_final); use --temperature-schedule iteration or longer rounds")
-    elif job.cs.temperature_schedule == "epoch" and round_epochs < SMOOTH_ANNEALING_EPOCHS:
+    elif job.cs.mask_optimizer == "sgd" and job.cs.temperature_schedule == "epoch" and round_epochs < SMOOTH_ANNEALING_EPOCHS:
         # Seen on Conv-4 (width 0.125) with 2-epoch rounds: beta went 1 -> 200 in one step and the network
         # collapsed to chance accuracy; with a per-iteration beta the same search kept 89.8 % at 5.8 % density.
         log_line(options, f"warning: with {round_epochs:g}-epoch CS rounds a per-epoch temperature takes only "
@@ -109,7 +111,13 @@ def run_cs(job: CSJob, options: RunOptions) -> dict[str, Any]:
         # -- search rounds --------------------------------------------------------------------------
         model = build_model(job.model, bundle, job.seed)
         names = list(masking.prunable_weights(model, ignore=ignore))
-        masking.attach_soft_mask(model, names, s0=job.cs.s0, scale_by_s0=job.cs.scale_by_s0)
+        s0 = job.cs.initial_logit
+        masking.attach_soft_mask(model, names, s0=s0, scale_by_s0=job.cs.scale_by_s0)
+        round_iterations = Step.parse(round_recipe.training_steps, ipe).iteration
+        previous_mask = masking.hard_mask_from_logits(model)  # 1[s0 > 0]: what round 0's flips count against
+        convergence: list[dict[str, Any]] = []
+        shifts: list[float] = []
+        conv_loader = evals.get("val", evals["test"])
         rewind_path = folder / "rewind.safetensors"
         if job.mode == "prune" and not (folder / "round_0" / "state.safetensors").exists():
             _reuse_ticket_search(job, options, folder)
@@ -121,29 +129,47 @@ def run_cs(job: CSJob, options: RunOptions) -> dict[str, Any]:
                 done = read_json(rdir / "history.json")
                 rows += done["rows"]
                 wall += done["wall_seconds"]
+                if done.get("convergence") is not None:
+                    convergence.append(done["convergence"])
+                    shifts.append(done.get("density_shift", 0.0))
+                    _report_convergence(done["convergence"], r, job.cs.rounds, options)
+                previous_mask = masking.hard_mask_from_logits(model)
                 remove_if_exists(rdir / "checkpoint.safetensors")  # left behind when killed right after the state
                 continue
             if r > 0:
                 # The model holds round r-1's end state (trained or loaded above): no rewinding of
                 # weights between rounds, only the logits are reset.
-                masking.cs_reset_logits_(model, job.cs.beta_final, job.cs.s0)
+                masking.cs_reset_logits_(model, job.cs.beta_final, s0)
             rdir.mkdir(parents=True, exist_ok=True)
-            callbacks = search_round_callbacks(job.cs, r)
+            start_density = 1.0 if (r == 0 and s0 > 0) else masking.hard_mask_from_logits(model).density()
+            callbacks = search_round_callbacks(job.cs, r, start_density)
             if r == 0 and job.mode == "ticket":
                 callbacks.append(SnapshotCallback(k.iteration, lambda sd: save_tensors(rewind_path, sd)))
             callbacks.append(MetricsCSV(folder / "metrics.csv", prefix_rows=rows, extra={"stage": f"round_{r}"}))
             trainer = Trainer(
-                model, train_loader, round_recipe, optimizers=make_search_optimizers(model, round_recipe, job.cs),
+                model, train_loader, round_recipe,
+                optimizers=make_search_optimizers(model, round_recipe, job.cs, round_iterations),
                 eval_loaders=evals, callbacks=callbacks, device=options.device,
                 checkpoint_path=rdir / "checkpoint.safetensors", progress=options.progress,
                 desc=f"cs round {r + 1}/{job.cs.rounds}", log=options.log,
             )
             history = [{"stage": f"round_{r}", **row} for row in trainer.fit()]
-            write_json(rdir / "history.json", {"rows": history, "wall_seconds": trainer.wall_seconds})
+            conv = round_convergence(model, conv_loader, options.device, job.cs.beta_final, previous_mask)
+            shift = next((cb.total_shift for cb in callbacks if isinstance(cb, DensityCallback)), 0.0)
+            if history:
+                history[-1].update({"undecided": conv["undecided"], "soft_val_accuracy": conv["soft_val_accuracy"],
+                                    "hard_val_accuracy": conv["hard_val_accuracy"], "flips": conv["flips"]})
+            write_json(rdir / "history.json", {"rows": history, "wall_seconds": trainer.wall_seconds,
+                                               "convergence": conv, "density_shift": shift})
+            write_metrics_csv(folder / "metrics.csv", rows + history)
+            convergence.append(conv)
+            shifts.append(shift)
+            previous_mask = masking.hard_mask_from_logits(model)
             wall += trainer.wall_seconds
             save_tensors(state_path, model.state_dict())
             remove_if_exists(rdir / "checkpoint.safetensors")
             rows += history
+            _report_convergence(conv, r, job.cs.rounds, options)
         search_epochs = job.cs.rounds * Step.parse(round_recipe.training_steps, ipe).epochs
 
         # -- the hard mask ----------------------------------------------------------------------------
@@ -151,7 +177,12 @@ def run_cs(job: CSJob, options: RunOptions) -> dict[str, Any]:
         if mask.num_kept() == 0:
             raise LotteryError(
                 f"CS pruned every prunable weight (density 0) in {folder}: there is no ticket to train. "
-                f"Use a larger --s0 (now {job.cs.s0:g}), a smaller --lam (now {job.cs.lam:g}) or longer rounds"
+                f"Ask for a density (--density 0.1) or use a larger --s0 (now {s0:g}) or a smaller --lam (now {job.cs.lam:g})"
+            )
+        if mask.num_kept() == mask.num_total():
+            raise LotteryError(
+                f"CS kept every prunable weight (density 1) in {folder}: that is the dense network, not a ticket. "
+                f"Ask for a density (--density 0.1) or use a smaller --s0 (now {s0:g}) or a larger --lam (now {job.cs.lam:g})"
             )
         mask_path = folder / "mask.safetensors"
         if not mask_path.exists():
@@ -172,7 +203,13 @@ def run_cs(job: CSJob, options: RunOptions) -> dict[str, Any]:
             "model": job.model.model,
             "dataset": job.data.dataset,
             "seed": job.seed,
-            "s0": job.cs.s0,
+            "s0": s0,
+            "target_density": job.cs.density,
+            # the mask is the logits' own 1[s > 0]: no entry is changed after the search to meet the target
+            "density_adjusted_entries": 0,
+            "density_logit_shift": sum(shifts) if job.cs.density is not None else None,
+            "mask_converged": bool(convergence[-1]["converged"]) if convergence else None,
+            "convergence": [{"round": i, **c} for i, c in enumerate(convergence)],
             "lam": job.cs.lam,
             "rounds": job.cs.rounds,
             "density": mask.density(),
@@ -192,6 +229,17 @@ def run_cs(job: CSJob, options: RunOptions) -> dict[str, Any]:
             results["dense_run_dir"] = dense["run_dir"]
         write_json(folder / "results.json", results)
         return results
+
+
+def _report_convergence(conv: dict[str, Any], r: int, rounds: int, options: RunOptions) -> None:
+    """Log a round's mask figures; a round that did not converge is a warning, or with ``strict`` an error
+    (also for a finished round found on disk, so a resumed run says it again)."""
+    log_line(options, describe(conv, r, rounds))
+    if not conv["converged"]:
+        message = not_converged_message(conv, r)
+        if options.strict:
+            raise LotteryError(f"{message} (--strict; the round is saved: run again without --strict to go on)")
+        log_line(options, f"warning: {message}")
 
 
 def _reuse_ticket_search(job: CSJob, options: RunOptions, folder: Path) -> None:
@@ -244,7 +292,7 @@ def _prune(job, options, folder, model, train_loader, evals, mask: Mask, round_r
     with the default scaling), evaluated; then optionally fine-tuned at the round's final LR."""
     pdir = folder / "pruned"
     pdir.mkdir(exist_ok=True)
-    harden_soft_masks(model, job.cs.s0, job.cs.scale_by_s0)
+    harden_soft_masks(model, job.cs.initial_logit, job.cs.scale_by_s0)
     model.to(options.device)
     before = {split: evaluate(model, loader, options.device) for split, loader in evals.items()}
     out: dict[str, Any] = {

@@ -1,0 +1,106 @@
+"""Has a CS mask become binary? Measured at the end of every search round.
+
+CS ends each round with the hard mask ``1[s > 0]``, which is only the network that was trained if the
+soft mask ``sigmoid(beta_final * s)`` has reached 0 or 1 everywhere. When the logits barely moved
+(short rounds, tiny gradients) many entries sit near ``s = 0``: the soft network still uses a fraction
+of every "pruned" weight and the hard network is a different, worse one, while the search's own
+accuracy looks fine. Three figures say whether that happened:
+
+* **undecided fraction**: logits with ``|beta_final * s| < UNDECIDED_LOGIT`` (``ln 99``: the sigmoid is
+  more than 1 % away from both 0 and 1), per layer and over all masked weights;
+* **soft against hard accuracy**: the network evaluated with the soft masks at ``beta_final`` and with
+  their limit ``1[s > 0]`` (:func:`lottery.masking.hardened_soft_masks`), on the validation split;
+* **flips**: mask entries whose hard value changed since the previous round's end (round 0: since the
+  start, ``1[s0 > 0]``).
+
+A round *converged* when at most ``MAX_UNDECIDED`` of the logits are undecided and the hard network is
+at most ``MAX_ACCURACY_GAP`` below (or above) the soft one.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from lottery import masking
+from lottery.masks import Mask
+
+UNDECIDED_LOGIT = math.log(99.0)  # |beta * s| below this: sigmoid(beta * s) within (0.01, 0.99)
+MAX_UNDECIDED = 0.01  # at most 1 % of the logits undecided
+MAX_ACCURACY_GAP = 0.003  # soft and hard validation accuracy within 0.3 points
+
+
+@torch.no_grad()
+def undecided_fractions(model: nn.Module, beta: float, threshold: float = UNDECIDED_LOGIT) -> dict[str, Any]:
+    """``{"overall": f, "per_layer": {name: f}}``: the fraction of logits with ``|beta * s| < threshold``."""
+    per_layer: dict[str, float] = {}
+    undecided = total = 0
+    for name, s in masking.mask_logits(model).items():
+        u = int(((float(beta) * s.detach().double()).abs() < threshold).sum())
+        per_layer[name] = u / s.numel()
+        undecided += u
+        total += s.numel()
+    return {"overall": undecided / total if total else 0.0, "per_layer": per_layer}
+
+
+def mask_flips(before: Mask, after: Mask) -> int:
+    """The number of entries whose hard value differs between two masks of the same weights."""
+    return int(sum(int((before[name] != after[name]).sum()) for name in after))
+
+
+def soft_and_hard_accuracy(model: nn.Module, loader, device, beta: float) -> tuple[float, float]:
+    """Top-1 accuracy of the soft network at temperature ``beta`` and of its hard limit ``1[s > 0]``."""
+    from lottery.engine import evaluate
+
+    before = masking.get_temperature(model)
+    masking.set_temperature(model, beta)
+    try:
+        soft = evaluate(model, loader, device)["top1"]
+        with masking.hardened_soft_masks(model):
+            hard = evaluate(model, loader, device)["top1"]
+    finally:
+        if before is not None:
+            masking.set_temperature(model, before)
+    return float(soft), float(hard)
+
+
+def round_convergence(model: nn.Module, loader, device, beta_final: float, previous: Mask) -> dict[str, Any]:
+    """All figures of one round's end (see the module docstring), JSON-ready."""
+    und = undecided_fractions(model, beta_final)
+    soft, hard = soft_and_hard_accuracy(model, loader, device, beta_final)
+    mask = masking.hard_mask_from_logits(model)
+    gap = soft - hard
+    return {
+        "undecided": und["overall"],
+        "undecided_per_layer": und["per_layer"],
+        "undecided_threshold": UNDECIDED_LOGIT,
+        "soft_val_accuracy": soft,
+        "hard_val_accuracy": hard,
+        "soft_hard_gap": gap,
+        "flips": mask_flips(previous, mask),
+        "density": mask.density(),
+        "converged": is_converged(und["overall"], gap),
+    }
+
+
+def is_converged(undecided: float, gap: float) -> bool:
+    return undecided <= MAX_UNDECIDED and abs(gap) <= MAX_ACCURACY_GAP
+
+
+def describe(conv: dict[str, Any], round_index: int, rounds: int) -> str:
+    """One log line for a round's convergence figures."""
+    return (f"cs round {round_index + 1}/{rounds} mask: density {conv['density']:.4g}, "
+            f"{100 * conv['undecided']:.2f} % of logits undecided (|beta*s| < {conv['undecided_threshold']:.2f}), "
+            f"val accuracy soft {100 * conv['soft_val_accuracy']:.2f} % / hard {100 * conv['hard_val_accuracy']:.2f} %, "
+            f"{conv['flips']} entries flipped since the {'start' if round_index == 0 else 'previous round'}")
+
+
+def not_converged_message(conv: dict[str, Any], round_index: int) -> str:
+    return (f"the CS mask did not converge in round {round_index + 1}: {100 * conv['undecided']:.2f} % of logits "
+            f"undecided (limit {100 * MAX_UNDECIDED:g} %) and hard-mask val accuracy "
+            f"{100 * conv['hard_val_accuracy']:.2f} % against soft {100 * conv['soft_val_accuracy']:.2f} % "
+            f"(limit {100 * MAX_ACCURACY_GAP:g} points apart); the hard mask is not the network that was trained. "
+            "Use the default recipe (--mask-optimizer adam --temperature-schedule iteration), longer rounds or a larger --beta-final")

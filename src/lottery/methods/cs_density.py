@@ -1,0 +1,151 @@
+"""Target density for Continuous Sparsification: a per-round schedule and a projection of the logits.
+
+Why: the L0 penalty ``lam * sum(m)`` only says "fewer weights", not how many. Its weight ``lam`` is
+tiny next to the task gradients and the density that comes out depends on ``s0``, ``lam``, the round
+length and the network, so a user cannot ask for a density. With ``density=D`` CS keeps its own
+decisions (which weights to keep is still the logits' learned order) but the *number* kept follows a
+schedule that ends at ``D``:
+
+* round ``r`` of ``R`` ends at density ``D ** ((r + 1) / R)`` (a geometric sequence, as IMP's levels:
+  each round prunes the same fraction of what is left, and weights pruned in a round stay pruned);
+* within a round the density moves geometrically from the round's starting density to that round's
+  target over the first ``ramp`` fraction of the round's steps and then holds, so the logits have the
+  rest of the round (while the temperature is highest) to move away from 0 and the mask to become
+  binary;
+* after every optimizer step all logits are shifted by one common amount so that exactly
+  ``round(d_t * N)`` of the ``N`` logits are positive. A common shift keeps the logits' order, so the
+  kept set is always the top of what CS learned; it is the exact projection onto the density
+  constraint, the limit of a dual-ascent controller on ``lam`` with an infinite step size. Feedback
+  controllers on ``lam`` were tried first and overshot: logits that drift below 0 at a low
+  temperature barely feel it and do not come back, so the density ratchets past the target.
+
+The shift is applied in place to the logits, outside autograd, after the optimizer step; the optimizer's
+state is untouched (a common offset changes no gradient order).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from lottery import masking
+from lottery.engine import Callback
+from lottery.errors import ConfigError
+
+
+def round_target_density(density: float, round_index: int, rounds: int) -> float:
+    """The density at the end of round ``round_index`` (0-based) of ``rounds``: ``density ** ((r+1)/R)``."""
+    if not 0 < density < 1:
+        raise ConfigError(f"density must be in (0, 1), got {density}")
+    return float(density) ** ((round_index + 1) / rounds)
+
+
+def scheduled_density(start: float, end: float, step: int, round_steps: int, ramp: float) -> float:
+    """Density wanted after ``step`` steps of a round: geometric from ``start`` to ``end`` over the first
+    ``ramp * round_steps`` steps, then ``end``."""
+    ramp_steps = max(1.0, ramp * round_steps)
+    f = min(1.0, step / ramp_steps)
+    if start <= 0:
+        return end
+    return math.exp((1 - f) * math.log(start) + f * math.log(end))
+
+
+@torch.no_grad()
+def project_to_density(model: nn.Module, keep: int) -> float | None:
+    """Shift every soft mask's logits by one common amount so that exactly ``keep`` are positive.
+
+    Returns the shift subtracted, or None when the logits around the cut are tied (e.g. all equal at
+    the start, before the first step): then no shift can separate them and none is made.
+    """
+    logits = list(masking.mask_logits(model).values())
+    if not logits:
+        raise ConfigError("the model has no soft masks")
+    flat = [s.detach().reshape(-1) for s in logits]
+    n = sum(f.numel() for f in flat)
+    if not 0 < keep < n:
+        raise ConfigError(f"cannot keep {keep} of {n} logits: keep must be between 1 and {n - 1}")
+    kept = int(sum(int((f > 0).sum()) for f in flat))
+    if kept == keep:
+        return 0.0
+    # Only the logits between the current cut (0) and the new one matter: the m positive ones to prune (or
+    # non-positive ones to keep). They are looked for in a band next to 0 that widens until it holds them,
+    # so a step costs a few passes over the logits instead of a ranking of all N (a full kthvalue costs
+    # more than a LeNet-300-100 training step; one step moves the cut by a handful of entries).
+    m = abs(kept - keep)
+    width = 1e-3
+    while True:
+        if kept > keep:  # prune the m smallest positive logits
+            band = torch.cat([f[(f > 0) & (f <= width)] for f in flat])
+        else:  # keep the m largest non-positive logits
+            band = torch.cat([f[(f <= 0) & (f > -width)] for f in flat])
+        if band.numel() >= m + 1 or width > 1e30:
+            break
+        width *= 16
+    if band.numel() < m + 1:  # everything on that side is in the band and there are only m: cut past it
+        ordered = torch.sort(band).values
+        if kept > keep:
+            kth_largest, next_largest = ordered[-1] + 1, ordered[-1]
+        else:
+            kth_largest, next_largest = ordered[0], ordered[0] - 1
+    elif kept > keep:
+        low = torch.topk(band, m + 1, largest=False).values
+        next_largest, kth_largest = low[m - 1], low[m]
+    else:
+        high = torch.topk(band, m + 1, largest=True).values
+        kth_largest, next_largest = high[m - 1], high[m]
+    if not bool(kth_largest > next_largest):
+        return None
+    shift = (kth_largest + next_largest) / 2
+    # the midpoint can round onto one of them in low precision: then cut just below the kept one
+    if not bool(kth_largest - shift > 0) or bool(next_largest - shift > 0):
+        shift = next_largest
+    for s in logits:
+        s.sub_(shift.to(s.dtype))
+    return float(shift)
+
+
+def kept_count(model: nn.Module) -> int:
+    return int(sum(int((s.detach() > 0).sum()) for s in masking.mask_logits(model).values()))
+
+
+class DensityCallback(Callback):
+    """Keeps the hard density of a CS search round on its schedule (see the module docstring).
+
+    ``start_density``: the density at the round's start (1 for round 0, the previous round's end
+    after that). Records ``shift`` (sum of the shifts applied in this round) for the run's report.
+    """
+
+    def __init__(self, density: float, round_index: int, rounds: int, start_density: float, ramp: float):
+        self.end_density = round_target_density(density, round_index, rounds)
+        self.start_density = float(start_density)
+        self.ramp = float(ramp)
+        self.total_shift = 0.0
+        self.projections = 0
+
+    def target(self, step: int, round_steps: int) -> float:
+        return scheduled_density(self.start_density, self.end_density, step, round_steps, self.ramp)
+
+    def on_step_end(self, trainer) -> None:
+        n = sum(s.numel() for s in masking.mask_logits(trainer.model).values())
+        steps_done = trainer.iteration - trainer.start.iteration
+        round_steps = trainer.end.iteration - trainer.start.iteration
+        keep = min(n - 1, max(1, round(self.target(steps_done, round_steps) * n)))
+        shift = project_to_density(trainer.model, keep)
+        if shift is not None:
+            self.total_shift += shift
+            self.projections += 1
+
+    def on_evaluate(self, trainer, row) -> None:
+        steps_done = trainer.iteration - trainer.start.iteration
+        row["target_density"] = self.target(steps_done, trainer.end.iteration - trainer.start.iteration)
+
+    def state_dict(self) -> dict:
+        return {"total_shift": self.total_shift, "projections": self.projections, "start_density": self.start_density}
+
+    def load_state_dict(self, state: dict) -> None:
+        # a resumed round keeps the schedule it started with (the model's density has moved since)
+        self.start_density = float(state.get("start_density", self.start_density))
+        self.total_shift = float(state.get("total_shift", 0.0))
+        self.projections = int(state.get("projections", 0))

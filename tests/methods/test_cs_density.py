@@ -1,0 +1,146 @@
+"""lottery.methods.cs_density and the density / budget-robust parts of ContinuousSparsification."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+from torch import nn
+
+from lottery import masking
+from lottery.errors import ConfigError
+from lottery.methods.cs import DENSITY_S0, ContinuousSparsification, CSHparams
+from lottery.methods.cs_density import kept_count, project_to_density, round_target_density, scheduled_density
+
+
+def _net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 4))
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), frac=st.floats(0.001, 0.999))
+def test_projection_keeps_exactly_the_top_logits(seed, frac):
+    model = _net()
+    masking.attach_soft_mask(model, None, s0=0.0)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for s in masking.mask_logits(model).values():
+            s.copy_(torch.randn(s.shape, generator=g) * 0.1 + 0.03)
+    before = torch.cat([s.detach().reshape(-1).clone() for s in masking.mask_logits(model).values()])
+    n = before.numel()
+    keep = min(n - 1, max(1, round(frac * n)))
+    shift = project_to_density(model, keep)
+    after = torch.cat([s.detach().reshape(-1) for s in masking.mask_logits(model).values()])
+    assert kept_count(model) == keep
+    # one common shift: the order (what CS learned) is unchanged, the kept set is the top `keep`
+    torch.testing.assert_close(before - after, torch.full_like(before, shift))
+    assert set((after > 0).nonzero().flatten().tolist()) == set(torch.topk(before, keep).indices.tolist())
+
+
+def test_projection_leaves_tied_logits_alone():
+    model = _net()
+    masking.attach_soft_mask(model, None, s0=DENSITY_S0)  # all equal: no shift separates them
+    n = sum(s.numel() for s in masking.mask_logits(model).values())
+    assert project_to_density(model, n // 2) is None
+    assert kept_count(model) == n
+
+
+def test_schedules():
+    assert round_target_density(0.05, 0, 1) == pytest.approx(0.05)
+    assert [round_target_density(0.125, r, 3) for r in range(3)] == pytest.approx([0.5, 0.25, 0.125])
+    assert scheduled_density(1.0, 0.1, 0, 100, 0.5) == pytest.approx(1.0)
+    assert scheduled_density(1.0, 0.1, 25, 100, 0.5) == pytest.approx(math.sqrt(0.1))
+    assert scheduled_density(1.0, 0.1, 50, 100, 0.5) == pytest.approx(0.1)
+    assert scheduled_density(1.0, 0.1, 99, 100, 0.5) == pytest.approx(0.1)
+    with pytest.raises(ConfigError):
+        round_target_density(1.0, 0, 1)
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    ({"density": 0.1, "s0": 0.0}, "drop --s0"),
+    ({"density": 0.0}, "strictly between 0 and 1"),
+    ({"density": 1.0}, "strictly between 0 and 1"),
+    ({"density": 1.5}, "strictly between 0 and 1"),
+    ({"density_ramp": 0.0}, "density_ramp"),
+    ({"mask_optimizer": "rmsprop"}, "mask_optimizer"),
+])
+def test_bad_density_settings_are_one_line_errors(kwargs, fragment):
+    with pytest.raises(ConfigError) as e:
+        CSHparams(**kwargs)
+    assert fragment in str(e.value) and "\n" not in str(e.value)
+
+
+def test_initial_logit_and_logit_lr():
+    assert CSHparams().initial_logit == 0.0
+    assert CSHparams(density=0.1).initial_logit == DENSITY_S0
+    assert CSHparams(s0=-0.05).initial_logit == -0.05
+    assert CSHparams().logit_lr(0.1, 400) == pytest.approx(0.1 / 20)
+    assert CSHparams(mask_optimizer="sgd").logit_lr(0.3, 400) == 0.3
+    assert CSHparams(mask_lr=0.01).logit_lr(0.3, 400) == 0.01
+
+
+def _task(seed: int = 0, n: int = 512):
+    """A synthetic task where only the first 5 of 20 inputs carry the label."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 20, generator=g)
+    w = torch.randn(5, 4, generator=g)
+    y = (x[:, :5] @ w).argmax(1)
+    return [(x[i:i + 32], y[i:i + 32]) for i in range(0, n, 32)]
+
+
+def _train(cs: ContinuousSparsification, model, optimizer, batches, caught: list | None = None):
+    for _ in range(cs.total_epochs):
+        for x, y in batches:
+            loss = F.cross_entropy(model(x), y) + cs.penalty()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            cs.step()
+        cs.epoch_end()
+
+
+@pytest.mark.parametrize("density, rounds, epochs", [(0.2, 1, 1), (0.05, 2, 2), (0.3, 3, 1)])
+def test_api_reaches_the_target_density_with_a_binary_mask(density, rounds, epochs):
+    batches = _task()
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    cs = ContinuousSparsification(model, opt, epochs_per_round=epochs, steps_per_epoch=len(batches),
+                                  rounds=rounds, density=density)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a converged search warns of nothing
+        _train(cs, model, opt, batches)
+    n = cs.mask().num_total()
+    assert cs.mask().num_kept() == round(density * n)
+    conv = cs.convergence(batches)
+    assert conv["undecided"] <= 0.01
+    assert conv["soft_val_accuracy"] == pytest.approx(conv["hard_val_accuracy"], abs=0.003)
+
+
+def test_api_default_recipe_needs_steps_per_epoch():
+    with pytest.raises(ConfigError, match="steps_per_epoch"):
+        ContinuousSparsification(_net(), None, epochs_per_round=2)
+
+
+def test_api_warns_when_a_round_ends_undecided():
+    """The paper's recipe at a tiny learning rate: the logits stay near 0 and the API says so."""
+    batches = _task()
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+    cs = ContinuousSparsification(model, opt, mask_optimizer="sgd", epochs_per_round=1, rounds=1, beta_final=200.0)
+    with pytest.warns(RuntimeWarning, match="undecided"):
+        _train(cs, model, opt, batches)
+
+
+def test_api_warns_when_every_weight_is_pruned():
+    batches = _task()
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+    cs = ContinuousSparsification(model, opt, epochs_per_round=1, steps_per_epoch=len(batches), rounds=1,
+                                  s0=-50.0)
+    with pytest.warns(RuntimeWarning, match="keeps none"):
+        _train(cs, model, opt, batches)
