@@ -44,6 +44,8 @@ def table(out: Path) -> str:
     for folder, r in read_results(out, "prune-cs_*/results.json"):
         import json
 
+        if not (folder / "hparams.json").is_file():
+            continue  # not a finished run of this benchmark
         hp = json.loads((folder / "hparams.json").read_text())
         round_steps = hp.get("cs", {}).get("round_steps") or hp.get("training", {}).get("training_steps")
         conv = r.get("convergence") or []

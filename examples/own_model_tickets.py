@@ -1,4 +1,4 @@
-"""Tickets of your own network: register it, search CS tickets at several s0 beside IMP with rewinding,
+"""Tickets of your own network: register it, search CS tickets at several densities beside IMP with rewinding,
 then one table and one plot of accuracy against density. The tutorial (docs/tutorial.md) walks through it.
 
     python examples/own_model_tickets.py                   # Fashion-MNIST, ~15 min on 2 cores
@@ -54,18 +54,18 @@ def main() -> None:
                            synthetic_test_size=64, val_size=32)
         training = TrainingHparams(training_steps="3ep", batch_size=32, lr=0.05)
         cs, imp, seeds = CSHparams(rounds=2, rewind="1ep"), IMPHparams(levels=2, rewind="1ep"), [0]
-        s0_values = [0.1, 0.0]  # a few steps on noise: negative s0 would prune everything
+        densities = [0.5, 0.2]
     else:
         data = DataHparams(dataset="fashion-mnist")
         training = TrainingHparams(training_steps="10ep", batch_size=128, lr=0.1)
         cs, imp, seeds = CSHparams(rounds=2, rewind="1ep"), IMPHparams(levels=5, rewind="1ep"), [0, 1]
-        s0_values = [0.0, -0.05, -0.1]
+        densities = [0.2, 0.1, 0.05]
     model = ModelHparams(model="my_mlp")
 
-    # 3. The experiments: CS at several s0 values (tickets found in parallel) and IMP with rewinding
+    # 3. The experiments: CS at several target densities (tickets found in parallel) and IMP with rewinding
     #    (one ticket per level, found one after the other). Each is a resumable run folder under --out.
     base = make_spec("cs", data=data, model=model, training=training, cs=cs)
-    specs = expand_grid(base, {"s0": s0_values}, seeds=seeds)
+    specs = expand_grid(base, {"density": densities}, seeds=seeds)
     specs += expand_grid(make_spec("imp", data=data, model=model, training=training, imp=imp), seeds=seeds)
     result = run_sweep(specs, RunOptions(out=args.out), workers=args.workers)
     if result.failures:

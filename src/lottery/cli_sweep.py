@@ -163,6 +163,8 @@ def register(top_sub, common_flags: Callable[[argparse.ArgumentParser], None]) -
     p.add_argument("--mode", choices=("ticket", "prune"), default="ticket",
                    help="ticket: retrain mask x rewind weights (search cs); prune: final weights x mask (prune cs)")
     p.add_argument("--no-dense", action="store_true", help="do not train the dense reference networks")
+    p.add_argument("--strict", action="store_true",
+                   help="a CS search round whose mask did not converge fails that experiment (default: a warning)")
     _sweep_flags(p)
     _make_listable(p)
     p.set_defaults(func=cmd_sweep, sweep_kind="cs")
@@ -267,6 +269,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.backend == "ray" and args.num_gpus > 0:
         args.device = "cpu"  # the tasks run on the GPUs Ray gives them; this process may have none
     options = cli._options(args)
+    options.strict = bool(getattr(args, "strict", False))
     result = run_sweep(
         specs, options, workers=args.workers, backend=args.backend,
         threads_per_worker=args.threads_per_worker or args.threads, name=args.name,
