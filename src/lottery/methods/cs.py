@@ -106,10 +106,10 @@ class CSHparams(Hparams):
         if self.density is not None:
             self._finite("density")
             if not 0 < self.density < 1:
-                raise ConfigError(f"--density must be a fraction of the weights strictly between 0 and 1 "
+                raise ConfigError(f"CSHparams.density (--density) must be a fraction of the weights strictly between 0 and 1 "
                                   f"(e.g. 0.05 keeps 5 %), got {self.density!r}")
             if self.s0 is not None:
-                raise ConfigError(f"--density sets the initial logit itself; drop --s0 (got {self.s0!r}) or drop "
+                raise ConfigError(f"CSHparams.density (--density) sets the initial logit itself; drop --s0 (got {self.s0!r}) or drop "
                                   "--density and steer the density with --s0 and --lam")
         self._finite("density_ramp")
         if not 0 < self.density_ramp <= 1:
