@@ -47,7 +47,7 @@ class CSHparams(Hparams):
 
     The defaults are lottery's budget-robust recipe: the mask logits have their own Adam optimizer at a
     constant learning rate ``0.1 / sqrt(steps per round)``, the temperature grows every iteration to
-    ``beta_final = 1000``. It gives binary masks at any round length, from one epoch to the paper's 85
+    ``beta_final = 4000``. It gives binary masks at any round length, from one epoch to the paper's 85
     (docs/cs.md: why). The paper's reference recipe is ``mask_optimizer="sgd"`` (the weights' learning
     rate and schedule, momentum 0.9, Nesterov), ``temperature_schedule="epoch"``, ``beta_final=200``: the
     ``cifar10_*`` presets set exactly that.
@@ -55,7 +55,7 @@ class CSHparams(Hparams):
 
     s0: float | None = None  # None: 0, or DENSITY_S0 with a target density
     lam: float = 1e-8
-    beta_final: float = 1000.0
+    beta_final: float = 4000.0
     rounds: int = 3
     density: float | None = None  # target density of the final mask; None: steered by s0 and lam
     density_ramp: float = 0.6  # fraction of each round over which the density moves to the round's target
@@ -208,7 +208,7 @@ class ContinuousSparsification:
         rounds: int = 3,
         s0: float | None = None,
         lam: float = 1e-8,
-        beta_final: float = 1000.0,
+        beta_final: float = 4000.0,
         density: float | None = None,
         density_ramp: float = 0.6,
         penalty: str = "sum",
