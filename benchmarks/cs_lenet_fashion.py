@@ -6,6 +6,11 @@ one is reused. Prints Markdown tables (mean and sample std over seeds) for bench
 
     python benchmarks/cs_lenet_fashion.py --s0 0.05,0,-0.05,-0.1 --seeds 0,1,2 --workers 2
     python benchmarks/cs_lenet_fashion.py --preset fashion_conv4_narrow --out benchmarks/out/cs_conv_fashion
+    python benchmarks/cs_lenet_fashion.py --density 0.1678,0.1074 --out benchmarks/out/cs_density_lenet
+
+With --density the searches ask for those densities (CS's default recipe picks the initial logit; --s0 and
+--lam are then not used) and the table says whether every search round's mask became binary. The runs
+are those of `lottery sweep cs --preset P --density ... --seeds ... --out ...` (same run folders).
 """
 
 from __future__ import annotations
@@ -26,14 +31,16 @@ def dense_job(seed: int, out: str, preset: str = "fashion_lenet"):
     return train_dense(DenseJob(p.data, p.model, p.training, seed=seed), RunOptions(out=out, progress=False))
 
 
-def cs_job(s0: float, lam: float, seed: int, out: str, preset: str = "fashion_lenet", rounds: int | None = None):
+def cs_job(s0: float | None, lam: float | None, seed: int, out: str, preset: str = "fashion_lenet",
+           rounds: int | None = None, density: float | None = None):
     from lottery.experiment import RunOptions
     from lottery.methods.cs import CSHparams
     from lottery.pipelines.cs import CSJob, run_cs
     from lottery.presets import get_preset
 
     p = get_preset(preset)
-    cs = CSHparams.from_dict(p.methods["cs"]).replace(s0=s0, lam=lam)
+    cs = CSHparams.from_dict(p.methods["cs"])
+    cs = cs.replace(density=density) if density is not None else cs.replace(s0=s0, lam=lam)
     if rounds is not None:
         cs = cs.replace(rounds=rounds)
     return run_cs(CSJob(p.data, p.model, p.training, cs, seed=seed), RunOptions(out=out, progress=False))
@@ -46,6 +53,7 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--rounds", default="", help="comma-separated numbers of CS rounds (default: the preset's)")
+    ap.add_argument("--density", default="", help="comma-separated target densities (instead of --s0 / --lam)")
     ap.add_argument("--preset", default="fashion_lenet", help="the recipe (data, model, training, CS settings)")
     ap.add_argument("--out", default="benchmarks/out/cs_lenet_fashion")
     args = ap.parse_args()
@@ -54,6 +62,13 @@ def main() -> None:
     lams = [float(s) for s in args.lam.split(",")]
     rounds_list = [int(r) for r in args.rounds.split(",") if r.strip()] or [None]
 
+    if args.density:
+        densities = [float(d) for d in args.density.split(",")]
+        dense = run_parallel(dense_job, [(s, args.out, args.preset) for s in seeds], args.workers)
+        cs = run_parallel(cs_job, [(None, None, s, args.out, args.preset, n, d) for n in rounds_list
+                                   for d in densities for s in seeds], args.workers)
+        print_density_table(args.preset, dense, cs, densities, rounds_list)
+        return
     dense = run_parallel(dense_job, [(s, args.out, args.preset) for s in seeds], args.workers)
     cs = run_parallel(cs_job, [(s0, lam, s, args.out, args.preset, n) for n in rounds_list for s0 in s0s
                                for lam in lams for s in seeds], args.workers)
@@ -76,6 +91,27 @@ def main() -> None:
         name = f"s0={s0:g} lam={lam:g}" + (f" rounds={rounds}" if rounds is not None else "")
         print(f"| CS ticket {name} | {d:.4f} ± {dsd:.4f} | {100 * a:.2f} ± {100 * asd:.2f} "
               f"({gap:+.2f} vs dense) | {e:.0f} | {w:.0f} ± {wsd:.0f} | {len(rs)} |")
+
+
+
+def print_density_table(preset: str, dense: list, cs: list, densities: list, rounds_list: list) -> None:
+    print(f"machine: {machine()}\npreset: {preset}\n")
+    m, sd = mean_std([r["test_accuracy"] for r in dense])
+    print("| network | density (mean ± std) | test accuracy % (mean ± std) | vs dense | every round's mask binary "
+          "(worst undecided %, worst soft-hard gap) | epochs | seeds |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| dense | 1.0000 | {100 * m:.2f} ± {100 * sd:.2f} | | | {mean_std([r['epochs'] for r in dense])[0]:.0f} | {len(dense)} |")
+    for rounds, target in ((n, d) for n in rounds_list for d in densities):
+        rs = [r for r in cs if r.get("target_density") == target and rounds in (None, r["rounds"])]
+        d, dsd = mean_std([r["density"] for r in rs])
+        a, asd = mean_std([r["test_accuracy"] for r in rs])
+        conv = [c for r in rs for c in r.get("convergence") or []]
+        ok = "yes" if conv and all(c["converged"] for c in conv) else "NO"
+        worst = (f"{100 * max(c['undecided'] for c in conv):.2f} %, {100 * max(abs(c['soft_hard_gap']) for c in conv):.2f}"
+                 if conv else "-")
+        name = f"CS ticket, density {target:g}" + (f", {rounds} rounds" if rounds is not None else "")
+        print(f"| {name} | {d:.4f} ± {dsd:.4f} | {100 * a:.2f} ± {100 * asd:.2f} | {100 * (a - m):+.2f} | {ok} ({worst}) "
+              f"| {mean_std([r['epochs'] for r in rs])[0]:.0f} | {len(rs)} |")
 
 
 if __name__ == "__main__":

@@ -726,8 +726,9 @@ def _run_readme_example():
     model = UserNet()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     before_ids = {n: id(p) for n, p in masking.prunable_weights(model).items()}
-    cs = ContinuousSparsification(model, optimizer, mask_optimizer="sgd", epochs_per_round=2, rounds=2, s0=0.02, lam=1e-3)
     loader = _user_data()
+    cs = ContinuousSparsification(model, optimizer, epochs_per_round=2, steps_per_epoch=len(loader), rounds=2,
+                                  density=0.3)
     losses = []
     for epoch in range(cs.total_epochs):
         loader.set_epoch(epoch)
@@ -736,6 +737,7 @@ def _run_readme_example():
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            cs.step()
             losses.append(loss.item())
         cs.epoch_end()
     mask = cs.mask()
@@ -766,13 +768,15 @@ def test_readme_example_custom_nested_model(readme_run):
     assert list(mask) == readme_run["names"]
     assert 0 < mask.density() <= 1
     assert all(0 < d <= 1 for d in mask.layer_densities().values()), mask.layer_densities()
-    assert mask.density() < 1  # the penalty pruned something
+    assert mask.num_kept() == round(0.3 * mask.num_total())  # the density asked for
     assert all(math.isfinite(v) for v in readme_run["losses"])
-    # the user's optimizer got the logits as a group without weight decay
+    # the user's optimizer keeps only the user's parameters; the logits have their own Adam, no weight decay
     groups = optimizer.param_groups
-    assert groups[0]["weight_decay"] == 5e-4
-    assert groups[-1]["weight_decay"] == 0.0
-    assert {id(p) for p in groups[-1]["params"]} == {id(p) for p in cs.logits()}
+    assert len(groups) == 1 and groups[0]["weight_decay"] == 5e-4
+    assert not {id(p) for p in groups[0]["params"]} & {id(p) for p in cs.logits()}
+    assert isinstance(cs.logit_optimizer, torch.optim.Adam)
+    assert {id(p) for g in cs.logit_optimizer.param_groups for p in g["params"]} == {id(p) for p in cs.logits()}
+    assert all(g["weight_decay"] == 0.0 for g in cs.logit_optimizer.param_groups)
     # and still trains the user's own weight tensors (the soft mask did not replace them)
     assert readme_run["after_ids"] == readme_run["before_ids"]
     assert set(readme_run["before_ids"].values()) <= {id(p) for p in groups[0]["params"]}
