@@ -9,6 +9,11 @@ final density within 10 % of the target.
 
     python benchmarks/cs_budget.py --out benchmarks/out/cs_budget            # LeNet 1/2/5/20, Conv-4 1/2/3
     python benchmarks/cs_budget.py --only lenet --lenet-rounds 1ep,2ep       # a part of it
+    python benchmarks/cs_budget.py --previous                                # + the recipe before the change
+
+``--previous`` also runs, on Conv-4 with 2-epoch rounds, the recipe this project used before the change
+(SGD logits with the weights' LR schedule, beta to 200 every iteration): the setting whose masks were
+found not to be binary.
 """
 
 from __future__ import annotations
@@ -27,19 +32,24 @@ NETWORKS = {
 }
 
 
-def run(out: Path, preset: str, round_steps: str, density: float | None, rounds: int, seeds: str, workers: int) -> None:
+PREVIOUS_RECIPE = ["--mask-optimizer", "sgd", "--beta-final", "200", "--temperature-schedule", "iteration"]
+
+
+def run(out: Path, preset: str, round_steps: str, density: float | None, rounds: int, seeds: str, workers: int,
+        extra: tuple[str, ...] = ()) -> None:
     cmd = [sys.executable, "-m", "lottery", "sweep", "cs", "--preset", preset, "--mode", "prune", "--no-dense",
            "--round-steps", round_steps, "--rounds", str(rounds), "--seeds", seeds, "--workers", str(workers),
            "--out", str(out), "--no-progress"]
     if density is not None:
         cmd += ["--density", str(density)]
+    cmd += list(extra)
     print("$", " ".join(cmd[2:]), flush=True)
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
 
 
 def table(out: Path) -> str:
-    lines = ["| network | round | target density | density | round: undecided % / soft-hard gap (points) / flips | all rounds converged |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| network | recipe | round | target density | density | round: undecided % / soft-hard gap (points) / flips | all rounds converged | pruned network test acc % |",
+             "|---|---|---|---|---|---|---|---|"]
     rows = []
     for folder, r in read_results(out, "prune-cs_*/results.json"):
         import json
@@ -54,11 +64,13 @@ def table(out: Path) -> str:
         ok = all(c["converged"] for c in conv) if conv else None
         target = r.get("target_density")
         off = "" if target is None else f" ({100 * (r['density'] / target - 1):+.1f} %)"
-        rows.append((r["model"], int(str(round_steps).rstrip("ep") or 0), target or 0, r["seed"],
-                     f"| {r['model']} | {round_steps} | {target if target is not None else '- (s0 0, lam 1e-8)'} | "
+        recipe = "default" if hp["cs"].get("mask_optimizer", "adam") == "adam" else \
+            f"previous (sgd, beta to {hp['cs']['beta_final']:g} per {hp['cs']['temperature_schedule']})"
+        rows.append((r["model"], recipe, int(str(round_steps).rstrip("ep") or 0), target or 0, r["seed"],
+                     f"| {r['model']} | {recipe} | {round_steps} | {target if target is not None else '- (s0 0, lam 1e-8)'} | "
                      f"{r['density']:.4f}{off} | "
-                     f"{per_round} | {'yes' if ok else 'NO'} |"))
-    lines += [row[-1] for row in sorted(rows, key=lambda t: t[:4])]
+                     f"{per_round} | {'yes' if ok else 'NO'} | {100 * r['test_accuracy']:.2f} |"))
+    lines += [row[-1] for row in sorted(rows, key=lambda t: t[:5])]
     return "\n".join(lines)
 
 
@@ -73,6 +85,7 @@ def main() -> None:
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--table-only", action="store_true")
+    ap.add_argument("--previous", action="store_true", help="also the recipe before the change, Conv-4, 2-epoch rounds")
     args = ap.parse_args()
     if not args.table_only:
         for name, (preset, default_rounds) in NETWORKS.items():
@@ -81,6 +94,8 @@ def main() -> None:
             steps = args.lenet_rounds if name == "lenet" else args.conv4_rounds
             for density in (None, args.density):
                 run(args.out, preset, steps, density, args.rounds, args.seeds, args.workers)
+        if args.previous:
+            run(args.out, NETWORKS["conv4"][0], "2ep", None, args.rounds, args.seeds, args.workers, tuple(PREVIOUS_RECIPE))
     print(f"\n{machine()}\n")
     print(table(args.out))
 

@@ -869,7 +869,9 @@ def cs_reset_logits_(
     with torch.no_grad():
         for _, sm in _soft_masks(model):
             cap = sm.s0 if s0 is None else float(s0)
-            sm.logits.copy_(torch.clamp(sm.logits * beta_final, max=cap))
+            # min: a pruned logit is multiplied by beta_final every round; without a floor it reaches -inf
+            # after a dozen rounds (float32, beta_final 4000) and the run stops on a non-finite weight
+            sm.logits.copy_(torch.clamp(sm.logits * beta_final, min=PRUNED_LOGIT, max=cap))
     if reset_temperature:
         set_temperature(model, 1.0)
 

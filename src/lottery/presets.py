@@ -30,7 +30,7 @@ class Preset:
 
 #: The CS reference code's recipe for the mask (METHODS.md): the logits on SGD with the weights' LR and
 #: schedule, the temperature raised once per epoch to 200. lottery's default is the budget-robust recipe
-#: (Adam logits, per-iteration temperature to 1000, docs/cs.md); the paper's presets keep the paper's.
+#: (Adam logits, per-iteration temperature to 4000, docs/cs.md); the paper's presets keep the paper's.
 _CS_REFERENCE = {"mask_optimizer": "sgd", "temperature_schedule": "epoch", "beta_final": 200.0}
 
 _CIFAR_RECIPE = TrainingHparams(

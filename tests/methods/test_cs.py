@@ -199,7 +199,7 @@ def test_temperature_and_reset_properties(E, bf, s0, seed):
     masking.cs_reset_logits_(model, bf, s0)
     s_new = masking.mask_logits(model)["weight"].detach()
     s_old = logits["weight"]
-    assert torch.equal(s_new, torch.clamp(bf * s_old, max=s0))
+    assert torch.equal(s_new, torch.clamp(bf * s_old, min=masking.PRUNED_LOGIT, max=s0))  # floored: no -inf
     assert torch.all(s_new[s_old <= 0] <= 0)  # pruned stays pruned
     assert torch.all(s_new <= s0)
 

@@ -11,7 +11,7 @@ from torch import nn
 from lottery import masking
 from lottery.masks import Mask
 from lottery.methods.cs_convergence import (
-    MAX_ACCURACY_GAP, MAX_UNDECIDED, UNDECIDED_LOGIT, is_converged, mask_flips, round_convergence,
+    MAX_ACCURACY_GAP, MAX_UNDECIDED, UNDECIDED_LOGIT, gap_limit_for, is_converged, mask_flips, round_convergence,
     soft_and_hard_accuracy, undecided_fractions,
 )
 
@@ -76,8 +76,8 @@ def test_decided_mask_gives_equal_soft_and_hard_outputs_and_accuracy():
         with masking.hardened_soft_masks(model):
             hard = model(x)
     torch.testing.assert_close(soft, hard)
-    s, h = soft_and_hard_accuracy(model, _data(), "cpu", 1000.0)
-    assert s == h
+    s, h, count = soft_and_hard_accuracy(model, _data(), "cpu", 1000.0)
+    assert s == h and count == 96
     assert undecided_fractions(model, 1000.0)["overall"] == 0
 
 
@@ -100,21 +100,39 @@ def test_hardened_network_is_the_hard_limit_computed_directly():
     assert not torch.allclose(soft, got)  # outside the block the soft masks are back
 
 
-def test_round_convergence_figures_and_verdict():
+def _accuracy(net: nn.Module, batches) -> float:
+    with torch.no_grad():
+        hits = sum(int((net(x).argmax(1) == y).sum()) for x, y in batches)
+    return hits / sum(len(y) for _, y in batches)
+
+
+def test_round_convergence_figures_against_direct_computations():
     model = _net()
     masking.attach_soft_mask(model, None, s0=0.0)
     start = masking.hard_mask_from_logits(model)  # s0 = 0: nothing kept at the start
     g = torch.Generator().manual_seed(4)
-    logits = _set_logits(model, lambda shape: torch.randn(shape, generator=g))
-    conv = round_convergence(model, _data(), "cpu", 1000.0, start)
+    logits = _set_logits(model, lambda shape: torch.randn(shape, generator=g) * 0.003)
+    data = _data()
+    conv = round_convergence(model, data, "cpu", 1000.0, start)
     kept = sum(int((s > 0).sum()) for s in logits.values())
     assert conv["flips"] == kept
     assert conv["density"] == pytest.approx(kept / sum(s.numel() for s in logits.values()))
-    assert conv["soft_hard_gap"] == pytest.approx(conv["soft_val_accuracy"] - conv["hard_val_accuracy"])
-    assert conv["converged"] == is_converged(conv["undecided"], conv["soft_hard_gap"])
+    # soft: w * sigmoid(1000 s) / sigmoid(0); hard: w * 1[s > 0] / sigmoid(0), on plain copies of the network
+    soft_net, hard_net = _net(), _net()
+    with torch.no_grad():
+        for name, s in logits.items():
+            soft_net.get_parameter(name).mul_(torch.sigmoid(1000.0 * s) * 2)
+            hard_net.get_parameter(name).mul_((s > 0).float() * 2)
+    assert conv["soft_val_accuracy"] == pytest.approx(_accuracy(soft_net, data))
+    assert conv["hard_val_accuracy"] == pytest.approx(_accuracy(hard_net, data))
+    assert conv["soft_val_accuracy"] != conv["hard_val_accuracy"]  # these logits are far from decided
+    assert conv["converged"] is False and conv["undecided"] > MAX_UNDECIDED
 
 
 def test_is_converged_limits():
     assert is_converged(MAX_UNDECIDED, MAX_ACCURACY_GAP)
     assert not is_converged(MAX_UNDECIDED + 1e-6, 0.0)
     assert not is_converged(0.0, -MAX_ACCURACY_GAP - 1e-6)
+    # on a small validation split one example is the smallest visible gap
+    assert gap_limit_for(64) == pytest.approx(1 / 64) and gap_limit_for(10_000) == MAX_ACCURACY_GAP
+    assert is_converged(0.0, 1 / 64, gap_limit_for(64))

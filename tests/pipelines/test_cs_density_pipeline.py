@@ -7,12 +7,15 @@ from pathlib import Path
 
 import pytest
 
+from lottery.engine import Callback
 from lottery.errors import LotteryError
 from lottery.experiment import RunOptions
 from lottery.hparams import DataHparams, ModelHparams, TrainingHparams
 from lottery.io import read_json
+from lottery.masks import Mask
 from lottery.methods.cs import CSHparams
 from lottery.methods.cs_convergence import MAX_UNDECIDED
+from lottery.pipelines import cs as cs_pipe
 from lottery.pipelines.cs import CSJob, run_cs
 
 DATA = DataHparams(dataset="synthetic", val_size=64, synthetic_shape=(1, 8, 8), synthetic_classes=4,
@@ -59,7 +62,6 @@ def test_target_density_is_reached_without_adjusting_the_mask(tmp_path, density,
     n = results["prunable_weights"]
     assert results["kept_weights"] == round(density * n)
     assert results["target_density"] == density
-    assert results["density_adjusted_entries"] == 0
     assert results["s0"] == pytest.approx(0.02)
     assert all(c["converged"] for c in results["convergence"])
 
@@ -85,3 +87,59 @@ def test_strict_stops_when_the_mask_did_not_converge_and_the_round_is_kept(tmp_p
 def test_a_mask_that_keeps_everything_is_refused(tmp_path):
     with pytest.raises(LotteryError, match="kept every prunable weight"):
         run_cs(_job(CSHparams(rounds=1, round_steps="1ep", s0=50.0, lam=0.0)), _opts(tmp_path, []))
+
+
+class _Interrupt(Callback):
+    def __init__(self, at_iteration: int):
+        self.at = at_iteration
+
+    def on_step_end(self, trainer):
+        if trainer.iteration == self.at:
+            raise KeyboardInterrupt("simulated kill")
+
+
+def test_a_density_search_killed_mid_round_resumes_to_the_same_mask(tmp_path, monkeypatch):
+    """The density schedule's start, the logits' Adam state and the shift total live in the round checkpoint."""
+    job = _job(CSHparams(density=0.05, rounds=2, round_steps="2ep"))
+    reference = run_cs(job, _opts(tmp_path / "reference", []))
+    original = cs_pipe.search_round_callbacks
+    crashed = []
+
+    def crashing(hp, round_index, *args):
+        cbs = original(hp, round_index, *args)
+        if round_index == 1 and not crashed:
+            crashed.append(True)
+            cbs.append(_Interrupt(8 + 3))  # mid-epoch 1 of round 1 (8 steps per epoch), after a checkpoint
+        return cbs
+
+    monkeypatch.setattr(cs_pipe, "search_round_callbacks", crashing)
+    out = tmp_path / "killed"
+    with pytest.raises(KeyboardInterrupt):
+        run_cs(job, _opts(out, []))
+    logs: list[str] = []
+    results = run_cs(job, _opts(out, logs))
+    assert crashed == [True] and any("resumed" in line for line in logs)
+    for key in ("density", "kept_weights", "density_logit_shift", "test_accuracy", "convergence"):
+        assert results[key] == reference[key], key
+    assert Mask.load(Path(results["run_dir"]) / "mask.safetensors") == Mask.load(Path(reference["run_dir"]) / "mask.safetensors")
+
+
+def test_logit_groups_off_the_schedule_keep_their_learning_rate(tmp_path):
+    """Adam logits (follow_schedule=False) keep a constant LR while the weights' cosine LR decays."""
+    seen: list[tuple[float, float]] = []
+
+    class Spy(Callback):
+        def on_step_start(self, trainer):
+            seen.append((trainer.optimizers[0].param_groups[0]["lr"], trainer.optimizers[1].param_groups[0]["lr"]))
+
+    original = cs_pipe.search_round_callbacks
+    job = _job(CSHparams(rounds=1, round_steps="2ep"))
+    job = CSJob(data=job.data, model=job.model, training=TRAIN.replace(schedule="cosine"), cs=job.cs, mode="prune",
+                dense_reference=False)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cs_pipe, "search_round_callbacks", lambda *a: [*original(*a), Spy()])
+        run_cs(job, _opts(tmp_path, []))
+    weights_lr = [w for w, _ in seen]
+    logits_lr = {m for _, m in seen}
+    assert weights_lr[0] == pytest.approx(0.05) and weights_lr[-1] < 0.01  # the recipe's cosine decay
+    assert len(logits_lr) == 1 and logits_lr.pop() == pytest.approx(0.1 / 4)  # 0.1 / sqrt(16 steps per round)

@@ -355,9 +355,31 @@ class ContinuousSparsification:
                           "larger beta_final", RuntimeWarning, stacklevel=3)
         return {"undecided": undecided}
 
+    def state_dict(self) -> dict[str, Any]:
+        """What, beside the model's state_dict (weights and logits), a resumed loop needs: the position in
+        the rounds, the density schedule's start, the logits' own optimizer. Save both and restore the model
+        first, then :meth:`load_state_dict`, at the same point of your loop."""
+        return {
+            "epoch": self.epoch,
+            "step_in_round": self.step_in_round,
+            "round_start_density": self.round_start_density,
+            "round_start_mask": {n: m.clone() for n, m in self.round_start_mask.items()},
+            "logit_optimizer": self.logit_optimizer.state_dict() if self.logit_optimizer is not None else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch = int(state["epoch"])
+        self.step_in_round = int(state["step_in_round"])
+        self.round_start_density = float(state["round_start_density"])
+        self.round_start_mask = Mask({n: torch.as_tensor(m, dtype=torch.bool) for n, m in state["round_start_mask"].items()})
+        if self.logit_optimizer is not None and state.get("logit_optimizer") is not None:
+            self.logit_optimizer.load_state_dict(state["logit_optimizer"])
+        masking.set_temperature(self.model, self.beta)
+
     def convergence(self, loader, device: str | torch.device = "cpu") -> dict[str, Any]:
         """The round-end figures (undecided fraction, soft and hard accuracy on ``loader``, flips since
-        the start of the current round) for the mask as it is now."""
+        the start of the current round) for the mask as it is now. For a round that is not the last, call
+        it before that round's last ``epoch_end()``: that call resets the logits for the next round."""
         from lottery.methods.cs_convergence import round_convergence
 
         return round_convergence(self.model, loader, device, self.hp.beta_final, self.round_start_mask)

@@ -7,7 +7,8 @@ decisions (which weights to keep is still the logits' learned order) but the *nu
 schedule that ends at ``D``:
 
 * round ``r`` of ``R`` ends at density ``D ** ((r + 1) / R)`` (a geometric sequence, as IMP's levels:
-  each round prunes the same fraction of what is left, and weights pruned in a round stay pruned);
+  each round prunes the same fraction of what is left; the reset between rounds multiplies pruned
+  logits by ``beta_final``, so they stay far below the cut);
 * within a round the density moves geometrically from the round's starting density to that round's
   target over the first ``ramp`` fraction of the round's steps and then holds, so the logits have the
   rest of the round (while the temperature is highest) to move away from 0 and the mask to become
@@ -47,8 +48,8 @@ def scheduled_density(start: float, end: float, step: int, round_steps: int, ram
     ``ramp * round_steps`` steps, then ``end``."""
     ramp_steps = max(1.0, ramp * round_steps)
     f = min(1.0, step / ramp_steps)
-    if start <= 0:
-        return end
+    if start <= 0 or f >= 1:
+        return float(end)  # exactly: exp(log(end)) can differ from end in the last bit
     return math.exp((1 - f) * math.log(start) + f * math.log(end))
 
 
@@ -56,8 +57,11 @@ def scheduled_density(start: float, end: float, step: int, round_steps: int, ram
 def project_to_density(model: nn.Module, keep: int) -> float | None:
     """Shift every soft mask's logits by one common amount so that exactly ``keep`` are positive.
 
-    Returns the shift subtracted, or None when the logits around the cut are tied (e.g. all equal at
-    the start, before the first step): then no shift can separate them and none is made.
+    Returns the shift subtracted. Logits tied at the cut (all equal at the start; weights whose gradients
+    are identical, e.g. inputs that are always 0) cannot be separated by a shift: then the cut goes just
+    below the tied value and the tied entries with the lowest indices (in the models' parameter order)
+    are kept, as many as needed, at a tiny positive logit. They carry no learned preference, so any
+    choice among them is as good. Returns None only when the logits are not finite.
     """
     logits = list(masking.mask_logits(model).values())
     if not logits:
@@ -83,20 +87,16 @@ def project_to_density(model: nn.Module, keep: int) -> float | None:
         if band.numel() >= m + 1 or width > 1e30:
             break
         width *= 16
-    if band.numel() < m + 1:  # everything on that side is in the band and there are only m: cut past it
-        ordered = torch.sort(band).values
-        if kept > keep:
-            kth_largest, next_largest = ordered[-1] + 1, ordered[-1]
-        else:
-            kth_largest, next_largest = ordered[0], ordered[0] - 1
-    elif kept > keep:
+    if band.numel() < m + 1:  # only non-finite logits left on that side: nothing sensible to do
+        return None
+    if kept > keep:
         low = torch.topk(band, m + 1, largest=False).values
         next_largest, kth_largest = low[m - 1], low[m]
     else:
         high = torch.topk(band, m + 1, largest=True).values
         kth_largest, next_largest = high[m - 1], high[m]
     if not bool(kth_largest > next_largest):
-        return None
+        return _cut_through_tie(logits, flat, kth_largest, keep)
     shift = (kth_largest + next_largest) / 2
     # the midpoint can round onto one of them in low precision: then cut just below the kept one
     if not bool(kth_largest - shift > 0) or bool(next_largest - shift > 0):
@@ -104,6 +104,23 @@ def project_to_density(model: nn.Module, keep: int) -> float | None:
     for s in logits:
         s.sub_(shift.to(s.dtype))
     return float(shift)
+
+
+def _cut_through_tie(logits: list[torch.Tensor], flat: list[torch.Tensor], tied: torch.Tensor, keep: int) -> float:
+    """Shift so that the tied value sits exactly at 0 (pruned), then lift the first tied entries just above
+    0 until ``keep`` are positive (see :func:`project_to_density`)."""
+    above = int(sum(int((f > tied).sum()) for f in flat))
+    need = keep - above
+    for s in logits:
+        s.sub_(tied.to(s.dtype))
+    for s in logits:
+        if need <= 0:
+            break
+        view = s.view(-1)
+        idx = (view == 0).nonzero().flatten()[:need]
+        view[idx] = torch.finfo(s.dtype).tiny  # the smallest positive normal number: kept, barely
+        need -= idx.numel()
+    return float(tied)
 
 
 def kept_count(model: nn.Module) -> int:

@@ -74,6 +74,9 @@ def run_cs(job: CSJob, options: RunOptions) -> dict[str, Any]:
     desc = describe_run(job.kind, job.seed, data=job.data, model=job.model, training=job.training, cs=job.cs)
     done = reuse_finished(folder, desc, options)
     if done is not None:
+        if options.strict and done.get("mask_converged") is False:
+            raise LotteryError(f"{folder} is finished but its CS mask did not converge (results.json: "
+                               "mask_converged false); --strict refuses it: run without --strict to use it")
         return done
 
     # Impossible settings (a rewind point after the end) fail before any training, dense included.
@@ -88,10 +91,10 @@ def run_cs(job: CSJob, options: RunOptions) -> dict[str, Any]:
     log_line(options, f"plan: {'dense reference ' + format(total_epochs, 'g') + ' epochs, ' if job.dense_reference else ''}"
                       f"CS {job.cs.rounds} round(s) x {round_epochs:g} epochs, "
                       f"{'ticket retraining' if job.mode == 'ticket' else 'fine-tuning'} {retrain:g} epochs")
-    if job.cs.mask_optimizer == "sgd" and job.cs.temperature_schedule == "epoch" and round_epochs < 2:
+    if job.cs.temperature_schedule == "epoch" and round_epochs < 2:
         log_line(options, "warning: a CS round shorter than 2 epochs cannot anneal the temperature per epoch "
                           "(the whole round runs at beta_final); use --temperature-schedule iteration or longer rounds")
-    elif job.cs.mask_optimizer == "sgd" and job.cs.temperature_schedule == "epoch" and round_epochs < SMOOTH_ANNEALING_EPOCHS:
+    elif job.cs.temperature_schedule == "epoch" and round_epochs < SMOOTH_ANNEALING_EPOCHS:
         # Seen on Conv-4 (width 0.125) with 2-epoch rounds: beta went 1 -> 200 in one step and the network
         # collapsed to chance accuracy; with a per-iteration beta the same search kept 89.8 % at 5.8 % density.
         log_line(options, f"warning: with {round_epochs:g}-epoch CS rounds a per-epoch temperature takes only "
@@ -132,7 +135,7 @@ def run_cs(job: CSJob, options: RunOptions) -> dict[str, Any]:
                 if done.get("convergence") is not None:
                     convergence.append(done["convergence"])
                     shifts.append(done.get("density_shift", 0.0))
-                    _report_convergence(done["convergence"], r, job.cs.rounds, options)
+                    _report_convergence(done["convergence"], r, job.cs, options)
                 previous_mask = masking.hard_mask_from_logits(model)
                 remove_if_exists(rdir / "checkpoint.safetensors")  # left behind when killed right after the state
                 continue
@@ -169,7 +172,8 @@ def run_cs(job: CSJob, options: RunOptions) -> dict[str, Any]:
             save_tensors(state_path, model.state_dict())
             remove_if_exists(rdir / "checkpoint.safetensors")
             rows += history
-            _report_convergence(conv, r, job.cs.rounds, options)
+            _report_convergence(conv, r, job.cs, options)
+            _check_round_density(model, job.cs, r, options)
         search_epochs = job.cs.rounds * Step.parse(round_recipe.training_steps, ipe).epochs
 
         # -- the hard mask ----------------------------------------------------------------------------
@@ -231,15 +235,30 @@ def run_cs(job: CSJob, options: RunOptions) -> dict[str, Any]:
         return results
 
 
-def _report_convergence(conv: dict[str, Any], r: int, rounds: int, options: RunOptions) -> None:
+def _report_convergence(conv: dict[str, Any], r: int, cs: CSHparams, options: RunOptions) -> None:
     """Log a round's mask figures; a round that did not converge is a warning, or with ``strict`` an error
     (also for a finished round found on disk, so a resumed run says it again)."""
-    log_line(options, describe(conv, r, rounds))
+    log_line(options, describe(conv, r, cs.rounds))
     if not conv["converged"]:
-        message = not_converged_message(conv, r)
+        message = not_converged_message(conv, r, default_recipe=cs.mask_optimizer == "adam"
+                                        and cs.temperature_schedule == "iteration")
         if options.strict:
             raise LotteryError(f"{message} (--strict; the round is saved: run again without --strict to go on)")
         log_line(options, f"warning: {message}")
+
+
+def _check_round_density(model, cs: CSHparams, r: int, options: RunOptions) -> None:
+    """With a target density, say so if a round ended off its target (the projection should make that
+    impossible; a warning rather than silence if it ever happens)."""
+    if cs.density is None:
+        return
+    from lottery.methods.cs_density import round_target_density
+
+    mask = masking.hard_mask_from_logits(model)
+    wanted = min(mask.num_total() - 1, max(1, round(round_target_density(cs.density, r, cs.rounds) * mask.num_total())))
+    if mask.num_kept() != wanted:
+        log_line(options, f"warning: CS round {r + 1} ended with {mask.num_kept()} weights kept where the density "
+                          f"schedule asks for {wanted}")
 
 
 def _reuse_ticket_search(job: CSJob, options: RunOptions, folder: Path) -> None:
