@@ -126,8 +126,9 @@ def _task(seed: int = 0, n: int = 512):
     return [(x[i:i + 32], y[i:i + 32]) for i in range(0, n, 32)]
 
 
-def _train(cs: ContinuousSparsification, model, optimizer, batches):
-    for _ in range(cs.total_epochs):
+def _train(cs: ContinuousSparsification, model, optimizer, batches, epochs: int | None = None):
+    """The README's loop, for ``epochs`` epochs (default: all of cs's rounds)."""
+    for _ in range(cs.total_epochs if epochs is None else epochs):
         for x, y in batches:
             loss = F.cross_entropy(model(x), y) + cs.penalty()
             optimizer.zero_grad()
@@ -190,27 +191,17 @@ def test_api_state_dict_resumes_mid_round_exactly():
                                       density=0.1)
         return model, opt, cs
 
-    def run(model, opt, cs, epochs):
-        for _ in epochs:
-            for x, y in batches:
-                loss = F.cross_entropy(model(x), y) + cs.penalty()
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                cs.step()
-            cs.epoch_end()
-
     m1, o1, c1 = make()
-    run(m1, o1, c1, range(4))
+    _train(c1, m1, o1, batches)
     m2, o2, c2 = make()
-    run(m2, o2, c2, range(3))  # stop after epoch 3 of 4 (in round 2)
+    _train(c2, m2, o2, batches, epochs=3)  # stop after epoch 3 of 4 (in round 2)
     saved = ({k: v.clone() for k, v in m2.state_dict().items()}, o2.state_dict(), c2.state_dict())
     m3, o3, c3 = make()
     m3.load_state_dict(saved[0])
     o3.load_state_dict(saved[1])
     c3.load_state_dict(saved[2])
     assert c3.beta == c2.beta and c3.round == 1
-    run(m3, o3, c3, range(1))
+    _train(c3, m3, o3, batches, epochs=1)
     assert c3.mask() == c1.mask()
     for k, v in m1.state_dict().items():
         torch.testing.assert_close(m3.state_dict()[k], v)

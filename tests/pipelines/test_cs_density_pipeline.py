@@ -17,6 +17,7 @@ from lottery.methods.cs import CSHparams
 from lottery.methods.cs_convergence import MAX_UNDECIDED
 from lottery.pipelines import cs as cs_pipe
 from lottery.pipelines.cs import CSJob, run_cs
+from test_cs_pipeline import Interrupt  # the simulated kill of the reference-recipe resume tests
 
 DATA = DataHparams(dataset="synthetic", val_size=64, synthetic_shape=(1, 8, 8), synthetic_classes=4,
                    synthetic_train_size=320, synthetic_test_size=128)
@@ -89,15 +90,6 @@ def test_a_mask_that_keeps_everything_is_refused(tmp_path):
         run_cs(_job(CSHparams(rounds=1, round_steps="1ep", s0=50.0, lam=0.0)), _opts(tmp_path, []))
 
 
-class _Interrupt(Callback):
-    def __init__(self, at_iteration: int):
-        self.at = at_iteration
-
-    def on_step_end(self, trainer):
-        if trainer.iteration == self.at:
-            raise KeyboardInterrupt("simulated kill")
-
-
 def test_a_density_search_killed_mid_round_resumes_to_the_same_mask(tmp_path, monkeypatch):
     """The density schedule's start, the logits' Adam state and the shift total live in the round checkpoint."""
     job = _job(CSHparams(density=0.05, rounds=2, round_steps="2ep"))
@@ -109,7 +101,7 @@ def test_a_density_search_killed_mid_round_resumes_to_the_same_mask(tmp_path, mo
         cbs = original(hp, round_index, *args)
         if round_index == 1 and not crashed:
             crashed.append(True)
-            cbs.append(_Interrupt(8 + 3))  # mid-epoch 1 of round 1 (8 steps per epoch), after a checkpoint
+            cbs.append(Interrupt(8 + 3))  # mid-epoch 1 of round 1 (8 steps per epoch), after a checkpoint
         return cbs
 
     monkeypatch.setattr(cs_pipe, "search_round_callbacks", crashing)
