@@ -30,7 +30,9 @@ from lottery.engine import Callback, Trainer, make_optimizer
 from lottery.errors import ConfigError
 from lottery.hparams import Hparams, TrainingHparams
 from lottery.masks import Mask
-from lottery.methods.cs_density import DensityCallback, project_to_density
+from lottery.methods.cs_density import (
+    DensityCallback, keep_count, project_to_density, round_target_density, scheduled_density,
+)
 from lottery.step import validate_step_spec
 
 
@@ -306,13 +308,11 @@ class ContinuousSparsification:
             self.logit_optimizer.zero_grad(set_to_none=True)
         self.step_in_round += 1
         if self.hp.density is not None:
-            from lottery.methods.cs_density import round_target_density, scheduled_density
-
             end = round_target_density(self.hp.density, self.round, self.hp.rounds)
             wanted = scheduled_density(self.round_start_density, end, self.step_in_round, self.steps_per_round,
                                        self.hp.density_ramp)
             n = self.round_start_mask.num_total()
-            project_to_density(self.model, min(n - 1, max(1, round(wanted * n))))
+            project_to_density(self.model, keep_count(wanted, n))
         masking.set_temperature(self.model, self.beta)
 
     def density(self) -> float:

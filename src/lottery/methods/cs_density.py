@@ -53,6 +53,12 @@ def scheduled_density(start: float, end: float, step: int, round_steps: int, ram
     return math.exp((1 - f) * math.log(start) + f * math.log(end))
 
 
+def keep_count(density: float, n: int) -> int:
+    """How many of ``n`` logits a density asks to keep: rounded, and at least 1 and at most ``n - 1`` (a
+    projection can neither keep all nor none)."""
+    return min(n - 1, max(1, round(density * n)))
+
+
 @torch.no_grad()
 def project_to_density(model: nn.Module, keep: int) -> float | None:
     """Shift every soft mask's logits by one common amount so that exactly ``keep`` are positive.
@@ -148,7 +154,7 @@ class DensityCallback(Callback):
         n = sum(s.numel() for s in masking.mask_logits(trainer.model).values())
         steps_done = trainer.iteration - trainer.start.iteration
         round_steps = trainer.end.iteration - trainer.start.iteration
-        keep = min(n - 1, max(1, round(self.target(steps_done, round_steps) * n)))
+        keep = keep_count(self.target(steps_done, round_steps), n)
         shift = project_to_density(trainer.model, keep)
         if shift is not None:
             self.total_shift += shift

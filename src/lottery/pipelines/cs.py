@@ -252,10 +252,10 @@ def _check_round_density(model, cs: CSHparams, r: int, options: RunOptions) -> N
     impossible; a warning rather than silence if it ever happens)."""
     if cs.density is None:
         return
-    from lottery.methods.cs_density import round_target_density
+    from lottery.methods.cs_density import keep_count, round_target_density
 
     mask = masking.hard_mask_from_logits(model)
-    wanted = min(mask.num_total() - 1, max(1, round(round_target_density(cs.density, r, cs.rounds) * mask.num_total())))
+    wanted = keep_count(round_target_density(cs.density, r, cs.rounds), mask.num_total())
     if mask.num_kept() != wanted:
         log_line(options, f"warning: CS round {r + 1} ended with {mask.num_kept()} weights kept where the density "
                           f"schedule asks for {wanted}")
