@@ -14,7 +14,10 @@ from torch import nn
 from lottery import masking
 from lottery.errors import ConfigError
 from lottery.methods.cs import DENSITY_S0, ContinuousSparsification, CSHparams
-from lottery.methods.cs_density import kept_count, project_to_density, round_target_density, scheduled_density
+from lottery.methods.cs_convergence import MAX_UNDECIDED, undecided_fractions
+from lottery.methods.cs_density import (
+    kept_count, project_to_density, round_target_density, scheduled_density, tie_gap,
+)
 
 
 def _net(seed: int = 0) -> nn.Module:
@@ -57,6 +60,26 @@ def test_projection_cuts_through_tied_logits_by_index():
     assert kept_count(model) == n - 1
 
 
+def test_a_split_tie_is_set_apart_by_the_gap_and_stays_apart_under_identical_updates():
+    model = _net()
+    masking.attach_soft_mask(model, None, s0=DENSITY_S0)  # all tied
+    logits = list(masking.mask_logits(model).values())
+    n = sum(s.numel() for s in logits)
+    gap = tie_gap(4000.0)
+    assert gap * 4000.0 == pytest.approx(2 * math.log(99))
+    project_to_density(model, 300, gap)
+    flat = torch.cat([s.detach().reshape(-1) for s in logits])
+    assert kept_count(model) == 300
+    assert bool((flat[:300] == gap).all()) and bool((flat[300:] == -gap).all())
+    with torch.no_grad():  # the same update for every tied entry (what dead units' logits get)
+        for s in logits:
+            s.add_(0.37)
+    project_to_density(model, 300, gap)  # the cut falls in the middle of the gap: nothing re-ties
+    flat = torch.cat([s.detach().reshape(-1) for s in logits])
+    torch.testing.assert_close(flat[:300], torch.full((300,), gap))
+    torch.testing.assert_close(flat[300:], torch.full((n - 300,), -gap))
+
+
 def test_projection_gives_up_only_on_non_finite_logits():
     model = _net()
     masking.attach_soft_mask(model, None, s0=0.0)
@@ -68,7 +91,8 @@ def test_projection_gives_up_only_on_non_finite_logits():
 
 @pytest.mark.parametrize("density", [0.2, 0.7, 0.9])
 def test_dead_inputs_tie_their_logits_and_the_density_is_still_met(density):
-    """Inputs that are always 0 give their weights identical gradients (only the penalty's): tied logits."""
+    """Inputs that are always 0 give their weights identical gradients (only the penalty's): tied logits.
+    At 0.7 and 0.9 the cut has to go through that tied block (42 % of the logits)."""
     batches = [(x.clone(), y) for x, y in _task()]
     for x, _ in batches:
         x[:, 10:] = 0
@@ -77,9 +101,11 @@ def test_dead_inputs_tie_their_logits_and_the_density_is_still_met(density):
     cs = ContinuousSparsification(model, opt, epochs_per_round=2, steps_per_epoch=len(batches), rounds=1,
                                   density=density)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tied logits may stay undecided: that is reported, not tested here
+        warnings.simplefilter("error")  # a round that ends undecided warns: the split ties must not
         _train(cs, model, opt, batches)
     assert cs.mask().num_kept() == round(density * cs.mask().num_total())
+    # the dead inputs' tied logits were split with a gap: none of them is left at the cut
+    assert undecided_fractions(model, cs.hp.beta_final)["overall"] <= MAX_UNDECIDED
 
 
 def test_schedules():
@@ -106,6 +132,14 @@ def test_bad_density_settings_are_one_line_errors(kwargs, fragment):
     with pytest.raises(ConfigError) as e:
         CSHparams(**kwargs)
     assert fragment in str(e.value) and "\n" not in str(e.value)
+
+
+def test_penalty_weight_is_zero_with_a_density_unless_given():
+    assert CSHparams().penalty_weight == 1e-8
+    assert CSHparams(density=0.1).penalty_weight == 0.0  # the projection decides the count
+    assert CSHparams(density=0.1, lam=1e-6).penalty_weight == 1e-6
+    assert CSHparams(lam=0.0).penalty_weight == 0.0
+    assert CSHparams().to_dict() == CSHparams(lam=None).to_dict()
 
 
 def test_initial_logit_and_logit_lr():

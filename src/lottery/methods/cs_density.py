@@ -34,6 +34,7 @@ from torch import nn
 from lottery import masking
 from lottery.engine import Callback
 from lottery.errors import ConfigError
+from lottery.methods.cs_convergence import UNDECIDED_LOGIT
 
 
 def round_target_density(density: float, round_index: int, rounds: int) -> float:
@@ -53,6 +54,17 @@ def scheduled_density(start: float, end: float, step: int, round_steps: int, ram
     return math.exp((1 - f) * math.log(start) + f * math.log(end))
 
 
+def tie_gap(beta_final: float) -> float:
+    """How far apart a split block of tied logits is set (kept ones at ``+gap``, pruned ones at ``-gap``):
+    twice the undecided threshold at the final temperature, so the split part counts as decided.
+
+    Why: tied logits (weights of dead units or always-zero inputs get identical gradients) move together
+    under any optimizer. Split at a tiny distance they re-tie at the next step (``tiny + x == x`` in
+    floating point) and sit at the cut for the rest of the round, soft and hard masks disagreeing there.
+    A gap survives identical updates, and the next projection's cut falls inside it."""
+    return 2.0 * UNDECIDED_LOGIT / float(beta_final)
+
+
 def keep_count(density: float, n: int) -> int:
     """How many of ``n`` logits a density asks to keep: rounded, and at least 1 and at most ``n - 1`` (a
     projection can neither keep all nor none)."""
@@ -60,14 +72,15 @@ def keep_count(density: float, n: int) -> int:
 
 
 @torch.no_grad()
-def project_to_density(model: nn.Module, keep: int) -> float | None:
+def project_to_density(model: nn.Module, keep: int, gap: float = 0.0) -> float | None:
     """Shift every soft mask's logits by one common amount so that exactly ``keep`` are positive.
 
     Returns the shift subtracted. Logits tied at the cut (all equal at the start; weights whose gradients
-    are identical, e.g. inputs that are always 0) cannot be separated by a shift: then the cut goes just
-    below the tied value and the tied entries with the lowest indices (in the models' parameter order)
-    are kept, as many as needed, at a tiny positive logit. They carry no learned preference, so any
-    choice among them is as good. Returns None only when the logits are not finite.
+    are identical, e.g. inputs that are always 0) cannot be separated by a shift: then the tied value is
+    moved to 0, the tied entries with the lowest indices (in the models' parameter order) are kept, as
+    many as needed, at ``+gap`` and the other tied entries pruned at ``-gap`` (with ``gap=0``: kept at the
+    smallest positive number, pruned at 0). They carry no learned preference, so any choice among them
+    is as good; :func:`tie_gap` says why the gap. Returns None only when the logits are not finite.
     """
     logits = list(masking.mask_logits(model).values())
     if not logits:
@@ -77,32 +90,37 @@ def project_to_density(model: nn.Module, keep: int) -> float | None:
     if not 0 < keep < n:
         raise ConfigError(f"cannot keep {keep} of {n} logits: keep must be between 1 and {n - 1}")
     kept = int(sum(int((f > 0).sum()) for f in flat))
-    if kept == keep:
-        return 0.0
-    # Only the logits between the current cut (0) and the new one matter: the m positive ones to prune (or
-    # non-positive ones to keep). They are looked for in a band next to 0 that widens until it holds them,
-    # so a step costs a few passes over the logits instead of a ranking of all N (a full kthvalue costs
-    # more than a LeNet-300-100 training step; one step moves the cut by a handful of entries).
+    # Only the logits next to the current cut (0) matter: the m positive ones to prune (or non-positive
+    # ones to keep) and their neighbours across the new cut. They are looked for in a band next to 0 that
+    # widens until it holds them, so a step costs a few passes over the logits instead of a ranking of
+    # all N (a full kthvalue costs more than a LeNet-300-100 training step; one step moves the cut by a
+    # handful of entries).
     m = abs(kept - keep)
-    width = 1e-3
-    while True:
-        if kept > keep:  # prune the m smallest positive logits
-            band = torch.cat([f[(f > 0) & (f <= width)] for f in flat])
-        else:  # keep the m largest non-positive logits
-            band = torch.cat([f[(f <= 0) & (f > -width)] for f in flat])
-        if band.numel() >= m + 1 or width > 1e30:
-            break
-        width *= 16
-    if band.numel() < m + 1:  # only non-finite logits left on that side: nothing sensible to do
-        return None
-    if kept > keep:
-        low = torch.topk(band, m + 1, largest=False).values
+    if kept > keep:  # prune the m smallest positive logits
+        low = _nearest_to_cut(flat, m + 1, positive=True)
+        if low is None:
+            return None
         next_largest, kth_largest = low[m - 1], low[m]
-    else:
-        high = torch.topk(band, m + 1, largest=True).values
+    elif kept < keep:  # keep the m largest non-positive logits
+        high = _nearest_to_cut(flat, m + 1, positive=False)
+        if high is None:
+            return None
         kth_largest, next_largest = high[m - 1], high[m]
+    else:
+        # The count is right. When the last kept and the first pruned logit are both within two gaps of
+        # the cut, the cut is still moved to the middle between them: the two halves of a split tie move
+        # together and would otherwise drift onto the cut. (Not further: at a round's start the kept
+        # logits sit at s0 and the pruned ones far below, and a midpoint there would throw the kept
+        # ones far from where their sigmoid has a gradient.)
+        if gap <= 0:
+            return 0.0
+        low = _nearest_to_cut(flat, 1, positive=True, max_width=2 * gap)
+        high = _nearest_to_cut(flat, 1, positive=False, max_width=2 * gap)
+        if low is None or high is None:
+            return 0.0
+        kth_largest, next_largest = low[0], high[0]
     if not bool(kth_largest > next_largest):
-        return _cut_through_tie(logits, flat, kth_largest, keep)
+        return _cut_through_tie(logits, flat, kth_largest, keep, gap)
     shift = (kth_largest + next_largest) / 2
     # the midpoint can round onto one of them in low precision: then cut just below the kept one
     if not bool(kth_largest - shift > 0) or bool(next_largest - shift > 0):
@@ -112,20 +130,41 @@ def project_to_density(model: nn.Module, keep: int) -> float | None:
     return float(shift)
 
 
-def _cut_through_tie(logits: list[torch.Tensor], flat: list[torch.Tensor], tied: torch.Tensor, keep: int) -> float:
-    """Shift so that the tied value sits exactly at 0 (pruned), then lift the first tied entries just above
-    0 until ``keep`` are positive (see :func:`project_to_density`)."""
+def _nearest_to_cut(flat: list[torch.Tensor], count: int, positive: bool,
+                    max_width: float = math.inf) -> torch.Tensor | None:
+    """The ``count`` positive logits nearest 0, ascending (``positive``), or the ``count`` largest
+    non-positive ones, descending; None when that side has fewer finite ones within ``max_width`` of 0."""
+    width = min(1e-3, max_width)
+    while True:
+        if positive:
+            band = torch.cat([f[(f > 0) & (f <= width)] for f in flat])
+        else:
+            band = torch.cat([f[(f <= 0) & (f > -width)] for f in flat])
+        if band.numel() >= count or width > 1e30 or width >= max_width:
+            break
+        width = min(width * 16, max_width)
+    if band.numel() < count:  # only non-finite logits left on that side: nothing sensible to do
+        return None
+    return torch.topk(band, count, largest=not positive).values
+
+
+def _cut_through_tie(logits: list[torch.Tensor], flat: list[torch.Tensor], tied: torch.Tensor, keep: int,
+                     gap: float) -> float:
+    """Shift so that the tied value sits exactly at 0, then keep the first tied entries (at ``+gap``) until
+    ``keep`` are positive and prune the rest of the tie (at ``-gap``) (see :func:`project_to_density`)."""
     above = int(sum(int((f > tied).sum()) for f in flat))
     need = keep - above
     for s in logits:
         s.sub_(tied.to(s.dtype))
     for s in logits:
-        if need <= 0:
-            break
         view = s.view(-1)
-        idx = (view == 0).nonzero().flatten()[:need]
-        view[idx] = torch.finfo(s.dtype).tiny  # the smallest positive normal number: kept, barely
-        need -= idx.numel()
+        idx = (view == 0).nonzero().flatten()
+        kept, pruned = idx[:max(need, 0)], idx[max(need, 0):]
+        # kept: the smallest positive normal number without a gap (kept, barely)
+        view[kept] = gap if gap > 0 else torch.finfo(s.dtype).tiny
+        if gap > 0:
+            view[pruned] = -gap
+        need -= kept.numel()
     return float(tied)
 
 
@@ -140,8 +179,10 @@ class DensityCallback(Callback):
     after that). Records ``shift`` (sum of the shifts applied in this round) for the run's report.
     """
 
-    def __init__(self, density: float, round_index: int, rounds: int, start_density: float, ramp: float):
+    def __init__(self, density: float, round_index: int, rounds: int, start_density: float, ramp: float,
+                 gap: float = 0.0):
         self.end_density = round_target_density(density, round_index, rounds)
+        self.gap = float(gap)
         self.start_density = float(start_density)
         self.ramp = float(ramp)
         self.total_shift = 0.0
@@ -155,7 +196,7 @@ class DensityCallback(Callback):
         steps_done = trainer.iteration - trainer.start.iteration
         round_steps = trainer.end.iteration - trainer.start.iteration
         keep = keep_count(self.target(steps_done, round_steps), n)
-        shift = project_to_density(trainer.model, keep)
+        shift = project_to_density(trainer.model, keep, self.gap)
         if shift is not None:
             self.total_shift += shift
             self.projections += 1

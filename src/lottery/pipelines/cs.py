@@ -181,12 +181,12 @@ def run_cs(job: CSJob, options: RunOptions) -> dict[str, Any]:
         if mask.num_kept() == 0:
             raise LotteryError(
                 f"CS pruned every prunable weight (density 0) in {folder}: there is no ticket to train. "
-                f"Ask for a density (--density 0.1) or use a larger --s0 (now {s0:g}) or a smaller --lam (now {job.cs.lam:g})"
+                f"Ask for a density (--density 0.1) or use a larger --s0 (now {s0:g}) or a smaller --lam (now {job.cs.penalty_weight:g})"
             )
         if mask.num_kept() == mask.num_total():
             raise LotteryError(
                 f"CS kept every prunable weight (density 1) in {folder}: that is the dense network, not a ticket. "
-                f"Ask for a density (--density 0.1) or use a smaller --s0 (now {s0:g}) or a larger --lam (now {job.cs.lam:g})"
+                f"Ask for a density (--density 0.1) or use a smaller --s0 (now {s0:g}) or a larger --lam (now {job.cs.penalty_weight:g})"
             )
         mask_path = folder / "mask.safetensors"
         if not mask_path.exists():
@@ -214,7 +214,7 @@ def run_cs(job: CSJob, options: RunOptions) -> dict[str, Any]:
             "density_logit_shift": sum(shifts) if job.cs.density is not None else None,
             "mask_converged": bool(convergence[-1]["converged"]) if convergence else None,
             "convergence": [{"round": i, **c} for i, c in enumerate(convergence)],
-            "lam": job.cs.lam,
+            "lam": job.cs.penalty_weight,
             "rounds": job.cs.rounds,
             "density": mask.density(),
             "kept_weights": mask.num_kept(),
