@@ -56,7 +56,7 @@ def test_expand_grid_is_the_product_with_seeds_fastest():
     specs = expand_grid(_cs_base(), {"training.milestones": [["1ep"], ("1ep",)], "cs.lam": [1e-8]})
     assert len(specs) == 1 and specs[0].group("training").milestones == ("1ep",)
     points = expand_grid(_cs_base(), [{"s0": 0.1, "lam": 1e-6}, {"s0": -0.1, "seed": 4}], seeds=[0, 1])
-    assert [(s.group("cs").s0, s.group("cs").penalty_weight, s.seed) for s in points] == [
+    assert [(s.group("cs").s0, s.group("cs").lam, s.seed) for s in points] == [
         (0.1, 1e-6, 0), (0.1, 1e-6, 1), (-0.1, 1e-8, 4)]
 
 

@@ -47,7 +47,7 @@ PRESETS: dict[str, Preset] = {
             DataHparams(dataset="fashion-mnist", val_size=5000),
             ModelHparams(model="lenet_300_100"),
             TrainingHparams(training_steps="40ep", batch_size=128, lr=0.1),
-            methods={"cs": {"rounds": 3, "round_steps": "20ep", "rewind": "1ep"}},
+            methods={"cs": {"lam": 1e-8, "rounds": 3, "round_steps": "20ep", "rewind": "1ep"}},
         ),
         Preset(
             "fashion_conv4_narrow",
@@ -57,7 +57,7 @@ PRESETS: dict[str, Preset] = {
             DataHparams(dataset="fashion-mnist", val_size=5000),
             ModelHparams(model="conv4", width=0.125),
             TrainingHparams(training_steps="3ep", batch_size=128, lr=0.05, momentum=0.9, schedule="cosine"),
-            methods={"cs": {"rounds": 3, "round_steps": "2ep", "rewind": "100it"},
+            methods={"cs": {"lam": 1e-8, "rounds": 3, "round_steps": "2ep", "rewind": "100it"},
                      "imp": {"rewind": "100it"}},
         ),
         Preset(

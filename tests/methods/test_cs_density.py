@@ -139,7 +139,8 @@ def test_penalty_weight_is_zero_with_a_density_unless_given():
     assert CSHparams(density=0.1).penalty_weight == 0.0  # the projection decides the count
     assert CSHparams(density=0.1, lam=1e-6).penalty_weight == 1e-6
     assert CSHparams(lam=0.0).penalty_weight == 0.0
-    assert CSHparams().to_dict() == CSHparams(lam=None).to_dict()
+    # hparams.json and the run folder's name are unchanged: lam is still stored as given
+    assert CSHparams(density=0.1).to_dict()["lam"] == 1e-8
 
 
 def test_initial_logit_and_logit_lr():

@@ -87,7 +87,7 @@ INVALID = [
     (CSHparams, "density", OUTSIDE_OPEN_UNIT | NONFINITE | NOT_A_NUMBER.filter(lambda v: v is not None), {}),
     (CSHparams, "density_ramp", st.floats(max_value=0) | st.floats(min_value=1, exclude_min=True) | NONFINITE, {}),
     (CSHparams, "mask_optimizer", NOT_A_CHOICE, {}),
-    (CSHparams, "lam", NOT_NON_NEGATIVE | NOT_A_NUMBER.filter(lambda v: v is not None), {}),  # None: the default
+    (CSHparams, "lam", NOT_NON_NEGATIVE | NOT_A_NUMBER, {}),
     (CSHparams, "beta_final", st.floats(max_value=1, exclude_max=True) | NONFINITE | NOT_A_NUMBER, {}),
     (CSHparams, "rounds", NON_POSITIVE_INT, {}),
     (CSHparams, "rewind", BAD_STEP, {}),

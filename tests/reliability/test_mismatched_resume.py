@@ -61,7 +61,7 @@ CS = ["search", "cs", *fk.SYNTH, "--epochs", "2", "--rounds", "1", "--rewind", "
     (TRAIN, {"data.val_size": 10, "seed": 3}, ["data.val_size: 10 there, 50 now", "seed: 3 there, 0 now"]),
     (TRAIN, {"model.model": "conv2", "training.extra_field": 1},
      ["model.model: 'conv2' there, 'lenet_300_100' now", "training.extra_field: 1 there, '<missing>' now"]),
-    (CS, {"cs.lam": 0.001, "cs.rounds": 5}, ["cs.lam: 0.001 there, None now", "cs.rounds: 5 there, 1 now"]),
+    (CS, {"cs.lam": 0.001, "cs.rounds": 5}, ["cs.lam: 0.001 there, 1e-08 now", "cs.rounds: 5 there, 1 now"]),
 ], ids=["training", "data+seed", "model+unknown-field", "cs"])
 def test_resuming_a_folder_of_other_hparams_is_refused_naming_differences(tmp_path, command, edits, expected):
     """A finished run folder copied elsewhere with its hparams.json edited (what another configuration's

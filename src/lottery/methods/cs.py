@@ -57,7 +57,7 @@ class CSHparams(Hparams):
     """
 
     s0: float | None = None  # None: 0, or DENSITY_S0 with a target density
-    lam: float | None = None  # None: DEFAULT_LAM, or 0 with a target density (the projection replaces it)
+    lam: float = DEFAULT_LAM  # with a target density the default means 0 (the projection replaces it)
     beta_final: float = 4000.0
     rounds: int = 3
     density: float | None = None  # target density of the final mask; None: steered by s0 and lam
@@ -77,7 +77,7 @@ class CSHparams(Hparams):
     _prefix = "cs"
     _help = {
         "s0": "initial mask logit (default 0, or 0.02 with --density); steers sparsity (larger: denser)",
-        "lam": "penalty weight on the soft mask's sum (larger: sparser; default 1e-8, or 0 with --density)",
+        "lam": "penalty weight on the soft mask's sum (larger: sparser); with --density the default means 0",
         "beta_final": "temperature at the end of each round",
         "rounds": "number of search rounds",
         "density": "target density of the final mask, in (0, 1), e.g. 0.05 (default: none; s0 and lam steer)",
@@ -99,8 +99,7 @@ class CSHparams(Hparams):
         self._check_types()
         if self.s0 is not None:
             self._finite("s0")
-        if self.lam is not None:
-            self._non_negative("lam")
+        self._non_negative("lam")
         self._fraction_below_one("mask_momentum")
         self._positive("beta_final")
         if self.beta_final < 1:
@@ -140,7 +139,7 @@ class CSHparams(Hparams):
 
     @property
     def penalty_weight(self) -> float:
-        """``lam`` as used: the given value, else 0 with a target density, else DEFAULT_LAM.
+        """``lam`` as used: 0 with a target density when ``lam`` is left at its default, else ``lam``.
 
         Why 0 with a density: the projection onto the density already decides how many weights are kept,
         so the penalty has nothing left to do but push every logit down, which the projection undoes.
@@ -148,9 +147,9 @@ class CSHparams(Hparams):
         full step for logits that get no other gradient (weights of dead units or of always-zero inputs),
         and those then wander across the cut instead of staying decided (measured on a task with dead
         inputs: up to 25 % of the logits undecided at a round's end with the penalty, none without)."""
-        if self.lam is not None:
-            return float(self.lam)
-        return 0.0 if self.density is not None else DEFAULT_LAM
+        if self.density is not None and self.lam == DEFAULT_LAM:
+            return 0.0
+        return float(self.lam)
 
     def logit_lr(self, weights_lr: float, round_iterations: int) -> float:
         """The mask logits' learning rate for rounds of ``round_iterations`` steps.
@@ -225,7 +224,7 @@ class ContinuousSparsification:
         steps_per_epoch: int | None = None,
         rounds: int = 3,
         s0: float | None = None,
-        lam: float | None = None,
+        lam: float = DEFAULT_LAM,
         beta_final: float = 4000.0,
         density: float | None = None,
         density_ramp: float = 0.6,
