@@ -239,3 +239,29 @@ def test_save_and_load_without_pickle(tmp_path, kind):
 def test_unsupported_models_are_refused():
     with pytest.raises(ExportError, match="supported families"):
         describe(nn.Sequential(nn.Linear(3, 3)))
+
+
+@pytest.mark.parametrize("kind", ["csr", "blocks-element", "blocks-channel", "dense"])
+def test_export_costs_what_its_masked_network_counts(kind):
+    """lottery.cost on an export (its real, smaller layers) against the masked network it came from: equal
+    for CSR and block exports (they store exactly the kept weights); a channel export can only be cheaper
+    (it also drops the next layer's weights that read a removed channel)."""
+    from lottery.cost import network_cost
+
+    name = "lenet_300_100" if kind == "csr" else "conv4"
+    model = _model(name)
+    mask = _random_mask(model, name, 0.2)
+    if kind.startswith("blocks"):
+        hp = StructuredHparams(method="regroup", min_rows=4, max_rows=8, columns=kind.split("-")[1])
+        mask = regroup(mask, None, hp, partition=_fake_partition)
+    elif kind == "dense":
+        mask = _channel_ticket(model, mask)
+    masking.attach_hard_mask(model, mask)
+    exported = export_model(model, mask, kind.split("-")[0]).module
+    masked_cost = network_cost(model, mask, SHAPE)
+    export_cost = network_cost(exported, None, SHAPE)
+    assert export_cost["flops_dense"] == export_cost["flops_sparse"]  # no mask left: what it stores it computes
+    if kind == "dense":
+        assert 0 < export_cost["flops_sparse"] <= masked_cost["flops_sparse"]
+    else:
+        assert export_cost["flops_sparse"] == masked_cost["flops_sparse"]

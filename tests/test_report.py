@@ -491,3 +491,47 @@ def test_cs_rounds_move_a_ticket_along_the_density_axis_not_onto_another_curve()
     rows.append({"method": "cs ticket", "params": {"s0": 0.0, "rounds": 3, "penalty": "mean"}})
     names = _series_names(rows)
     assert names[0] == names[1] == names[2] and names[3] != names[0]
+
+
+def test_flops_columns_and_plot_come_from_results_json(tmp_path):
+    root = tmp_path / "runs"
+    common = {"model": "lenet_300_100", "dataset": "synthetic", "kind": "search-cs", "method": "cs", "mode": "ticket",
+              "rounds": 1, "lam": 1e-8}
+    for seed, (flops, acc) in enumerate([(1_000_000, 0.9), (3_000_000, 0.92)]):
+        for s0, scale in ((0.05, 1), (-0.05, 0.5)):
+            _write(root / f"cs_{s0}_{seed}", {**common, "seed": seed, "s0": s0, "density": 0.2 * scale,
+                                              "test_accuracy": acc, "flops_dense": 8_000_000,
+                                              "flops_sparse": flops * scale, "theoretical_speedup": 8_000_000 / (flops * scale)})
+    rep = write_report([root], tmp_path / "report")
+    row = next(r for r in rep.rows if r["params"]["s0"] == 0.05)
+    assert row["flops_sparse"] == 2_000_000  # the mean over the seeds, from the files
+    assert row["theoretical_speedup"] == pytest.approx((8 + 8 / 3) / 2)
+    text = rep.text()
+    assert "FLOPs/example" in text and "2M" in text and "speed-up (FLOPs)" in text
+    with open(tmp_path / "report" / "report.csv", newline="") as f:
+        csv_row = next(r for r in csv.DictReader(f) if "0.05" in r["setting"] and "-" not in r["setting"])
+    assert float(csv_row["flops_sparse"]) == 2_000_000 and float(csv_row["flops_dense"]) == 8_000_000
+    assert (tmp_path / "report" / "accuracy_vs_flops_lenet_300_100_synthetic.png").is_file()
+
+
+def test_layer_plot_shows_the_flops_share_when_mask_json_has_it(tmp_path, monkeypatch):
+    folder = tmp_path / "ticket"
+    folder.mkdir()
+    _mask_json(folder, (10, 5))
+    report_json = json.loads((folder / "mask.json").read_text())
+    report_json["layers"]["fc1.weight"]["flops_share"] = 0.75
+    report_json["layers"]["fc2.weight"]["flops_share"] = 0.25
+    (folder / "mask.json").write_text(json.dumps(report_json))
+    labels = []
+    import matplotlib.axes
+
+    original = matplotlib.axes.Axes.bar
+
+    def spy(self, *args, **kwargs):
+        labels.append((kwargs.get("label"), list(args[1])))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar", spy)
+    report.plot_layer_density(folder, tmp_path / "layers.png")
+    assert labels[0] == ("density (% of the layer kept)", [10.0, 10.0])
+    assert labels[1] == ("share of the dense network's FLOPs (%)", [75.0, 25.0])

@@ -110,6 +110,8 @@ def _common_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None, help="folder with the data set's files (see README: Data)")
     p.add_argument("--no-download", action="store_true", help="never download data; fail if it is missing")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also write metrics.csv's rows as TensorBoard events into the run folder (needs lottery[tensorboard])")
     add_hparams_flags(p, DataHparams, "data")
     add_hparams_flags(p, ModelHparams, "model")
     add_hparams_flags(p, TrainingHparams, "training")
@@ -148,7 +150,8 @@ def _options(args: argparse.Namespace):
     main_rank = distributed.is_main()
     return RunOptions(out=args.out, data_dir=args.data_dir, device=device,
                       progress=main_rank and not args.no_progress and sys.stderr.isatty(),
-                      download=not args.no_download, log=None if main_rank else (lambda msg: None))
+                      download=not args.no_download, log=None if main_rank else (lambda msg: None),
+                      tensorboard=bool(getattr(args, "tensorboard", False)))
 
 
 def _validate_names(data: DataHparams, model: ModelHparams) -> None:

@@ -98,6 +98,8 @@ def run_option_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None, help="folder with the data set's files (see README: Data)")
     p.add_argument("--no-download", action="store_true", help="never download data; fail if it is missing")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also write metrics.csv's rows as TensorBoard events into the run folder (needs lottery[tensorboard])")
 
 
 def _method_hparams(args, preset, cls, key: str, **fixed):

@@ -190,6 +190,7 @@ def cmd_bench_latency(args: argparse.Namespace) -> int:
     import torch
 
     from lottery.errors import ConfigError
+    from lottery.cost import cost_fields
     from lottery.export import load_export
     from lottery.io import write_json
     from lottery.latency import LatencySettings, format_latency_table, measure_latency
@@ -223,6 +224,8 @@ def cmd_bench_latency(args: argparse.Namespace) -> int:
                                    repeats=args.repeats, threads=args.threads, device=device)
         report = measure_latency(variants, tuple(model.input_shape), settings, baseline="dense")
         report["source"] = info
+        report["cost"] = {name: cost_fields(net, mask if name == "masked" else None, tuple(model.input_shape))
+                          for name, net in variants.items()}
         reports.append(report)
         print(format_latency_table(report))
         print()

@@ -194,14 +194,26 @@ def register(top_sub, common_flags: Callable[[argparse.ArgumentParser], None]) -
         "report", help="table and plots of finished runs",
         description="Gather results.json of the given run folders (and of run folders below them), group "
                     "runs that differ only in their seed, and write a table (CSV, Markdown) and plots "
-                    "(PNG, SVG): accuracy against density, per-layer density of a ticket, epochs against "
-                    "number of tickets; print the sparsest ticket matching the dense network per method.",
+                    "(PNG, SVG): accuracy against density and against FLOPs, per-layer density and FLOPs share "
+                    "of a ticket, epochs against number of tickets; print the sparsest ticket matching the "
+                    "dense network per method.",
     )
     r.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="run folders, or folders holding them")
     r.add_argument("--out", type=Path, default=Path("report"), help="folder for the table and plots (default: report)")
     r.add_argument("--layers", type=Path, default=None, metavar="RUN_DIR",
                    help="ticket whose per-layer density to draw (default: the sparsest matching ticket)")
     r.set_defaults(func=cmd_report)
+
+    pr = top_sub.add_parser(
+        "plot-run", help="curves of one run over training (accuracy, density, temperature)",
+        description="Draw a run's metrics.csv against epochs: validation and test accuracy, density and the "
+                    "CS temperature where recorded, one line per stage. With --tensorboard, also (re)write the "
+                    "run's TensorBoard events from metrics.csv.",
+    )
+    pr.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder (one that holds metrics.csv)")
+    pr.add_argument("--out", type=Path, default=None, help="the PNG to write (default: RUN_DIR/run_curves.png)")
+    pr.add_argument("--tensorboard", action="store_true", help="also write RUN_DIR/tensorboard (needs lottery[tensorboard])")
+    pr.set_defaults(func=cmd_plot_run)
 
 
 # -- from flags to job specs ---------------------------------------------------------------------------
@@ -290,6 +302,18 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(f"lottery: {len(result.failures)} of {len(result.outcomes)} experiments failed; "
               f"their errors are listed above and in {result.path}", file=sys.stderr)
         return 1
+    return 0
+
+
+def cmd_plot_run(args: argparse.Namespace) -> int:
+    from lottery.tracking import plot_run, read_metrics, require_tensorboard, write_tensorboard
+
+    if args.tensorboard:
+        require_tensorboard()
+    files = plot_run(args.run_dir, args.out)
+    if args.tensorboard:
+        files.append(write_tensorboard(args.run_dir, read_metrics(args.run_dir)))
+    print("written: " + ", ".join(str(f) for f in files))
     return 0
 
 

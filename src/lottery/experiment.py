@@ -18,6 +18,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from lottery.cost import add_cost
 from lottery.engine import Callback, Trainer
 from lottery.errors import ConfigError, LotteryError
 from lottery.hparams import DataHparams, Hparams, ModelHparams, TrainingHparams, hparams_hash
@@ -36,10 +37,15 @@ class RunOptions:
     download: bool = True
     log: Any = None  # a callable taking one line; default: tqdm.write
     strict: bool = False  # CS: a search round whose mask did not converge is an error, not a warning
+    tensorboard: bool = False  # also write metrics.csv's rows as TensorBoard events (lottery.tracking)
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
         self.device = resolve_device(self.device)
+        if self.tensorboard:
+            from lottery.tracking import require_tensorboard
+
+            require_tensorboard()
 
 
 def resolve_device(device: str) -> str:
@@ -167,14 +173,20 @@ def write_metrics_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 class MetricsCSV(Callback):
     """Rewrites ``metrics.csv`` from the trainer's history at every epoch end (atomic, so always whole)."""
 
-    def __init__(self, path: Path, prefix_rows: list[dict[str, Any]] | None = None, extra: dict[str, Any] | None = None):
+    def __init__(self, path: Path, prefix_rows: list[dict[str, Any]] | None = None, extra: dict[str, Any] | None = None,
+                 tensorboard: bool = False):
         self.path = path
         self.prefix_rows = prefix_rows or []
         self.extra = extra or {}
+        self.tensorboard = tensorboard
 
     def _write(self, trainer: Trainer) -> None:
         rows = self.prefix_rows + [{**self.extra, **r} for r in trainer.history]
         write_metrics_csv(self.path, rows)
+        if self.tensorboard:
+            from lottery.tracking import write_tensorboard
+
+            write_tensorboard(self.path.parent, rows)
 
     def on_epoch_end(self, trainer: Trainer, epoch: int) -> None:
         self._write(trainer)
@@ -331,7 +343,7 @@ def train_dense(job: DenseJob, options: RunOptions, wait_for_lock: bool = False)
         train_loader, evals = make_loaders(bundle, job.training, job.seed, options)
         trainer = Trainer(
             model, train_loader, job.training, eval_loaders=evals, device=options.device,
-            checkpoint_path=folder / "checkpoint.safetensors", callbacks=[MetricsCSV(folder / "metrics.csv")],
+            checkpoint_path=folder / "checkpoint.safetensors", callbacks=[MetricsCSV(folder / "metrics.csv", tensorboard=options.tensorboard)],
             progress=options.progress, desc="dense", log=options.log,
         )
         history = trainer.fit()
@@ -351,6 +363,7 @@ def train_dense(job: DenseJob, options: RunOptions, wait_for_lock: bool = False)
             "wall_seconds": trainer.wall_seconds,
             "run_dir": str(folder),
         }
+        add_cost(results, model, None, bundle.input_shape)
         write_json(results_path, results)
         remove_if_exists(folder / "checkpoint.safetensors")
         return results

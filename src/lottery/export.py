@@ -474,6 +474,10 @@ class _BlockBase(nn.Module):
     def _index(self, kind: str) -> list[torch.Tensor]:
         return [getattr(self, f"{kind}_{i}") for i in range(len(self.weights))]
 
+    def weights_per_position(self) -> int:
+        """Multiply-accumulates per output position (lottery.cost): the blocks' weights."""
+        return int(sum(w.numel() for w in self.weights))
+
     def _scatter(self, parts: list[torch.Tensor], like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         """Output rows of the blocks into an output of ``shape`` (rows on dim 1); rows of no block are 0."""
         y = like.new_zeros(shape)
@@ -538,6 +542,10 @@ class CSRLinear(nn.Module):
         self.register_buffer("col_indices", torch.zeros(nnz, dtype=torch.int64))
         self.values = nn.Parameter(torch.zeros(nnz))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    def weights_per_position(self) -> int:
+        """Multiply-accumulates per example (lottery.cost): the stored non-zeros."""
+        return int(self.values.numel())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with warnings.catch_warnings():

@@ -141,11 +141,23 @@ def format_latency_table(report: Mapping[str, Any], markdown: bool = True) -> st
             f"{s['warmup']} warm-up + {s['repeats']} interleaved timings per variant, medians; "
             f"baseline: {report['baseline']}")
     cols = ["batch", "variant", "median ms", "p25-p75 ms", "speed-up", "time saved"]
+    cost = report.get("cost") or {}
+    base_flops = (cost.get(report["baseline"]) or {}).get("flops_sparse")
+    if cost:
+        cols += ["FLOPs/example", "speed-up (FLOPs)", "of it reached"]
     lines = []
     for r in report["rows"]:
         b = str(r["batch"])
-        lines.append([b, r["variant"], f"{r['median_ms']:.3f}", f"{r['p25_ms']:.3f}-{r['p75_ms']:.3f}",
-                      f"{report['speedup'][b][r['variant']]:.2f}x", f"{100 * report['time_saved'][b][r['variant']]:.1f}%"])
+        speedup = report['speedup'][b][r['variant']]
+        line = [b, r["variant"], f"{r['median_ms']:.3f}", f"{r['p25_ms']:.3f}-{r['p75_ms']:.3f}",
+                f"{speedup:.2f}x", f"{100 * report['time_saved'][b][r['variant']]:.1f}%"]
+        if cost:
+            flops = (cost.get(r["variant"]) or {}).get("flops_sparse")
+            theoretical = base_flops / flops if flops and base_flops else None
+            line += [f"{flops:,}" if flops is not None else "-",
+                     f"{theoretical:.2f}x" if theoretical else "-",
+                     f"{100 * speedup / theoretical:.0f}%" if theoretical else "-"]
+        lines.append(line)
     if markdown:
         out = [head, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         out += ["| " + " | ".join(line) + " |" for line in lines]

@@ -69,12 +69,21 @@ def print_table(rows: Sequence[dict[str, Any]], title: str | None = None, column
     print(format_table(rows, columns))
 
 
+def human_count(v: float) -> str:
+    """1234567 -> '1.23M': FLOP and parameter counts for tables and axis labels."""
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(v) >= scale:
+            return f"{v / scale:.3g}{suffix}"
+    return f"{v:g}"
+
+
 def plot_accuracy_vs_density(
     points: Sequence[dict[str, Any]], path: Path, *, dense_accuracy: float | None = None, title: str = "",
-    dense_std: float | None = None,
+    dense_std: float | None = None, x: str = "density",
 ) -> None:
-    """Test accuracy against density (log axis), one series per ``series`` (default: ``method``); saved as
-    PNG (and SVG).
+    """Test accuracy against density (``x="density"``) or against the network's multiply-accumulates per
+    example (``x="flops"``, results.json's ``flops_sparse``), log axis, one series per ``series``
+    (default: ``method``); saved as PNG (and SVG). Points without the x value are left out.
 
     A point's ``test_accuracy_std`` becomes its error bar (none where it is None: a single seed);
     ``dense_std`` draws the dense accuracy as a band (mean +- std) around its line.
@@ -84,9 +93,12 @@ def plot_accuracy_vs_density(
     series: dict[str, list[dict[str, Any]]] = {}
     for p in points:
         series.setdefault(p.get("series") or p.get("method", "?"), []).append(p)
+    key, factor = ("density", 100.0) if x == "density" else ("flops_sparse", 1.0)
     for name, pts in series.items():
-        pts = sorted(pts, key=lambda p: p["density"])
-        xs = [100 * p["density"] for p in pts]
+        pts = sorted((p for p in pts if p.get(key)), key=lambda p: p[key])
+        if not pts:
+            continue
+        xs = [factor * p[key] for p in pts]
         ys = [100 * p["test_accuracy"] for p in pts]
         errs = [100 * (p.get("test_accuracy_std") or 0.0) for p in pts]
         ax.errorbar(xs, ys, yerr=errs if any(errs) else None, marker="o", capsize=3, label=name)
@@ -101,11 +113,12 @@ def plot_accuracy_vs_density(
     # Percent kept as plain numbers, labelled at 1, 2 and 5 of every decade (1, 2, 5, 10, 20, 50, 100):
     # labels at powers of ten only leave most points between two far-apart values.
     ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}" if x == "density" else human_count(v)))
     ax.xaxis.set_minor_locator(LogLocator(base=10, subs=tuple(float(i) for i in range(1, 10))))
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.invert_xaxis()
-    ax.set_xlabel("density (% of prunable weights kept, log scale)")
+    ax.set_xlabel("density (% of prunable weights kept, log scale)" if x == "density" else
+                  "multiply-accumulates per example (Conv and Linear weights kept, log scale)")
     ax.set_ylabel("test accuracy (%)")
     if title:
         ax.set_title(title)
@@ -601,6 +614,10 @@ def summarize(records: Sequence[dict[str, Any]], tolerance: float = MATCH_TOLERA
             "density_std": _std(_nums(rs, "density")),
             "test_accuracy": _mean(acc),
             "test_accuracy_std": _std(acc),
+            "flops_dense": _mean(_nums(rs, "flops_dense")),
+            "flops_sparse": _mean(_nums(rs, "flops_sparse")),
+            "params_nonzero": _mean(_nums(rs, "params_nonzero")),
+            "theoretical_speedup": _mean(_nums(rs, "theoretical_speedup")),
             "epochs": _mean(_nums(rs, "epochs")),
             "continued_epochs": _mean(_nums(rs, "continued_epochs")),
             "wall_seconds": _mean(_nums(rs, "wall_seconds")),
@@ -778,14 +795,24 @@ def mask_report_path(run_dir: str | Path) -> Path:
 
 
 def plot_layer_density(run_dir: str | Path, path: Path, title: str | None = None) -> list[Path]:
-    """Bar chart of the kept fraction of each prunable layer of a ticket (from its mask.json)."""
+    """Bar chart of the kept fraction of each prunable layer of a ticket (from its mask.json) and, where
+    mask.json has it, beside it each layer's share of the dense network's FLOPs: pruning a layer that
+    holds most of the weights but little of the compute saves little time."""
     report = _read_json(mask_report_path(run_dir))
     layers = report.get("layers", {})
     names = list(layers)
     dens = [100 * float(layers[n]["density"]) for n in names]
+    shares = [layers[n].get("flops_share") for n in names]
+    with_flops = all(s is not None for s in shares) and bool(names)
+    width = 0.4 if with_flops else 0.8
     plt = _mpl()
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(names) + 2), 4.5), layout="constrained")
-    bars = ax.bar(range(len(names)), dens, color="tab:blue")
+    offset = -width / 2 if with_flops else 0.0
+    bars = ax.bar([i + offset for i in range(len(names))], dens, width=width, color="tab:blue",
+                  label="density (% of the layer kept)")
+    if with_flops:
+        ax.bar([i + width / 2 for i in range(len(names))], [100 * float(s) for s in shares], width=width,
+               color="tab:orange", label="share of the dense network's FLOPs (%)")
     for b, n in zip(bars, names):
         info = layers[n]
         ax.annotate(f"{info.get('kept', '?')}/{info.get('total', '?')}", (b.get_x() + b.get_width() / 2, b.get_height()),
@@ -793,10 +820,11 @@ def plot_layer_density(run_dir: str | Path, path: Path, title: str | None = None
     if report.get("density") is not None:
         ax.axhline(100 * float(report["density"]), color="tab:red", linestyle="--",
                    label=f"whole network {100 * float(report['density']):.2f}%")
+    if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels(names, rotation=45, ha="right", fontsize=8)
-    ax.set_ylabel("density (% of the layer kept)")
+    ax.set_ylabel("% (density; FLOPs share)" if with_flops else "density (% of the layer kept)")
     ax.set_ylim(0, 110)
     p = Path(run_dir)
     # A level folder alone (level_2) does not say whose level it is.
@@ -818,6 +846,8 @@ REPORT_COLUMNS = (
     ("dataset", "dataset", "{}"),
     ("setting", "setting", "{}"),
     ("density", "density", "{:.4g}"),
+    ("flops", "FLOPs/example", "{}"),
+    ("theoretical_speedup", "speed-up (FLOPs)", "{:.2f}x"),
     ("acc", "test acc % (mean ± std, n-1)", "{}"),
     ("n_seeds", "seeds", "{}"),
     ("dense", "dense acc %", "{}"),
@@ -831,13 +861,17 @@ FOOTNOTE = ("± std: sample standard deviation over seeds (n - 1), – with a si
             "mean per seed of everything spent to obtain that network; for a level of an iterative run (IMP) "
             "both are cumulative, from the dense level 0 up to and including that level. mask binary (CS): whether "
             "every search round of every seed ended with at most 1 % of logits undecided (|beta*s| < ln 99) and "
-            "hard-mask val accuracy within 0.3 points of the soft network's; worst undecided %, worst gap in points.")
+            "hard-mask val accuracy within 0.3 points of the soft network's; worst undecided %, worst gap in points. "
+            "FLOPs/example: multiply-accumulates of the kept Conv and Linear weights per example (biases, "
+            "normalisation, activations and pooling not counted); speed-up (FLOPs): dense FLOPs / these, a count, "
+            "not a timing.")
 
 
 def _display_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{**r, "acc": _pm(r["test_accuracy"], r["test_accuracy_std"]),
              "dense": _pm(r["dense_test_accuracy"], r["dense_test_accuracy_std"]),
              "match": {True: "yes", False: "no", None: "-"}[r["matching"]],
+             **({"flops": human_count(r["flops_sparse"])} if r.get("flops_sparse") is not None else {}),
              **({"mask": _mask_cell(r)} if r.get("mask_converged") is not None else {}),
              "setting": r["setting"] or "-"} for r in rows]
 
@@ -851,6 +885,8 @@ CSV_COLUMNS = (("method", "method"), ("model", "model"), ("dataset", "dataset"),
                ("dense_test_accuracy_std_n-1", "dense_test_accuracy_std"), ("matching", "matching"),
                ("mask_converged", "mask_converged"), ("mask_undecided_max", "mask_undecided_max"),
                ("mask_soft_hard_gap_max", "mask_gap_max"),
+               ("params_nonzero", "params_nonzero"), ("flops_dense", "flops_dense"), ("flops_sparse", "flops_sparse"),
+               ("theoretical_speedup", "theoretical_speedup"),
                ("epochs", "epochs"), ("wall_seconds_cumulative", "wall_seconds"), ("recipe", "recipe"),
                ("run_dirs", "run_dirs"))
 CSV_FIELDS = tuple(name for name, _ in CSV_COLUMNS)
@@ -973,6 +1009,11 @@ def write_report(paths: Iterable[str | Path], out: str | Path, layers: str | Pat
         plot_accuracy_vs_density(points, path, dense_accuracy=dense_acc, dense_std=dense_std,
                                  title=f"{model} on {dataset}")
         report.files += [path, path.with_suffix(".svg")]
+        if any(p.get("flops_sparse") for p in points):
+            path = out / f"accuracy_vs_flops_{_slug(model, dataset)}.png"
+            plot_accuracy_vs_density(points, path, dense_accuracy=dense_acc, dense_std=dense_std,
+                                     title=f"{model} on {dataset}", x="flops")
+            report.files += [path, path.with_suffix(".svg")]
 
     report.files += plot_epochs_vs_tickets(epochs_for_tickets_by_data(rows), out / "epochs_vs_tickets.png")
 

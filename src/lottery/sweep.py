@@ -482,7 +482,7 @@ def _emit(line: str) -> None:
 
 def _options_state(options) -> dict[str, Any]:
     return {"out": str(Path(options.out).resolve()), "data_dir": options.data_dir, "device": options.device,
-            "download": options.download, "strict": options.strict}
+            "download": options.download, "strict": options.strict, "tensorboard": options.tensorboard}
 
 
 def _execute(kind: JobKind, spec: JobSpec, opts: dict[str, Any], label: str, log: Callable[[str], None],
@@ -498,7 +498,7 @@ def _execute(kind: JobKind, spec: JobSpec, opts: dict[str, Any], label: str, log
             torch.set_num_threads(threads)
         options = RunOptions(out=Path(opts["out"]), data_dir=opts["data_dir"], device=opts["device"],
                              progress=False, download=opts["download"], log=lambda line: log(f"[{label}] {line}"),
-                             strict=bool(opts.get("strict", False)))
+                             strict=bool(opts.get("strict", False)), tensorboard=bool(opts.get("tensorboard", False)))
         results = run_job(spec, options, kind)
         if not isinstance(results, dict):
             raise LotteryError(f"job kind {kind.name!r} returned {type(results).__name__}, not a results dict")

@@ -435,3 +435,24 @@ def test_cli_runs_imp_c_end_to_end(tmp_path, capsys):
     summary = read_json(folder / "results.json")
     assert summary["method"] == "imp-c" and [r["level"] for r in summary["levels"]] == [0, 1]
     assert read_json(folder / "hparams.json")["imp"]["variant"] == "continue"
+
+
+def test_every_imp_level_records_the_cost_of_its_own_mask(imp_run):
+    """results.json of each level: parameters and FLOPs counted from that level's mask.safetensors."""
+    from lottery.cost import network_cost
+    from lottery.models import build_model as build
+
+    _, folder, _, _ = imp_run
+    speedups = []
+    for level_dir in _levels(folder, 3):
+        mask = Mask.load(level_dir / "mask.safetensors")
+        model = build(MODEL, input_shape=DATA.synthetic_shape, num_classes=DATA.synthetic_classes)
+        expected = network_cost(model, mask, DATA.synthetic_shape)
+        result = read_json(level_dir / "results.json")
+        assert {k: result[k] for k in ("params_nonzero", "flops_dense", "flops_sparse")} == {
+            k: expected[k] for k in ("params_nonzero", "flops_dense", "flops_sparse")}
+        assert result["params_nonzero"] == result["params_total"] - (mask.num_total() - mask.num_kept())
+        layers = read_json(level_dir / "mask.json")["layers"]
+        assert all(layers[n]["flops_sparse"] == expected["layers"][n]["flops_sparse"] for n in mask)
+        speedups.append(result["theoretical_speedup"])
+    assert speedups[0] == 1.0 and speedups == sorted(speedups)  # pruning only ever removes work

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from lottery import masking
+from lottery.cost import add_cost
 from lottery.engine import Trainer, evaluate
 from lottery.errors import CheckpointError, ConfigError, LotteryError
 from lottery.experiment import (
@@ -148,7 +149,8 @@ def run_cs(job: CSJob, options: RunOptions) -> dict[str, Any]:
             callbacks = search_round_callbacks(job.cs, r, start_density)
             if r == 0 and job.mode == "ticket":
                 callbacks.append(SnapshotCallback(k.iteration, lambda sd: save_tensors(rewind_path, sd)))
-            callbacks.append(MetricsCSV(folder / "metrics.csv", prefix_rows=rows, extra={"stage": f"round_{r}"}))
+            callbacks.append(MetricsCSV(folder / "metrics.csv", prefix_rows=rows, extra={"stage": f"round_{r}"},
+                                        tensorboard=options.tensorboard))
             trainer = Trainer(
                 model, train_loader, round_recipe,
                 optimizers=make_search_optimizers(model, round_recipe, job.cs, round_iterations),
@@ -231,6 +233,7 @@ def run_cs(job: CSJob, options: RunOptions) -> dict[str, Any]:
         if dense is not None:
             results["dense_test_accuracy"] = dense["test_accuracy"]
             results["dense_run_dir"] = dense["run_dir"]
+        add_cost(results, model, mask, bundle.input_shape, folder / "mask.json", job.cs.density)
         write_json(folder / "results.json", results)
         return results
 
@@ -291,7 +294,8 @@ def _retrain_ticket(job, options, folder, bundle, train_loader, evals, mask: Mas
     masking.attach_hard_mask(model, mask)
     trainer = Trainer(
         model, train_loader, job.training, eval_loaders=evals, device=options.device, start=k.iteration,
-        callbacks=[EnforceMaskCallback(), MetricsCSV(folder / "metrics.csv", prefix_rows=rows, extra={"stage": "ticket"})],
+        callbacks=[EnforceMaskCallback(), MetricsCSV(folder / "metrics.csv", prefix_rows=rows, extra={"stage": "ticket"},
+                                                          tensorboard=options.tensorboard)],
         checkpoint_path=tdir / "checkpoint.safetensors", progress=options.progress, desc="ticket", log=options.log,
     )
     history = trainer.fit()
@@ -331,7 +335,8 @@ def _prune(job, options, folder, model, train_loader, evals, mask: Mask, round_r
         masking.attach_hard_mask(model, mask)
         trainer = Trainer(
             model, train_loader, recipe, eval_loaders=evals, device=options.device,
-            callbacks=[EnforceMaskCallback(), MetricsCSV(folder / "metrics.csv", prefix_rows=rows, extra={"stage": "finetune"})],
+            callbacks=[EnforceMaskCallback(), MetricsCSV(folder / "metrics.csv", prefix_rows=rows, extra={"stage": "finetune"},
+                                                                tensorboard=options.tensorboard)],
             checkpoint_path=pdir / "checkpoint.safetensors", progress=options.progress, desc="fine-tune", log=options.log,
         )
         history = trainer.fit()

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from lottery import masking
+from lottery.cost import add_cost
 from lottery.engine import Trainer
 from lottery.experiment import (
     DenseJob, MetricsCSV, RunOptions, build_model, describe_run, folder_lock, load_data, log_line,
@@ -84,7 +85,7 @@ def run_gmp(job: GMPJob, options: RunOptions) -> dict[str, Any]:
             trainer = Trainer(
                 model, train_loader, job.training, eval_loaders=evals, device=options.device,
                 callbacks=[pruning, EnforceMaskCallback(),
-                           MetricsCSV(folder / "metrics.csv", extra={"stage": "gmp"})],
+                           MetricsCSV(folder / "metrics.csv", extra={"stage": "gmp"}, tensorboard=options.tensorboard)],
                 checkpoint_path=folder / "checkpoint.safetensors", progress=options.progress, desc="gmp",
                 log=options.log,
             )
@@ -129,6 +130,7 @@ def run_gmp(job: GMPJob, options: RunOptions) -> dict[str, Any]:
         if dense is not None:
             results["dense_test_accuracy"] = dense["test_accuracy"]
             results["dense_run_dir"] = dense["run_dir"]
+        add_cost(results, model, mask, bundle.input_shape, mask_path.with_suffix(".json"), hp.density)
         write_json(results_path, results)
     log_line(options, f"gmp ({hp.scope}) to density {mask.density():.4f}: test "
                       f"{100 * (results['test_accuracy'] or 0):.2f}%"

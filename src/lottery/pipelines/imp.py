@@ -53,6 +53,7 @@ import torch
 from torch import nn
 
 from lottery import masking
+from lottery.cost import add_cost
 from lottery.engine import Callback, Trainer, evaluate
 from lottery.engine.schedule import LRSchedule
 from lottery.errors import CheckpointError, ConfigError
@@ -250,6 +251,13 @@ class _Context:
     def build(self) -> nn.Module:
         return build_model(self.model_hp, self.bundle, self.seed)
 
+    def cost(self, mask: Mask | None, mask_report: Path | None = None, requested: float | None = None,
+             model: nn.Module | None = None) -> dict[str, Any]:
+        """Parameters and FLOPs of this network under ``mask`` (lottery.cost); adds per-layer FLOPs to
+        ``mask_report`` (a mask.json)."""
+        return add_cost({"density": mask.density() if mask is not None else 1.0}, model or self.build(), mask,
+                        self.bundle.input_shape, mask_report, requested)
+
     def prunable_names(self) -> list[str]:
         return list(masking.prunable_weights(self.build(), ignore=prune_ignore(self.model_hp)))
 
@@ -299,7 +307,8 @@ class _Context:
         if mask is not None:
             masking.attach_hard_mask(model, mask)
             callbacks.insert(0, EnforceMaskCallback())
-        callbacks.append(MetricsCSV(self.folder / "metrics.csv", prefix_rows=list(self.rows), extra=tags))
+        callbacks.append(MetricsCSV(self.folder / "metrics.csv", prefix_rows=list(self.rows), extra=tags,
+                              tensorboard=self.options.tensorboard))
         if self.callbacks is not None:
             callbacks += list(self.callbacks(stage))
         # Each stage draws its random numbers (dropout, ...) from a seed of its own, so a stage run after
@@ -438,8 +447,8 @@ def _level_zero(job, plan: _Plan, ctx: _Context, common: dict[str, Any]) -> dict
         accs = _accuracies(record)
         extra["dense_run_dir"] = dense["run_dir"]
     mask = Mask.load_or_create(ldir / "mask.safetensors", lambda: Mask.ones(ctx.build(), ctx.prunable_names()))
-    result = {**common, "level": 0, **_mask_counts(mask), **accs, "epochs": epochs, "wall_seconds": wall,
-              "level_dir": str(ldir), **extra}
+    result = {**common, "level": 0, **_mask_counts(mask), **ctx.cost(mask, ldir / "mask.json"), **accs,
+              "epochs": epochs, "wall_seconds": wall, "level_dir": str(ldir), **extra}
     if plan.continued:
         result.update(_accuracies(record, "continued_"))
         result["continued_epochs"] = epochs
@@ -472,7 +481,8 @@ def _level(job, plan: _Plan, ctx: _Context, common: dict[str, Any], level: int, 
     T = ctx.end
     tags = {"level": level}
     wall = 0.0
-    result: dict[str, Any] = {**common, "level": level, **_mask_counts(mask), "level_dir": str(ldir)}
+    result: dict[str, Any] = {**common, "level": level, **_mask_counts(mask), **ctx.cost(mask, ldir / "mask.json"),
+                              "level_dir": str(ldir)}
     if plan.continued:
         cont = ctx.train_stage(
             stage=f"level_{level}_continued", directory=ldir, stem="continued",
@@ -619,7 +629,8 @@ def run_one_shot(job: OneShotJob, options: RunOptions, *, callbacks: StageCallba
             save_tensors(folder / "model.safetensors", pruned)
         results = {
             "kind": job.kind, "method": job.method, "model": job.model.model, "dataset": job.data.dataset,
-            "seed": job.seed, "scope": hp.scope, "target_density": hp.density, **_mask_counts(mask), **out,
+            "seed": job.seed, "scope": hp.scope, "target_density": hp.density, **_mask_counts(mask),
+            **ctx.cost(mask, folder / "mask.json", hp.density, model), **out,
             "epochs": dense["epochs"] + ft.epochs, "finetune_epochs": ft.epochs,
             "wall_seconds": (dense.get("wall_seconds") or 0.0) + wall,
             "dense_test_accuracy": dense["test_accuracy"], "dense_run_dir": dense["run_dir"], "run_dir": str(folder),
@@ -699,7 +710,7 @@ def _run_control(source: Path, control: str, hp, options: RunOptions, callbacks)
         results = {
             "kind": kind, "method": control, "model": model_hp.model, "dataset": data.dataset, "seed": seed,
             "control_seed": hp.seed, "level": hp.level, **({"scope": hp.scope} if control == "random-prune" else {}),
-            **_mask_counts(mask), **_accuracies(record), "rewind": imp.rewind,
+            **_mask_counts(mask), **ctx.cost(mask, folder / "mask.json"), **_accuracies(record), "rewind": imp.rewind,
             "epochs": (ctx.end.iteration - k.iteration) / ctx.ipe, "wall_seconds": record["wall_seconds"],
             "ticket_test_accuracy": ticket.get("test_accuracy"), "source_run": str(source), "run_dir": str(folder),
         }

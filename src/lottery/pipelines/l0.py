@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from lottery import masking
+from lottery.cost import add_cost
 from lottery.engine import Trainer, evaluate
 from lottery.errors import CheckpointError, ConfigError
 from lottery.experiment import (
@@ -120,7 +121,7 @@ def run_l0(job: L0Job, options: RunOptions) -> dict[str, Any]:
                 # Saved in both modes (it costs one copy of the weights): the other mode's run of the same
                 # hparams can then reuse this search (_reuse_sibling_search).
                 callbacks.append(L0SnapshotCallback(k.iteration, lambda sd: save_tensors(rewind_path, sd)))
-            callbacks.append(MetricsCSV(folder / "metrics.csv", extra={"stage": "search"}))
+            callbacks.append(MetricsCSV(folder / "metrics.csv", extra={"stage": "search"}, tensorboard=options.tensorboard))
             # The gates' noise comes from a seed of its own (a resumed search restores the RNG state).
             torch.manual_seed(derived_seed(job.seed, "l0-search"))
             trainer = Trainer(
@@ -184,6 +185,7 @@ def run_l0(job: L0Job, options: RunOptions) -> dict[str, Any]:
         if dense is not None:
             results["dense_test_accuracy"] = dense["test_accuracy"]
             results["dense_run_dir"] = dense["run_dir"]
+        add_cost(results, model, mask, bundle.input_shape, mask_path.with_suffix(".json"))
         write_json(results_path, results)
         return results
 
@@ -221,7 +223,7 @@ def _retrain_ticket(job: L0Job, options, folder: Path, bundle, train_loader, eva
     torch.manual_seed(derived_seed(job.seed, "l0-ticket"))
     trainer = Trainer(
         model, train_loader, job.training, eval_loaders=evals, device=options.device, start=k.iteration,
-        callbacks=[EnforceMaskCallback(), MetricsCSV(folder / "metrics.csv", prefix_rows=rows, extra={"stage": "ticket"})],
+        callbacks=[EnforceMaskCallback(), MetricsCSV(folder / "metrics.csv", prefix_rows=rows, extra={"stage": "ticket"}, tensorboard=options.tensorboard)],
         checkpoint_path=tdir / "checkpoint.safetensors", progress=options.progress, desc="l0 ticket", log=options.log,
     )
     history = trainer.fit()
@@ -262,7 +264,7 @@ def _prune(job: L0Job, options, folder: Path, model, train_loader, evals, mask: 
         trainer = Trainer(
             model, train_loader, final_lr_recipe(recipe, job.l0.finetune_steps, ipe), eval_loaders=evals,
             device=options.device,
-            callbacks=[EnforceMaskCallback(), MetricsCSV(folder / "metrics.csv", prefix_rows=rows, extra={"stage": "finetune"})],
+            callbacks=[EnforceMaskCallback(), MetricsCSV(folder / "metrics.csv", prefix_rows=rows, extra={"stage": "finetune"}, tensorboard=options.tensorboard)],
             checkpoint_path=pdir / "checkpoint.safetensors", progress=options.progress, desc="l0 fine-tune",
             log=options.log,
         )

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lottery.cost import add_cost
 from lottery import masking
 from lottery.engine import Trainer
 from lottery.errors import CheckpointError, ConfigError
@@ -273,7 +274,8 @@ class _Stage:
             raise CheckpointError(f"{self.src.folder / 'rewind.safetensors'} does not fit the model: {exc}") from None
         masking.attach_hard_mask(model, mask)
         tags = {"stage": stage, **tags}
-        callbacks = [EnforceMaskCallback(), MetricsCSV(self.folder / "metrics.csv", prefix_rows=list(self.rows), extra=tags)]
+        callbacks = [EnforceMaskCallback(), MetricsCSV(self.folder / "metrics.csv", prefix_rows=list(self.rows), extra=tags,
+                              tensorboard=self.options.tensorboard)]
         torch.manual_seed(derived_seed(self.src.seed, f"stage:{stage}"))
         trainer = Trainer(model, self.train_loader, self.src.training, eval_loaders=self.evals, callbacks=callbacks,
                           device=self.options.device, checkpoint_path=directory / "checkpoint.safetensors",
@@ -350,6 +352,7 @@ def run_structure(job: StructureJob, options: RunOptions, *, partition: Partitio
             "rewind": src.rewind, "wall_seconds": record.get("wall_seconds"),
             "structured": hp.to_dict(), "source_run": str(src.folder), "run_dir": str(folder),
         }
+        add_cost(results, model, mask, _shape_of(src.data)[0], folder / "mask.json")
         write_json(results_path, results)
     log_line(options, f"{hp.method} ticket after {src.after} ({where}): density {results['density']:.4f}, "
                       f"test {_pct(results['test_accuracy'])} (source ticket {_pct(results['source_test_accuracy'])}, "
@@ -405,6 +408,7 @@ def run_structured_imp(job: StructuredIMPJob, options: RunOptions, *,
                     "epochs": stage.end.epochs + level * stage.retrain_epochs, "rewind": src.rewind,
                     "wall_seconds": record.get("wall_seconds"), "level_dir": str(ldir),
                 }
+                add_cost(result, model, mask, _shape_of(src.data)[0], ldir / "mask.json")
                 write_json(results_path, result)
                 log_line(options, f"{hp.method} imp level {level}/{job.levels}: density {result['density']:.4f} "
                                   f"(pruned {result['pruned_density']:.4f}), test {_pct(result['test_accuracy'])} "
