@@ -57,7 +57,7 @@ class CSHparams(Hparams):
     """
 
     s0: float | None = None  # None: 0, or DENSITY_S0 with a target density
-    lam: float = DEFAULT_LAM  # with a target density the default means 0 (the projection replaces it)
+    lam: float = DEFAULT_LAM
     beta_final: float = 4000.0
     rounds: int = 3
     density: float | None = None  # target density of the final mask; None: steered by s0 and lam
@@ -77,7 +77,7 @@ class CSHparams(Hparams):
     _prefix = "cs"
     _help = {
         "s0": "initial mask logit (default 0, or 0.02 with --density); steers sparsity (larger: denser)",
-        "lam": "penalty weight on the soft mask's sum (larger: sparser); with --density the default means 0",
+        "lam": "penalty weight on the soft mask's sum (larger: sparser)",
         "beta_final": "temperature at the end of each round",
         "rounds": "number of search rounds",
         "density": "target density of the final mask, in (0, 1), e.g. 0.05 (default: none; s0 and lam steer)",
@@ -136,20 +136,6 @@ class CSHparams(Hparams):
         if self.s0 is not None:
             return float(self.s0)
         return DENSITY_S0 if self.density is not None else 0.0
-
-    @property
-    def penalty_weight(self) -> float:
-        """``lam`` as used: 0 with a target density when ``lam`` is left at its default, else ``lam``.
-
-        Why 0 with a density: the projection onto the density already decides how many weights are kept,
-        so the penalty has nothing left to do but push every logit down, which the projection undoes.
-        Under the logits' Adam that push is not harmless: Adam scales the penalty's tiny gradient up to a
-        full step for logits that get no other gradient (weights of dead units or of always-zero inputs),
-        and those then wander across the cut instead of staying decided (measured on a task with dead
-        inputs: up to 25 % of the logits undecided at a round's end with the penalty, none without)."""
-        if self.density is not None and self.lam == DEFAULT_LAM:
-            return 0.0
-        return float(self.lam)
 
     def logit_lr(self, weights_lr: float, round_iterations: int) -> float:
         """The mask logits' learning rate for rounds of ``round_iterations`` steps.
@@ -313,7 +299,7 @@ class ContinuousSparsification:
         """``lam * sum(m)``, to add to the loss. ``reuse_forward=True`` (faster) reuses the masks of the
         forward pass just run; only when this penalty is added to that pass's loss and backpropagated with
         it, as in ``loss = criterion(model(x), y) + cs.penalty(reuse_forward=True)``."""
-        return mask_penalty(self.model, self.hp.penalty_weight, self.hp.penalty, reuse_forward)
+        return mask_penalty(self.model, self.hp.lam, self.hp.penalty, reuse_forward)
 
     def step(self) -> None:
         """After every optimizer step: step the logits' own optimizer (default recipe), keep the density
@@ -462,7 +448,7 @@ class PenaltyCallback(Callback):
     def extra_loss(self, trainer: Trainer) -> torch.Tensor:
         # the trainer adds this to the loss of the forward pass it has just run and backpropagates both
         # together: the masks of that forward pass can be reused
-        p = mask_penalty(trainer.model, self.hp.penalty_weight, self.hp.penalty, reuse_forward=True)
+        p = mask_penalty(trainer.model, self.hp.lam, self.hp.penalty, reuse_forward=True)
         self.last_penalty = p.detach()
         return p
 

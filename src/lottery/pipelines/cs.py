@@ -183,12 +183,12 @@ def run_cs(job: CSJob, options: RunOptions) -> dict[str, Any]:
         if mask.num_kept() == 0:
             raise LotteryError(
                 f"CS pruned every prunable weight (density 0) in {folder}: there is no ticket to train. "
-                f"Ask for a density (--density 0.1) or use a larger --s0 (now {s0:g}) or a smaller --lam (now {job.cs.penalty_weight:g})"
+                f"Ask for a density (--density 0.1) or use a larger --s0 (now {s0:g}) or a smaller --lam (now {job.cs.lam:g})"
             )
         if mask.num_kept() == mask.num_total():
             raise LotteryError(
                 f"CS kept every prunable weight (density 1) in {folder}: that is the dense network, not a ticket. "
-                f"Ask for a density (--density 0.1) or use a smaller --s0 (now {s0:g}) or a larger --lam (now {job.cs.penalty_weight:g})"
+                f"Ask for a density (--density 0.1) or use a smaller --s0 (now {s0:g}) or a larger --lam (now {job.cs.lam:g})"
             )
         mask_path = folder / "mask.safetensors"
         if not mask_path.exists():
@@ -216,7 +216,7 @@ def run_cs(job: CSJob, options: RunOptions) -> dict[str, Any]:
             "density_logit_shift": sum(shifts) if job.cs.density is not None else None,
             "mask_converged": bool(convergence[-1]["converged"]) if convergence else None,
             "convergence": [{"round": i, **c} for i, c in enumerate(convergence)],
-            "lam": job.cs.penalty_weight,
+            "lam": job.cs.lam,
             "rounds": job.cs.rounds,
             "density": mask.density(),
             "kept_weights": mask.num_kept(),
