@@ -175,11 +175,11 @@ def test_dense_reference_found_without_listing_it_and_without_hparams(tmp_path, 
 
 
 def test_report_command(runs, tmp_path, capsys):
-    from lottery.cli import OneLineErrorParser, _common_flags
-    from lottery.cli_sweep import register
+    from lottery.cli.common import OneLineErrorParser, common_flags
+    from lottery.cli.sweep import register
 
     parser = OneLineErrorParser(prog="lottery")
-    register(parser.add_subparsers(dest="command", parser_class=OneLineErrorParser), _common_flags)
+    register(parser.add_subparsers(dest="command", parser_class=OneLineErrorParser), common_flags)
     args = parser.parse_args(["report", str(runs), "--out", str(tmp_path / "out")])
     assert args.func(args) == 0
     out = capsys.readouterr().out

@@ -224,12 +224,12 @@ def test_ray_missing_gives_install_hint(monkeypatch, tmp_path):
 
 # -- the command line ---------------------------------------------------------------------------------
 def _parser():
-    from lottery.cli import OneLineErrorParser, _common_flags
-    from lottery.cli_sweep import register
+    from lottery.cli.common import OneLineErrorParser, common_flags
+    from lottery.cli.sweep import register
 
     parser = OneLineErrorParser(prog="lottery")
     sub = parser.add_subparsers(dest="command", parser_class=OneLineErrorParser)
-    register(sub, _common_flags)
+    register(sub, common_flags)
     return parser
 
 
@@ -245,7 +245,7 @@ def test_help(argv, needle, capsys):
 
 
 def test_sweep_flags_take_lists():
-    from lottery.cli_sweep import sweep_specs
+    from lottery.cli.sweep import sweep_specs
 
     args = _parser().parse_args(["sweep", "cs", "--preset", "fashion_lenet", "--s0", "0.05,0,-0.05", "--seeds", "0,1,2",
                                  "--models", "lenet_300_100,conv2", "--workers", "2"])
@@ -289,7 +289,7 @@ def test_cli_default_workers_follow_the_measurement(monkeypatch):
     beat 1 worker x 2 threads); a GPU or another backend gets 1."""
     import os
 
-    from lottery.cli_sweep import default_workers
+    from lottery.cli.sweep import default_workers
 
     cpus = len(os.sched_getaffinity(0))
     assert default_workers("cpu", "local") == cpus

@@ -22,12 +22,18 @@ from safetensors.torch import load_file, save as st_save_bytes
 from lottery.errors import CheckpointError, StorageError
 
 
+def _is_main_rank() -> bool:
+    """Rank 0 of the process group, or no process group. Read from torch.distributed directly (not from
+    lottery.distributed, a higher layer), so a file written under torchrun is written once."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically. Under data-parallel training only rank 0 writes (every
     rank holds the same state), so callers need no rank checks of their own."""
-    from lottery.distributed import is_main
-
-    if not is_main():
+    if not _is_main_rank():
         return
     path = Path(path)
     # Fault injection for the crash tests (tests/reliability): one dict lookup when the variable is unset.

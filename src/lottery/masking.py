@@ -35,7 +35,6 @@ import math
 import re
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from fnmatch import fnmatchcase
 from typing import Any
 
 import torch
@@ -43,7 +42,12 @@ from torch import nn
 from torch.nn.utils import parametrize, prune
 
 from lottery.errors import ConfigError
-from lottery.masks import Mask, _short_list
+from lottery.masks import Mask
+from lottery.parameters import (  # noqa: F401  (re-exported: lottery.masking is their public path)
+    HARD_MASK_ATTR, PRUNABLE_TYPES, SOFT_MASK_ATTR, has_hard_mask, has_soft_mask, is_torch_pruned as _torch_pruned,
+    join_name as _join, logical_named_parameters, prunable_weights, short_list as _short_list, split_name as _split,
+    trainable_tensor as _trainable_tensor,
+)
 
 __all__ = [
     "PRUNABLE_TYPES",
@@ -77,13 +81,10 @@ __all__ = [
     "zero_pruned_optimizer_state_",
 ]
 
-#: Module types whose ``weight`` is prunable (subclasses included).
-PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-
-_HARD_ATTR = "_lottery_hard_masks"  # tuple of tensor names with a hard mask on this module
+_HARD_ATTR = HARD_MASK_ATTR
 _HARD_LOAD_HANDLE = "_lottery_hard_load_handle"
 _HARD_STAMPS = "_lottery_hard_stamps"  # {tensor name: stamp}, a new stamp at every attach and load
-_SOFT_ATTR = "_lottery_soft_masks"  # tuple of tensor names with a soft mask on this module
+_SOFT_ATTR = SOFT_MASK_ATTR
 _SOFT_HANDLES = "_lottery_soft_handles"
 _PARAM_ORDER = "_lottery_param_order"  # the module's parameter order before a soft mask was attached
 _MASK_SUFFIX = "_mask"
@@ -97,130 +98,8 @@ PRUNED_LOGIT = -1.0e4
 # ============================================================================ names
 
 
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
-
-
-def _split(name: str) -> tuple[str, str]:
-    module_name, _, tensor_name = name.rpartition(".")
-    return module_name, tensor_name
-
-
-def _torch_pruned(module: nn.Module, tensor_name: str) -> bool:
-    return any(
-        isinstance(h, prune.BasePruningMethod) and getattr(h, "_tensor_name", None) == tensor_name
-        for h in module._forward_pre_hooks.values()
-    )
-
-
-def has_hard_mask(module: nn.Module, tensor_name: str = "weight") -> bool:
-    """Whether ``module.<tensor_name>`` carries a hard mask of this module."""
-    return tensor_name in module.__dict__.get(_HARD_ATTR, ())
-
-
-def has_soft_mask(module: nn.Module, tensor_name: str = "weight") -> bool:
-    """Whether ``module.<tensor_name>`` carries a CS soft mask of this module."""
-    return tensor_name in module.__dict__.get(_SOFT_ATTR, ())
-
-
 def _soft_module(module: nn.Module, tensor_name: str) -> "SoftMask":
     return module.parametrizations[tensor_name][0]
-
-
-def _trainable_tensor(module: nn.Module, tensor_name: str) -> torch.Tensor | None:
-    """The tensor an optimizer trains for the logical ``module.<tensor_name>``."""
-    if parametrize.is_parametrized(module, tensor_name):
-        return getattr(module.parametrizations[tensor_name], "original", None)
-    if _torch_pruned(module, tensor_name):
-        return module._parameters.get(tensor_name + "_orig")
-    return module._parameters.get(tensor_name)
-
-
-def logical_named_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``named_parameters`` under the names of the plain model.
-
-    ``fc1.parametrizations.weight.original`` (parametrize, e.g. a soft mask) and ``fc1.weight_orig``
-    (torch pruning) are reported as ``fc1.weight``; parameters that belong to a parametrisation (the mask
-    logits) are left out. Shared parameters are listed once.
-    """
-    out: dict[str, torch.Tensor] = {}
-    for name, p in model.named_parameters():
-        parts = name.split(".")
-        if "parametrizations" in parts:
-            i = len(parts) - 1 - parts[::-1].index("parametrizations")
-            if i + 3 == len(parts) and parts[i + 2] == "original":
-                out[".".join(parts[:i] + [parts[i + 1]])] = p
-            continue  # a parametrisation's own parameter, e.g. mask logits
-        module_name, tensor_name = _split(name)
-        if tensor_name.endswith("_orig"):
-            stem = tensor_name[: -len("_orig")]
-            if _torch_pruned(model.get_submodule(module_name), stem):
-                out[_join(module_name, stem)] = p
-                continue
-        out[name] = p
-    return out
-
-
-def _matches(pattern: str, param_name: str, module_name: str) -> bool:
-    return (
-        fnmatchcase(param_name, pattern)
-        or fnmatchcase(module_name, pattern)
-        or (bool(pattern) and module_name.startswith(pattern + "."))
-    )
-
-
-def prunable_weights(model: nn.Module, ignore: Iterable[str] | str = ()) -> dict[str, nn.Parameter]:
-    """The ``weight`` of every Conv1d/Conv2d/Conv3d/Linear (subclasses too) found by type, in module order.
-
-    ``ignore`` holds patterns; a weight is left out when a pattern matches (``fnmatch``, case-sensitive)
-    its parameter name (``"fc3.weight"``, ``"*.shortcut.*"``) or its module name (``"fc3"``), or is a
-    dotted module-name prefix of it (``"layer1"`` leaves out everything under ``layer1.``). A pattern that
-    matches no prunable weight raises :class:`ConfigError` listing the prunable names, so that a typo
-    never silently prunes a layer that was meant to stay dense.
-
-    Works on plain, hard-masked, soft-masked and torch-pruned models (the trained tensor is returned under
-    the logical name). A weight shared by several modules is listed once, under its first name.
-    """
-    if isinstance(ignore, str):
-        ignore = (ignore,)
-    patterns = list(ignore)
-    for p in patterns:
-        if not isinstance(p, str):
-            raise ConfigError(f"ignore patterns must be strings, got {p!r}")
-    found: list[tuple[str, str, nn.Parameter]] = []
-    seen: set[int] = set()
-    for module_name, module in model.named_modules():
-        if not isinstance(module, PRUNABLE_TYPES):
-            continue
-        p = _trainable_tensor(module, "weight")
-        if p is None:
-            continue
-        if isinstance(p, nn.parameter.UninitializedParameter):
-            raise ConfigError(
-                f"{_join(module_name, 'weight')} is not initialised yet (lazy module): run one forward "
-                "pass before looking for prunable weights"
-            )
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        found.append((_join(module_name, "weight"), module_name, p))
-    used = [False] * len(patterns)
-    out: dict[str, nn.Parameter] = {}
-    for param_name, module_name, p in found:
-        hit = False
-        for i, pattern in enumerate(patterns):
-            if _matches(pattern, param_name, module_name):
-                used[i] = True
-                hit = True
-        if not hit:
-            out[param_name] = p
-    unused = [p for p, u in zip(patterns, used) if not u]
-    if unused:
-        raise ConfigError(
-            f"ignore pattern(s) {unused} match no prunable weight of {type(model).__name__}; "
-            f"the prunable weights are: {_short_list([f[0] for f in found], 200)}"
-        )
-    return out
 
 
 def _resolve(model: nn.Module, name: str) -> tuple[nn.Module, str]:

@@ -28,6 +28,8 @@ from torch import nn
 
 from lottery.errors import CheckpointError, ConfigError
 from lottery.io import load_tensors, save_tensors, write_json
+from lottery.parameters import has_hard_mask, has_soft_mask, logical_named_parameters, prunable_weights
+from lottery.parameters import short_list as _short_list
 
 __all__ = ["Mask"]
 
@@ -52,14 +54,6 @@ def _shape(x: Any) -> tuple[int, ...]:
     if isinstance(x, torch.Size):
         return tuple(x)
     return tuple(int(d) for d in x)
-
-
-def _short_list(names: Iterable[str], limit: int = 20) -> str:
-    names = list(names)
-    shown = ", ".join(names[:limit])
-    if len(names) > limit:
-        shown += f", ... ({len(names) - limit} more)"
-    return shown
 
 
 class Mask(Mapping[str, torch.Tensor]):
@@ -94,8 +88,6 @@ class Mask(Mapping[str, torch.Tensor]):
         of its keys).
         """
         if isinstance(model_or_named_shapes, nn.Module):
-            from lottery.masking import logical_named_parameters, prunable_weights
-
             model = model_or_named_shapes
             if names is None:
                 shapes = {n: tuple(p.shape) for n, p in prunable_weights(model).items()}
@@ -275,8 +267,6 @@ class Mask(Mapping[str, torch.Tensor]):
         weights). Raises :class:`CheckpointError` naming the missing and unexpected entries and the
         mismatching shapes (expected vs got).
         """
-        from lottery.masking import logical_named_parameters
-
         params = logical_named_parameters(model)
         problems = []
         unknown = [n for n in self._masks if n not in params]
@@ -379,8 +369,6 @@ class Mask(Mapping[str, torch.Tensor]):
         The model must not carry masks of :mod:`lottery.masking` on the same weights. Returns the model.
         """
         from torch.nn.utils import prune
-
-        from lottery.masking import has_hard_mask, has_soft_mask
 
         self.validate(model)
         for name, m in self._masks.items():

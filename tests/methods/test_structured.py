@@ -306,12 +306,13 @@ def _run_cli(argv: list[str]) -> int:
     import argparse
 
     from lottery import cli
-    from lottery.cli_structured import register
+    import lottery.cli.common as cli_common
+    from lottery.cli.structured import register
 
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     if "export" not in sub.choices:
-        register(sub, cli._common_flags)
+        register(sub, cli_common.common_flags)
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)
 

@@ -384,7 +384,8 @@ def test_stability_job(imp_run, tmp_path):
 # -- the command line -------------------------------------------------------------------------------------
 def _parser():
     from lottery import cli
-    from lottery.cli_imp import register
+    import lottery.cli.common as cli_common
+    from lottery.cli.imp import register
 
     parser = argparse.ArgumentParser(prog="lottery")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -395,7 +396,7 @@ def _parser():
     prune = sub.add_parser("prune")
     prune_sub = prune.add_subparsers(dest="method", metavar="METHOD")
     prune_sub.required = True
-    register(search_sub, prune_sub, sub, cli._common_flags)
+    register(search_sub, prune_sub, sub, cli_common.common_flags)
     return parser
 
 

@@ -14,7 +14,9 @@ import torch
 import lottery.pipelines.gmp as gmp_pipe
 import lottery.pipelines.l0 as l0_pipe
 from lottery import cli
-from lottery.cli_l0gmp import register
+import lottery.cli.cs as cli_cs
+import lottery.cli.common as cli_common
+from lottery.cli.l0gmp import register
 from lottery.engine import Callback
 from lottery.errors import ConfigError
 from lottery.experiment import RunOptions
@@ -288,10 +290,10 @@ def test_sweep_kinds_run_and_name_the_pipelines_folders(tmp_path):
 
 
 def _parser():
-    parser = cli.OneLineErrorParser(prog="lottery")
-    sub = parser.add_subparsers(dest="command", parser_class=cli.OneLineErrorParser)
-    search_sub, prune_sub = cli._add_cs_commands(sub)
-    register(search_sub, prune_sub, cli._common_flags)
+    parser = cli_common.OneLineErrorParser(prog="lottery")
+    sub = parser.add_subparsers(dest="command", parser_class=cli_common.OneLineErrorParser)
+    search_sub, prune_sub = cli_cs.register(sub)
+    register(search_sub, prune_sub, cli_common.common_flags)
     return parser
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lottery.data.loader import Normalizer, epoch_seed
+from lottery.data.batching import Normalizer, epoch_seed
 from lottery.errors import ConfigError, DataError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".tif", ".tiff"})

@@ -25,8 +25,8 @@ def register(top_sub, common_flags: Callable[[argparse.ArgumentParser], None] | 
     ``common_flags`` is accepted for symmetry with the other command modules; these commands take their
     recipe from the run folder they are given, so they only add where/how-to-run flags.
     """
-    from lottery.cli import OneLineErrorParser, add_hparams_flags
-    from lottery.cli_imp import run_option_flags
+    from lottery.cli.common import OneLineErrorParser, add_hparams_flags
+    from lottery.cli.imp import run_option_flags
     from lottery.methods.structured import StructuredHparams
 
     structure = top_sub.add_parser(
@@ -87,7 +87,7 @@ def register(top_sub, common_flags: Callable[[argparse.ArgumentParser], None] | 
 
 
 def cmd_structure(args: argparse.Namespace, method: str) -> int:
-    from lottery.cli import _options, hparams_from_args
+    from lottery.cli.common import run_options, hparams_from_args
     from lottery.errors import ConfigError
     from lottery.methods.structured import StructuredHparams
     from lottery.pipelines.structured import StructuredIMPJob, StructureJob, run_structure, run_structured_imp
@@ -99,7 +99,7 @@ def cmd_structure(args: argparse.Namespace, method: str) -> int:
     if args.out is None:
         args.out = run_dir.resolve().parent
     hp = hparams_from_args(args, StructuredHparams, StructuredHparams(method=method))
-    options = _options(args)
+    options = run_options(args)
     if args.every_level:
         if args.after == "cs" or args.level is not None:
             raise ConfigError("--every-level runs the IMP loop from level 0: it takes neither --after cs nor --level")

@@ -21,7 +21,7 @@ def register(search_sub, prune_sub, top_sub, common_flags: Callable[[argparse.Ar
     ``lottery prune``; ``top_sub``: the top-level sub-parsers of ``lottery``; ``common_flags(parser)``: adds
     the flags every training command has (preset, out, seed, data/model/training hparams, ...).
     """
-    from lottery.cli import add_hparams_flags
+    from lottery.cli.common import add_hparams_flags
     from lottery.methods.imp import (
         FinetuneHparams, IMPHparams, LRRHparams, OneShotHparams, RandomPruneHparams, RandomReinitHparams,
     )
@@ -103,7 +103,7 @@ def run_option_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _method_hparams(args, preset, cls, key: str, **fixed):
-    from lottery.cli import hparams_from_args
+    from lottery.cli.common import hparams_from_args
 
     base = cls.from_dict({**preset.methods.get(key, {}), **fixed})
     return hparams_from_args(args, cls, base)
@@ -123,54 +123,54 @@ def _print_levels(results: dict, title: str) -> None:
 
 
 def cmd_search_imp(args: argparse.Namespace, variant: str) -> int:
-    from lottery.cli import _base_groups, _options, _validate_names
+    from lottery.cli.common import base_groups, run_options, validate_names
     from lottery.methods.imp import IMPHparams
     from lottery.pipelines.imp import IMPJob, run_imp
 
-    preset, data, model, training = _base_groups(args)
-    _validate_names(data, model)
+    preset, data, model, training = base_groups(args)
+    validate_names(data, model)
     imp = _method_hparams(args, preset, IMPHparams, "imp", variant=variant)
-    results = run_imp(IMPJob(data, model, training, imp, seed=args.seed), _options(args))
+    results = run_imp(IMPJob(data, model, training, imp, seed=args.seed), run_options(args))
     _print_levels(results, f"{'IMP' if variant == 'rewind' else 'IMP-C'} (rewind {imp.rewind}): tickets per level")
     return 0
 
 
 def cmd_prune_lrr(args: argparse.Namespace) -> int:
-    from lottery.cli import _base_groups, _options, _validate_names
+    from lottery.cli.common import base_groups, run_options, validate_names
     from lottery.methods.imp import LRRHparams
     from lottery.pipelines.imp import LRRJob, run_lrr
 
-    preset, data, model, training = _base_groups(args)
-    _validate_names(data, model)
+    preset, data, model, training = base_groups(args)
+    validate_names(data, model)
     hp = _method_hparams(args, preset, LRRHparams, "lrr")
-    results = run_lrr(LRRJob(data, model, training, hp, seed=args.seed), _options(args))
+    results = run_lrr(LRRJob(data, model, training, hp, seed=args.seed), run_options(args))
     _print_levels(results, "learning-rate rewinding: pruned network per level")
     return 0
 
 
 def cmd_prune_finetune(args: argparse.Namespace) -> int:
-    from lottery.cli import _base_groups, _options, _validate_names
+    from lottery.cli.common import base_groups, run_options, validate_names
     from lottery.methods.imp import FinetuneHparams
     from lottery.pipelines.imp import FinetuneJob, run_finetune
 
-    preset, data, model, training = _base_groups(args)
-    _validate_names(data, model)
+    preset, data, model, training = base_groups(args)
+    validate_names(data, model)
     hp = _method_hparams(args, preset, FinetuneHparams, "finetune")
-    results = run_finetune(FinetuneJob(data, model, training, hp, seed=args.seed), _options(args))
+    results = run_finetune(FinetuneJob(data, model, training, hp, seed=args.seed), run_options(args))
     _print_levels(results, "fine-tuning: pruned network per level")
     return 0
 
 
 def cmd_prune_magnitude(args: argparse.Namespace) -> int:
-    from lottery.cli import _base_groups, _options, _validate_names
+    from lottery.cli.common import base_groups, run_options, validate_names
     from lottery.methods.imp import OneShotHparams
     from lottery.pipelines.imp import OneShotJob, run_one_shot
     from lottery.report import plot_run_summary, print_table
 
-    preset, data, model, training = _base_groups(args)
-    _validate_names(data, model)
+    preset, data, model, training = base_groups(args)
+    validate_names(data, model)
     hp = _method_hparams(args, preset, OneShotHparams, "magnitude")
-    options = _options(args)
+    options = run_options(args)
     results = run_one_shot(OneShotJob(data, model, training, hp, seed=args.seed), options)
     dense = {"method": "dense", "model": results["model"], "dataset": results["dataset"], "seed": results["seed"],
              "density": 1.0, "test_accuracy": results["dense_test_accuracy"]}
@@ -181,7 +181,7 @@ def cmd_prune_magnitude(args: argparse.Namespace) -> int:
 
 
 def cmd_control(args: argparse.Namespace, name: str, cls) -> int:
-    from lottery.cli import _options, hparams_from_args
+    from lottery.cli.common import run_options, hparams_from_args
     from lottery.errors import ConfigError
     from lottery.pipelines.imp import run_random_prune, run_random_reinit
     from lottery.report import print_table
@@ -192,7 +192,7 @@ def cmd_control(args: argparse.Namespace, name: str, cls) -> int:
     if args.out is None:
         args.out = run_dir.resolve().parent
     hp = hparams_from_args(args, cls)
-    options = _options(args)
+    options = run_options(args)
     run = run_random_prune if name == "random-prune" else run_random_reinit
     results = run(run_dir, hp, options)
     ticket = {**results, "method": "ticket (IMP)", "test_accuracy": results.get("ticket_test_accuracy"),
@@ -203,14 +203,14 @@ def cmd_control(args: argparse.Namespace, name: str, cls) -> int:
 
 
 def cmd_stability(args: argparse.Namespace) -> int:
-    from lottery.cli import _base_groups, _options, _validate_names
+    from lottery.cli.common import base_groups, run_options, validate_names
     from lottery.methods.stability import StabilityHparams
     from lottery.pipelines.imp import StabilityJob, run_stability
 
-    preset, data, model, training = _base_groups(args)
-    _validate_names(data, model)
+    preset, data, model, training = base_groups(args)
+    validate_names(data, model)
     hp = _method_hparams(args, preset, StabilityHparams, "stability")
-    results = run_stability(StabilityJob(data, model, training, hp, seed=args.seed), _options(args))
+    results = run_stability(StabilityJob(data, model, training, hp, seed=args.seed), run_options(args))
     unstable = [r["rewind"] for r in results["rows"] if r["instability"] >= results["stable_below"]]
     print(f"\nstable (instability < {100 * results['stable_below']:g}%) at every k" if not unstable
           else f"\nunstable at k = {', '.join(unstable)}")

@@ -139,9 +139,9 @@ def register(top_sub, common_flags: Callable[[argparse.ArgumentParser], None]) -
 
     ``sweep`` has ``cs`` (``--mode ticket|prune``), ``train``, and ``imp``, ``imp-c``, ``lrr``,
     ``finetune``, ``magnitude`` when :mod:`lottery.pipelines.imp` is there. ``common_flags`` is the
-    CLI's ``_common_flags`` (data, model, training flags and --out, --seed, --device ...).
+    CLI's ``common_flags`` (data, model, training flags and --out, --seed, --device ...).
     """
-    from lottery.cli import OneLineErrorParser, add_hparams_flags
+    from lottery.cli.common import OneLineErrorParser, add_hparams_flags
     from lottery.methods.cs import CSHparams
     from lottery.sweep import GROUP_CLASSES, _resolve, get_kind, kind_available
 
@@ -232,16 +232,17 @@ def _split_alternatives(args: argparse.Namespace) -> tuple[argparse.Namespace, d
 
 def sweep_specs(args: argparse.Namespace):
     """The job specs of a parsed ``lottery sweep ...`` command line."""
-    from lottery import cli
+    import lottery.cli.common as cli
+    from lottery.cli.cs import cs_job
     from lottery.sweep import GROUP_CLASSES, _resolve, expand_grid, get_kind, make_spec, spec_from_job
 
     single, grid = _split_alternatives(args)
     seeds = args.seeds if args.seeds is not None else [args.seed]
     kind = args.sweep_kind
     if kind == "cs":
-        base = spec_from_job(cli._cs_job(single, args.mode))
+        base = spec_from_job(cs_job(single, args.mode))
     else:
-        preset, data, model, training = cli._base_groups(single)
+        preset, data, model, training = cli.base_groups(single)
         groups = {"data": data, "model": model, "training": training}
         method_group = get_kind(kind).groups[-1]
         if method_group not in groups:
@@ -250,7 +251,7 @@ def sweep_specs(args: argparse.Namespace):
         base = make_spec(kind, **groups)
     specs = expand_grid(base, grid, seeds)
     for s in specs:
-        cli._validate_names(s.group("data"), s.group("model"))
+        cli.validate_names(s.group("data"), s.group("model"))
     return specs
 
 
@@ -269,7 +270,7 @@ def default_workers(device: str, backend: str) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from lottery import cli
+    import lottery.cli.common as cli
     from lottery.report import print_table, write_report
     from lottery.sweep import run_sweep
 
@@ -280,7 +281,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     specs = sweep_specs(args)
     if args.backend == "ray" and args.num_gpus > 0:
         args.device = "cpu"  # the tasks run on the GPUs Ray gives them; this process may have none
-    options = cli._options(args)
+    options = cli.run_options(args)
     options.strict = bool(getattr(args, "strict", False))
     result = run_sweep(
         specs, options, workers=args.workers, backend=args.backend,

@@ -20,7 +20,7 @@ def register(search_sub, prune_sub, common_flags: Callable[[argparse.ArgumentPar
     and ``lottery prune``; ``common_flags(parser)`` adds the flags every training command has (preset,
     out, seed, data/model/training hparams, ...).
     """
-    from lottery.cli import add_hparams_flags
+    from lottery.cli.common import add_hparams_flags
     from lottery.methods.gmp import GMPHparams
     from lottery.methods.l0 import L0Hparams
 
@@ -52,12 +52,12 @@ def register(search_sub, prune_sub, common_flags: Callable[[argparse.ArgumentPar
 
 
 def _l0_job(args: argparse.Namespace, mode: str):
-    from lottery.cli import _base_groups, _validate_names, hparams_from_args
+    from lottery.cli.common import base_groups, validate_names, hparams_from_args
     from lottery.methods.l0 import L0Hparams
     from lottery.pipelines.l0 import L0Job
 
-    preset, data, model, training = _base_groups(args)
-    _validate_names(data, model)
+    preset, data, model, training = base_groups(args)
+    validate_names(data, model)
     hp = hparams_from_args(args, L0Hparams, L0Hparams.from_dict(preset.methods.get("l0", {})))
     if args.epochs is not None and "L0Hparams.search_steps" not in vars(args):
         # --epochs N sets the length of everything: the search is then as long as the training.
@@ -66,18 +66,18 @@ def _l0_job(args: argparse.Namespace, mode: str):
 
 
 def _gmp_job(args: argparse.Namespace):
-    from lottery.cli import _base_groups, _validate_names, hparams_from_args
+    from lottery.cli.common import base_groups, validate_names, hparams_from_args
     from lottery.methods.gmp import GMPHparams
     from lottery.pipelines.gmp import GMPJob
 
-    preset, data, model, training = _base_groups(args)
-    _validate_names(data, model)
+    preset, data, model, training = base_groups(args)
+    validate_names(data, model)
     hp = hparams_from_args(args, GMPHparams, GMPHparams.from_dict(preset.methods.get("gmp", {})))
     return GMPJob(data, model, training, hp, seed=args.seed, dense_reference=not args.no_dense)
 
 
 def _print(results: dict, options, title: str) -> None:
-    from lottery.cli import read_dense_costs
+    from lottery.cli.common import read_dense_costs
     from lottery.report import plot_run_summary, print_table
 
     rows = []
@@ -93,13 +93,13 @@ def _print(results: dict, options, title: str) -> None:
 
 
 def cmd_l0(args: argparse.Namespace, mode: str = "ticket") -> int:
-    from lottery.cli import _is_main_rank, _options
+    from lottery.cli.common import is_main_rank, run_options
     from lottery.pipelines.l0 import run_l0
 
     job = _l0_job(args, mode)
-    options = _options(args)
+    options = run_options(args)
     results = run_l0(job, options)
-    if not _is_main_rank():
+    if not is_main_rank():
         return 0
     what = "ticket search" if mode == "ticket" else "pruning"
     _print(results, options, f"stochastic L0 {what} (lam {job.l0.lam:g}): dense vs "
@@ -108,13 +108,13 @@ def cmd_l0(args: argparse.Namespace, mode: str = "ticket") -> int:
 
 
 def cmd_gmp(args: argparse.Namespace) -> int:
-    from lottery.cli import _is_main_rank, _options
+    from lottery.cli.common import is_main_rank, run_options
     from lottery.pipelines.gmp import run_gmp
 
     job = _gmp_job(args)
-    options = _options(args)
+    options = run_options(args)
     results = run_gmp(job, options)
-    if not _is_main_rank():
+    if not is_main_rank():
         return 0
     _print(results, options, f"gradual magnitude pruning ({job.gmp.scope}) to density {job.gmp.density:g}: "
                              "dense vs pruned network")
