@@ -5,7 +5,7 @@ benchmarks/cs_lenet_fashion.py and benchmarks/imp_lenet_fashion.py and counts th
 results.json record (every training epoch of a run: CS search rounds and ticket retraining; IMP's
 dense training and every level's retraining).
 
-The CS paper's comparison (METHODS.md): K = 5 CS tickets at different sparsities, searched in parallel,
+The CS paper's comparison (docs/methods.md): K = 5 CS tickets at different sparsities, searched in parallel,
 for 425 epochs against IMP's 2550 sequential epochs on CIFAR-10 (6x). Here:
 
 * per CS setting (s0): the density reached, epochs per ticket, and the IMP level that first reaches the

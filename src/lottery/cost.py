@@ -1,4 +1,4 @@
-"""What a (sparse) network costs: parameters and multiply-accumulates (FLOPs) per example.
+"""What a (sparse) network costs: parameters and multiply-accumulates (FLOPs) per example (docs/methods.md).
 
 Why this module and not fvcore, thop or ``torch.utils.flop_counter``: those count the operations of the
 dense tensors they see, so a masked network costs the same as the dense one there. Here the count of a

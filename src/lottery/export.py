@@ -1,4 +1,5 @@
-"""Export a ticket as a network that is actually smaller or sparser: channel surgery, dense blocks, CSR.
+"""Export a ticket as a network that is actually smaller or sparser: channel surgery, dense blocks, CSR
+(docs/methods.md, "Structured tickets").
 
 A supported model (the registered ``conv2/4/6``, ``vgg11/16/19``, CIFAR ``resnet20/32/56``,
 ``lenet_300_100``) is first *described* as a small JSON program: a list of ops (``conv`` with its

@@ -251,7 +251,7 @@ class ModelHparams(Hparams):
     # Width multiplier for families that have one: an integer for the CIFAR ResNets, any positive number
     # for Conv-2/4/6 (0.125: an eighth of the channels, the fashion_conv4_narrow CPU benchmark preset).
     width: float | None = None
-    # None: the model's default ignore list (METHODS.md); () prunes every Conv/Linear weight.
+    # None: the model's default ignore list (docs/methods.md); () prunes every Conv/Linear weight.
     prune_ignore: tuple[str, ...] | None = None
 
     _prefix = "model"

@@ -12,7 +12,7 @@ Two kinds of masks, never both on the same weight:
   step as a cheap safety net: it also re-installs gradient hooks that PyTorch drops, e.g. in
   ``copy.deepcopy``, whose ``Parameter.__deepcopy__`` does not copy tensor hooks).
 
-* **Soft masks** (Continuous Sparsification, METHODS.md): each selected weight ``w`` gets mask logits ``s``
+* **Soft masks** (Continuous Sparsification, docs/methods.md): each selected weight ``w`` gets mask logits ``s``
   (same shape, initialised to ``s0``) and the forward pass uses ``w * m`` with
   ``m = sigmoid(beta * s) / sigmoid(s0)`` (the division is ``scale_by_s0``, default on, so that ``m`` is
   exactly 1 at ``beta = 1``, ``s = s0 = 0``). Implemented with ``torch.nn.utils.parametrize``, whose

@@ -2,7 +2,7 @@
 
 A ``Mask`` maps a parameter name as it appears in the model's ``state_dict`` (``"fc1.weight"``,
 ``"layer1.0.conv1.weight"``) to a bool tensor of the parameter's shape (``True`` = kept). Densities are
-always counted from the mask (METHODS.md: never from zeros in the weights) and only over the mask's own
+always counted from the mask (docs/methods.md: never from zeros in the weights) and only over the mask's own
 entries, i.e. the prunable weights.
 
 Masks are saved as safetensors (uint8, never pickled) with a human-readable JSON sparsity report beside

@@ -1,4 +1,4 @@
-"""Named reference recipes (METHODS.md). Every field stays overridable from the command line."""
+"""Named reference recipes (docs/methods.md). Every field stays overridable from the command line."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ class Preset:
         return model.replace(**changes) if changes else model
 
 
-#: The CS reference code's recipe for the mask (METHODS.md): the logits on SGD with the weights' LR and
+#: The CS reference code's recipe for the mask (docs/methods.md): the logits on SGD with the weights' LR and
 #: schedule, the temperature raised once per epoch to 200. lottery's default is the budget-robust recipe
 #: (Adam logits, per-iteration temperature to 4000, docs/cs.md); the paper's presets keep the paper's.
 _CS_REFERENCE = {"mask_optimizer": "sgd", "temperature_schedule": "epoch", "beta_final": 200.0}
@@ -70,7 +70,7 @@ PRESETS: dict[str, Preset] = {
             methods={
                 "cs": {"lam": 1e-8, "rounds": 3, "round_steps": "85ep", "round_milestones": ("56ep", "71ep"),
                        "rewind": "2ep", "mask_momentum": 0.9, "mask_nesterov": True, **_CS_REFERENCE},
-                "imp": {"rewind": "500it"},  # the matching rewind point reported for ResNet-20 (METHODS.md)
+                "imp": {"rewind": "500it"},  # the matching rewind point reported for ResNet-20 (docs/methods.md)
             },
             method_models={"cs": {"prune_ignore": ("*shortcut*", "fc.weight")}},
         ),

@@ -3,7 +3,7 @@
 Two levels. For one run: :func:`print_table` and :func:`plot_run_summary` (what ``lottery search cs``
 prints). For many runs (``lottery report RUN_DIRS...``): :func:`write_report` gathers every
 ``results.json`` at or below the given folders, groups the runs that differ only in their seed
-(:func:`summarize`), decides which tickets match the dense network (METHODS.md: mean test accuracy
+(:func:`summarize`), decides which tickets match the dense network (docs/methods.md: mean test accuracy
 within 0.2 percentage points of the dense mean of the same model, data and recipe), and writes a
 table (CSV and Markdown), accuracy-against-density plots, the per-layer density of one ticket and the
 training cost of finding K tickets with CS against IMP (PNG and SVG).
@@ -166,7 +166,7 @@ def plot_run_summary(out: Path, results: dict[str, Any]) -> Path:
 
 
 # == many runs: `lottery report` ===================================================================
-MATCH_TOLERANCE = 0.002  # 0.2 percentage points, on accuracies stored as fractions (METHODS.md)
+MATCH_TOLERANCE = 0.002  # 0.2 percentage points, on accuracies stored as fractions (docs/methods.md)
 
 # Fields of results.json that tell apart runs of one method (a CS run's s0 and lam, an IMP level, what a
 # structured ticket was made from). A field listed here and present (not None) joins the run's settings,

@@ -1,4 +1,4 @@
-"""Continuous Sparsification (Savarese, Silva & Maire, NeurIPS 2020), as METHODS.md states it.
+"""Continuous Sparsification (Savarese, Silva & Maire, NeurIPS 2020), as docs/methods.md states it.
 
 Every prunable weight ``w`` gets a mask logit ``s`` (initialised to ``s0``); the network uses
 ``w * m`` with the soft mask ``m = sigmoid(beta * s) / sigmoid(s0)``. The loss adds
@@ -10,7 +10,7 @@ Between rounds the weights are NOT rewound, the LR schedule restarts, beta retur
 are reset with ``s <- min(beta_final * s, s0)``: a logit that went negative stays pruned (its sigmoid
 at beta = 1 of a large negative number is ~0), the rest start again at ``s0``. The reference code sets
 beta to 1 *before* that reset and so really runs ``min(s, s0)``, letting nearly-pruned weights come
-back; this module implements the paper's intent (METHODS.md).
+back; this module implements the paper's intent (docs/methods.md).
 
 Two ways to use it: ``ContinuousSparsification`` inside your own training loop (a penalty call and an
 epoch-end call), or ``search`` / ``retrain_ticket`` on lottery's engine.

@@ -1,4 +1,4 @@
-"""Has a CS mask become binary? Measured at the end of every search round.
+"""Has a CS mask become binary? Measured at the end of every search round (docs/methods.md, docs/cs.md).
 
 CS ends each round with the hard mask ``1[s > 0]``, which is only the network that was trained if the
 soft mask ``sigmoid(beta_final * s)`` has reached 0 or 1 everywhere. When the logits barely moved

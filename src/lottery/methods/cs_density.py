@@ -1,4 +1,5 @@
-"""Target density for Continuous Sparsification: a per-round schedule and a projection of the logits.
+"""Target density for Continuous Sparsification: a per-round schedule and a projection of the logits
+(docs/methods.md states the rule; docs/cs.md the measurements).
 
 Why: the L0 penalty ``lam * sum(m)`` only says "fewer weights", not how many. Its weight ``lam`` is
 tiny next to the task gradients and the density that comes out depends on ``s0``, ``lam``, the round

@@ -1,4 +1,4 @@
-"""Gradual magnitude pruning (Zhu & Gupta, *To prune, or not to prune*, 2017).
+"""Gradual magnitude pruning (Zhu & Gupta, *To prune, or not to prune*, 2017), as docs/methods.md states it.
 
 One training run of the recipe, from the network's initialisation, during which the sparsity grows
 from ``s_i`` to ``s_f`` along::

@@ -1,4 +1,5 @@
-"""Iterative magnitude pruning (IMP) and its relatives, as small stateless functions (open_lth's design).
+"""Iterative magnitude pruning (IMP) and its relatives, as small stateless functions (open_lth's design);
+docs/methods.md states each variant.
 
 A pruning strategy takes weights and the current mask and returns a new mask; it never trains, never
 reads files and never changes its inputs. The experiment layer (:mod:`lottery.pipelines.imp`) decides

@@ -1,4 +1,5 @@
-"""Stochastic L0 regularisation with hard concrete gates (Louizos, Welling & Kingma, ICLR 2018).
+"""Stochastic L0 regularisation with hard concrete gates (Louizos, Welling & Kingma, ICLR 2018), as
+docs/methods.md states it.
 
 The stochastic counterpart of Continuous Sparsification (CS paper, second research question): one gate
 ``z`` per prunable weight ``w`` (the fair counterpart of CS's per-weight mask), the network uses

@@ -1,4 +1,4 @@
-"""Linear mode connectivity and stability (Frankle et al., ICML 2020), as METHODS.md states it.
+"""Linear mode connectivity and stability (Frankle et al., ICML 2020), as docs/methods.md states it.
 
 Two copies of a network are trained from the same state with different data orders. Their final
 weights are joined by a straight line; the test error is measured at ``points`` evenly spaced places on

@@ -1,4 +1,4 @@
-"""Structured tickets (SLT, Chen et al. 2022; METHODS.md): turn an unstructured mask into channels or blocks.
+"""Structured tickets (SLT, Chen et al. 2022; docs/methods.md): turn an unstructured mask into channels or blocks.
 
 Every function here is pure: ``Mask`` + trained weights -> ``Mask``. Each layer is seen as the matrix
 ``C_out x (C_in * kh * kw)`` (a Linear layer as ``out x in``): a *row* is an output channel or neuron.
@@ -17,7 +17,7 @@ Every function here is pure: ``Mask`` + trained weights -> ``Mask``. Each layer 
   the union of the blocks. If the partitioner fails, :class:`PartitionError` is raised: there is no
   fallback to the unstructured mask.
 
-Regroup's rules, as implemented (METHODS.md gives them in words; these are the exact ones):
+Regroup's rules, as implemented (docs/methods.md gives them in words; these are the exact ones):
 
 1. a layer is cut into ``k = min(parts, C_out // min_rows)`` parts (at least 1);
 2. a part with fewer than ``min_rows`` rows (the partitioner balances only within ``imbalance``) is

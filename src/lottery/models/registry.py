@@ -16,7 +16,7 @@ class ModelSpec:
     """What the rest of the library needs to know about a registered model.
 
     ``prune_ignore`` lists parameter names (fnmatch patterns) that are never masked by default,
-    following open_lth's choices (METHODS.md): e.g. VGG and LeNet keep their output layer dense.
+    following open_lth's choices (docs/methods.md): e.g. VGG and LeNet keep their output layer dense.
     """
 
     name: str
