@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("methods and outputs", ("lottery.methods", "lottery.methods.*", "lottery.cost", "lottery.export",
                              "lottery.report", "lottery.tracking")),
     ("runs", ("lottery.experiment", "lottery.presets")),
-    ("pipelines", ("lottery.pipelines", "lottery.pipelines.*", "lottery.sweep")),
+    ("pipelines", ("lottery.pipelines", "lottery.pipelines.*", "lottery.sweep", "lottery.sweep.*")),
     ("interfaces", ("lottery.cli", "lottery.cli.*", "lottery.__main__")),
 ]
 

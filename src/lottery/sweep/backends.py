@@ -1,0 +1,260 @@
+"""Where sweep jobs run: in this process, on a local pool of spawned processes, or on a Ray cluster."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+from lottery.errors import LotteryError
+from lottery.sweep.kinds import JobKind
+from lottery.sweep.record import _Entry
+from lottery.sweep.spec import JobSpec, run_job
+
+BACKENDS = ("local", "ray", "serial")
+
+
+# -- running one job inside a worker ----------------------------------------------------------------
+_LOG_QUEUE: Any = None  # set in each local worker: log lines go back to the parent, which owns the bar
+
+
+def _init_local_worker(threads: int, log_queue: Any) -> None:
+    global _LOG_QUEUE
+    _LOG_QUEUE = log_queue
+    # Never block this process's exit on flushing log lines (a parent that stopped reading, or a queue
+    # left locked by a worker that was killed mid-write, would otherwise hang it).
+    log_queue.cancel_join_thread()
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    os.environ["MKL_NUM_THREADS"] = str(threads)
+    import torch
+
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set, or parallel work already ran: harmless
+        pass
+
+
+def _emit(line: str) -> None:
+    if _LOG_QUEUE is not None:
+        _LOG_QUEUE.put(line)
+    else:
+        print(line, file=sys.stderr, flush=True)
+
+
+def _options_state(options) -> dict[str, Any]:
+    return {"out": str(Path(options.out).resolve()), "data_dir": options.data_dir, "device": options.device,
+            "download": options.download, "strict": options.strict, "tensorboard": options.tensorboard}
+
+
+def _execute(kind: JobKind, spec: JobSpec, opts: dict[str, Any], label: str, log: Callable[[str], None],
+             threads: int | None = None) -> dict[str, Any]:
+    """Run one job; never raises: returns ``{"ok": True, "results": ...}`` or the error and traceback."""
+    from lottery.experiment import RunOptions
+
+    start = time.perf_counter()
+    try:
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)
+        options = RunOptions(out=Path(opts["out"]), data_dir=opts["data_dir"], device=opts["device"],
+                             progress=False, download=opts["download"], log=lambda line: log(f"[{label}] {line}"),
+                             strict=bool(opts.get("strict", False)), tensorboard=bool(opts.get("tensorboard", False)))
+        results = run_job(spec, options, kind)
+        if not isinstance(results, dict):
+            raise LotteryError(f"job kind {kind.name!r} returned {type(results).__name__}, not a results dict")
+        return {"ok": True, "results": results, "seconds": time.perf_counter() - start}
+    except BaseException as e:  # a crashed experiment (even sys.exit) is reported, never stops the sweep
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        return {"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(),
+                "seconds": time.perf_counter() - start}
+
+
+def _local_task(kind: JobKind, spec: JobSpec, opts: dict[str, Any], label: str) -> dict[str, Any]:
+    return _execute(kind, spec, opts, label, _emit)
+
+
+def _ray_task(kind: JobKind, spec: JobSpec, opts: dict[str, Any], label: str, threads: int) -> dict[str, Any]:
+    # Ray reuses its worker processes for other tasks, so the thread count is set per task.
+    return _execute(kind, spec, opts, label, _emit, threads=threads)
+
+
+# -- backends --------------------------------------------------------------------------------------
+class _SerialBackend:
+    """Runs each job in this process, one at a time (debugging, and the reference in tests)."""
+
+    def __init__(self, threads: int, log: Callable[[str], None]):
+        self.threads, self.log, self.done = threads, log, []
+
+    def submit(self, entry: "_Entry", opts: dict[str, Any]) -> Any:
+        import torch
+
+        before = torch.get_num_threads()
+        try:
+            self.done.append((entry, _execute(entry.kind, entry.spec, opts, entry.label, self.log, self.threads)))
+        finally:
+            torch.set_num_threads(before)
+        return entry
+
+    def wait(self) -> list[tuple["_Entry", dict[str, Any]]]:
+        done, self.done = self.done, []
+        return done
+
+    def close(self, cancel: bool = False) -> None:
+        pass
+
+
+class _LocalBackend:
+    """A spawn-context process pool; a pool whose worker died is replaced before the next submit."""
+
+    def __init__(self, workers: int, threads: int, log: Callable[[str], None]):
+        import multiprocessing
+
+        self.workers, self.threads = workers, threads
+        self.ctx = multiprocessing.get_context("spawn")
+        self.log = log
+        self.pool = None
+        self.queue: Any = None
+        self.drain: threading.Thread | None = None
+        self.futures: dict[Any, _Entry] = {}
+
+    def _drain(self, queue) -> None:
+        while True:
+            try:
+                line = queue.get()
+            except (EOFError, OSError, ValueError):
+                return
+            if line is None:
+                return
+            self.log(line)
+
+    def _pool(self):
+        from concurrent.futures import ProcessPoolExecutor
+
+        if self.pool is None:
+            # A fresh log queue per pool: a worker killed while writing may leave the old one locked.
+            self._stop_drain()
+            self.queue = self.ctx.Queue()
+            self.drain = threading.Thread(target=self._drain, args=(self.queue,), daemon=True)
+            self.drain.start()
+            self.pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=self.ctx,
+                                            initializer=_init_local_worker, initargs=(self.threads, self.queue))
+        return self.pool
+
+    def _stop_drain(self) -> None:
+        if self.queue is None:
+            return
+        try:
+            self.queue.put(None)
+            self.drain.join(timeout=5)  # type: ignore[union-attr]
+            self.queue.close()
+            self.queue.cancel_join_thread()
+        except (OSError, ValueError):
+            pass
+        self.queue = self.drain = None
+
+    def submit(self, entry: "_Entry", opts: dict[str, Any]) -> Any:
+        fut = self._pool().submit(_local_task, entry.kind, entry.spec, opts, entry.label)
+        self.futures[fut] = entry
+        return fut
+
+    def wait(self) -> list[tuple["_Entry", dict[str, Any]]]:
+        from concurrent.futures import FIRST_COMPLETED
+        from concurrent.futures import wait as futures_wait
+        from concurrent.futures.process import BrokenProcessPool
+
+        done, _ = futures_wait(list(self.futures), return_when=FIRST_COMPLETED)
+        out = []
+        broken = False
+        for fut in done:
+            entry = self.futures.pop(fut)
+            try:
+                out.append((entry, fut.result()))
+            except BrokenProcessPool:
+                broken = True
+                out.append((entry, {"ok": False, "crashed": True, "seconds": 0.0,
+                                    "error": "its worker process died (killed, out of memory, or a crash in native code)"}))
+            except Exception as e:  # e.g. an unpicklable argument
+                out.append((entry, {"ok": False, "error": f"{type(e).__name__}: {e}", "seconds": 0.0,
+                                    "traceback": traceback.format_exc()}))
+        if broken:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool = None
+        return out
+
+    def close(self, cancel: bool = False) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=not cancel, cancel_futures=True)
+            self.pool = None
+        self._stop_drain()
+
+
+def import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise LotteryError(
+            "the Ray backend needs Ray: pip install 'lottery[ray]' (or pip install 'ray>=2.9')"
+        ) from None
+    return ray
+
+
+class _RayBackend:
+    """One ``ray.remote`` task per job, with its CPU/GPU request; results gathered with ``ray.wait``."""
+
+    def __init__(self, address: str | None, num_cpus: float, num_gpus: float, threads: int, log):
+        ray = import_ray()
+        self.ray = ray
+        self.started = False
+        if not ray.is_initialized():
+            import logging
+
+            if address:
+                ray.init(address=address, logging_level=logging.WARNING)
+            else:
+                ray.init(include_dashboard=False, logging_level=logging.WARNING)
+            self.started = True
+        self.remote = ray.remote(_ray_task)
+        resources = ray.cluster_resources()
+        self.info = {"cluster_cpus": resources.get("CPU", 0.0), "cluster_gpus": resources.get("GPU", 0.0),
+                     "nodes": len(ray.nodes())}
+        self.num_cpus, self.num_gpus, self.threads, self.log = num_cpus, num_gpus, threads, log
+        self.refs: dict[Any, _Entry] = {}
+
+    def submit(self, entry: "_Entry", opts: dict[str, Any]) -> Any:
+        ref = self.remote.options(num_cpus=self.num_cpus, num_gpus=self.num_gpus, max_retries=1,
+                                  name=entry.label[:100]).remote(entry.kind, entry.spec, opts, entry.label, self.threads)
+        self.refs[ref] = entry
+        return ref
+
+    def wait(self) -> list[tuple["_Entry", dict[str, Any]]]:
+        ready, _ = self.ray.wait(list(self.refs), num_returns=1)
+        out = []
+        for ref in ready:
+            entry = self.refs.pop(ref)
+            try:
+                out.append((entry, self.ray.get(ref)))
+            except Exception as e:  # the task's worker died, or its result could not be fetched
+                out.append((entry, {"ok": False, "seconds": 0.0, "error": f"{type(e).__name__}: {one_line(e)}",
+                                    "traceback": traceback.format_exc()}))
+        return out
+
+    def close(self, cancel: bool = False) -> None:
+        if cancel:
+            for ref in self.refs:
+                try:
+                    self.ray.cancel(ref)
+                except Exception:
+                    pass
+        if self.started:
+            self.ray.shutdown()
+
+
+def one_line(e: Any) -> str:
+    return " ".join(part.strip() for part in str(e).splitlines() if part.strip())[:2000]
