@@ -18,7 +18,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundations", ("lottery", "lottery.errors", "lottery.step", "lottery.distributed", "lottery.io",
                      "lottery.hparams", "lottery.parameters")),
     ("data and models", ("lottery.data", "lottery.data.*", "lottery.models", "lottery.models.*", "lottery.masks")),
-    ("masking and training", ("lottery.masking", "lottery.engine", "lottery.engine.*", "lottery.latency")),
+    ("masking and training", ("lottery.masking", "lottery.masking.*", "lottery.engine", "lottery.engine.*", "lottery.latency")),
     ("methods and outputs", ("lottery.methods", "lottery.methods.*", "lottery.cost", "lottery.export",
                              "lottery.report", "lottery.tracking")),
     ("runs", ("lottery.experiment", "lottery.presets")),

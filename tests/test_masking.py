@@ -13,6 +13,8 @@ from torch import nn
 from torch.nn.utils import prune
 
 from lottery import masking as M
+from lottery.masking import _common as M_common
+from lottery.masking import soft as M_soft
 from lottery.errors import CheckpointError, ConfigError
 from lottery.masks import Mask
 
@@ -428,7 +430,7 @@ def test_soft_gradients_reach_weights_and_logits():
 
 def _cached(net) -> list:
     """The forward-pass masks this model's soft masks have cached for reuse."""
-    return [M._SHARED_MASKS[sm] for _, sm in M._soft_masks(net) if sm in M._SHARED_MASKS]
+    return [M_soft._SHARED_MASKS[sm] for _, sm in M_soft._soft_masks(net) if sm in M_soft._SHARED_MASKS]
 
 
 def _cs_loss_grads(net, x, y, lam: float, share: bool) -> dict[str, torch.Tensor]:
@@ -454,7 +456,7 @@ def _soft_net_with_random_logits(s0: float, beta: float):
 def test_penalty_reusing_the_forward_mask_gets_the_same_gradients():
     net, (x, y) = _soft_net_with_random_logits(0.1, 2.5)
     net(x)
-    cached = [M._SHARED_MASKS[sm][0] for _, sm in M._soft_masks(net)]
+    cached = [M_soft._SHARED_MASKS[sm][0] for _, sm in M_soft._soft_masks(net)]
     assert all(v is c for v, c in zip(M.soft_mask_values(net, reuse_forward=True).values(), cached))
     assert not _cached(net)  # used once
     net(x)
@@ -486,7 +488,7 @@ def test_a_reused_forward_mask_is_never_stale_or_consumed():
     x, y = batch()
 
     def fresh_penalty():
-        return sum((torch.sigmoid(sm.beta * sm.logits) * sm.reciprocal).sum() for _, sm in M._soft_masks(net))
+        return sum((torch.sigmoid(sm.beta * sm.logits) * sm.reciprocal).sum() for _, sm in M_soft._soft_masks(net))
 
     def reused():
         return M.soft_mask_penalty(net, reuse_forward=True)
@@ -532,7 +534,7 @@ def test_soft_masked_layer_gradients_equal_the_plain_formula():
     ref.backward()
     for n in logits:
         assert torch.allclose(logits[n].grad, M.mask_logits(net)[n].grad, rtol=1e-4, atol=1e-7), n
-        module, tensor_name = M._resolve(net, n)
+        module, tensor_name = M_common._resolve(net, n)
         w_grad = getattr(module.parametrizations, tensor_name).original.grad
         assert torch.allclose(weights[n].grad, w_grad, rtol=1e-4, atol=1e-7), n
 
