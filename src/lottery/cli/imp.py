@@ -164,7 +164,7 @@ def cmd_prune_finetune(args: argparse.Namespace) -> int:
 def cmd_prune_magnitude(args: argparse.Namespace) -> int:
     from lottery.cli.common import base_groups, run_options, validate_names
     from lottery.methods.imp import OneShotHparams
-    from lottery.pipelines.imp import OneShotJob, run_one_shot
+    from lottery.pipelines.oneshot import OneShotJob, run_one_shot
     from lottery.report import plot_run_summary, print_table
 
     preset, data, model, training = base_groups(args)
@@ -183,7 +183,7 @@ def cmd_prune_magnitude(args: argparse.Namespace) -> int:
 def cmd_control(args: argparse.Namespace, name: str, cls) -> int:
     from lottery.cli.common import run_options, hparams_from_args
     from lottery.errors import ConfigError
-    from lottery.pipelines.imp import run_random_prune, run_random_reinit
+    from lottery.pipelines.controls import run_random_prune, run_random_reinit
     from lottery.report import print_table
 
     run_dir: Path = args.run_dir
@@ -205,7 +205,7 @@ def cmd_control(args: argparse.Namespace, name: str, cls) -> int:
 def cmd_stability(args: argparse.Namespace) -> int:
     from lottery.cli.common import base_groups, run_options, validate_names
     from lottery.methods.stability import StabilityHparams
-    from lottery.pipelines.imp import StabilityJob, run_stability
+    from lottery.pipelines.stability import StabilityJob, run_stability
 
     preset, data, model, training = base_groups(args)
     validate_names(data, model)

@@ -240,7 +240,7 @@ def _retrain_ticket(job: L0Job, options, folder: Path, bundle, train_loader, eva
 def _prune(job: L0Job, options, folder: Path, model, train_loader, evals, mask: Mask, recipe: TrainingHparams,
            rows) -> dict[str, Any]:
     """Final weights x test-time gates (exact zeros where z = 0), evaluated; then optionally fine-tuned."""
-    from lottery.pipelines.imp import final_lr_recipe
+    from lottery.pipelines.stages import final_lr_recipe
 
     pdir = folder / "pruned"
     pdir.mkdir(exist_ok=True)

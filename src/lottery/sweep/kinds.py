@@ -134,7 +134,8 @@ register_kind(JobKind("lrr", f"{_IMP}:run_lrr", f"{_IMP}:LRRJob", groups=(*_BASE
                       folder=_run_folder, help="iterative pruning with learning-rate rewinding"))
 register_kind(JobKind("finetune", f"{_IMP}:run_finetune", f"{_IMP}:FinetuneJob", groups=(*_BASE, "finetune"),
                       dense_reference=True, folder=_run_folder, help="iterative pruning with fine-tuning"))
-register_kind(JobKind("magnitude", f"{_IMP}:run_one_shot", f"{_IMP}:OneShotJob", groups=(*_BASE, "oneshot"),
+register_kind(JobKind("magnitude", "lottery.pipelines.oneshot:run_one_shot", "lottery.pipelines.oneshot:OneShotJob",
+                      groups=(*_BASE, "oneshot"),
                       dense_reference=True, folder=_run_folder, help="one-shot magnitude pruning"))
 register_kind(JobKind("l0", "lottery.pipelines.l0:run_l0", "lottery.pipelines.l0:L0Job", groups=(*_BASE, "l0"),
                       fixed=(("mode", "ticket"),), dense_reference=True, folder=_run_folder,
