@@ -404,15 +404,17 @@ def test_plot_series_follow_the_table_and_the_dense_band_comes_from_any_referenc
 
 
 def _capture_figures(monkeypatch) -> list:
+    from lottery.report import plots as report_plots  # where the plots look _save up
+
     figs = []
-    original = report._save
+    original = report_plots._save
 
     def save(fig, path):
         fig.canvas.draw()
         figs.append(fig)
         return original(fig, path)
 
-    monkeypatch.setattr(report, "_save", save)
+    monkeypatch.setattr(report_plots, "_save", save)
     return figs
 
 

@@ -84,7 +84,7 @@ def plot_run(run_dir: Path, path: Path | None = None) -> list[Path]:
     """Accuracy (val, test), density and temperature (where recorded) against epochs, one line per stage
     (a CS round, the ticket's retraining, an IMP level). Saved as PNG and SVG; returns the files."""
     from lottery.io import save_figure
-    from lottery.report import _mpl
+    from lottery.report.plots import _mpl
 
     run_dir = Path(run_dir)
     rows = read_metrics(run_dir)

@@ -1,136 +1,16 @@
-"""Tables and plots of results: what a user would otherwise draw by hand after every run.
-
-Two levels. For one run: :func:`print_table` and :func:`plot_run_summary` (what ``lottery search cs``
-prints). For many runs (``lottery report RUN_DIRS...``): :func:`write_report` gathers every
-``results.json`` at or below the given folders, groups the runs that differ only in their seed
-(:func:`summarize`), decides which tickets match the dense network (docs/methods.md: mean test accuracy
-within 0.2 percentage points of the dense mean of the same model, data and recipe), and writes a
-table (CSV and Markdown), accuracy-against-density plots, the per-layer density of one ticket and the
-training cost of finding K tickets with CS against IMP (PNG and SVG).
-"""
+"""Finding results.json files and summarising them: grouping over seeds, matching the dense network,
+the sparsest matching ticket, epochs spent per ticket."""
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import os
 import re
 import statistics
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
-
-DEFAULT_COLUMNS = (
-    ("method", "method", "{}"),
-    ("model", "model", "{}"),
-    ("dataset", "dataset", "{}"),
-    ("seed", "seed", "{}"),
-    ("density", "density", "{:.4g}"),
-    ("test_accuracy", "test acc %", "pct"),
-    ("dense_test_accuracy", "dense acc %", "pct"),
-    ("epochs", "epochs", "{:.1f}"),
-    ("wall_seconds", "wall s", "{:.1f}"),
-)
-
-
-def _fmt(value: Any, fmt: str) -> str:
-    if value is None:
-        return "-"
-    if fmt == "pct":
-        return f"{100 * float(value):.2f}"
-    try:
-        return fmt.format(value)
-    except (ValueError, TypeError):
-        return str(value)
-
-
-def format_table(rows: Sequence[dict[str, Any]], columns=DEFAULT_COLUMNS, markdown: bool = False) -> str:
-    """A fixed-width (or Markdown) table of the columns that at least one row has."""
-    cols = [c for c in columns if any(c[0] in r for r in rows)]
-    header = [c[1] for c in cols]
-    body = [[_fmt(r.get(key), fmt) for key, _, fmt in cols] for r in rows]
-    if markdown:
-        lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-        lines += ["| " + " | ".join(row) + " |" for row in body]
-        return "\n".join(lines)
-    widths = [max(len(h), *(len(row[i]) for row in body)) if body else len(h) for i, h in enumerate(header)]
-    def line(cells):
-        return "  ".join(c.rjust(w) for c, w in zip(cells, widths))
-    out = [line(header), line(["-" * w for w in widths])] + [line(row) for row in body]
-    return "\n".join(out)
-
-
-def print_table(rows: Sequence[dict[str, Any]], title: str | None = None, columns=DEFAULT_COLUMNS) -> None:
-    if title:
-        print(f"\n{title}")
-    print(format_table(rows, columns))
-
-
-def human_count(v: float) -> str:
-    """1234567 -> '1.23M': FLOP and parameter counts for tables and axis labels."""
-    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(v) >= scale:
-            return f"{v / scale:.3g}{suffix}"
-    return f"{v:g}"
-
-
-def plot_accuracy_vs_density(
-    points: Sequence[dict[str, Any]], path: Path, *, dense_accuracy: float | None = None, title: str = "",
-    dense_std: float | None = None, x: str = "density",
-) -> None:
-    """Test accuracy against density (``x="density"``) or against the network's multiply-accumulates per
-    example (``x="flops"``, results.json's ``flops_sparse``), log axis, one series per ``series``
-    (default: ``method``); saved as PNG (and SVG). Points without the x value are left out.
-
-    A point's ``test_accuracy_std`` becomes its error bar (none where it is None: a single seed);
-    ``dense_std`` draws the dense accuracy as a band (mean +- std) around its line.
-    """
-    plt = _mpl()
-    fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
-    series: dict[str, list[dict[str, Any]]] = {}
-    for p in points:
-        series.setdefault(p.get("series") or p.get("method", "?"), []).append(p)
-    key, factor = ("density", 100.0) if x == "density" else ("flops_sparse", 1.0)
-    for name, pts in series.items():
-        pts = sorted((p for p in pts if p.get(key)), key=lambda p: p[key])
-        if not pts:
-            continue
-        xs = [factor * p[key] for p in pts]
-        ys = [100 * p["test_accuracy"] for p in pts]
-        errs = [100 * (p.get("test_accuracy_std") or 0.0) for p in pts]
-        ax.errorbar(xs, ys, yerr=errs if any(errs) else None, marker="o", capsize=3, label=name)
-    if dense_accuracy is not None:
-        ax.axhline(100 * dense_accuracy, color="gray", linestyle="--",
-                   label="dense" if not dense_std else "dense (mean ± std)")
-        if dense_std:
-            ax.axhspan(100 * (dense_accuracy - dense_std), 100 * (dense_accuracy + dense_std), color="gray", alpha=0.2)
-    ax.set_xscale("log")
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
-
-    # Percent kept as plain numbers, labelled at 1, 2 and 5 of every decade (1, 2, 5, 10, 20, 50, 100):
-    # labels at powers of ten only leave most points between two far-apart values.
-    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}" if x == "density" else human_count(v)))
-    ax.xaxis.set_minor_locator(LogLocator(base=10, subs=tuple(float(i) for i in range(1, 10))))
-    ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.invert_xaxis()
-    ax.set_xlabel("density (% of prunable weights kept, log scale)" if x == "density" else
-                  "multiply-accumulates per example (Conv and Linear weights kept, log scale)")
-    ax.set_ylabel("test accuracy (%)")
-    if title:
-        ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
-    path = Path(path)
-    from lottery.io import save_figure
-
-    save_figure(fig, path, dpi=120, bbox_inches="tight")
-    save_figure(fig, path.with_suffix(".svg"), bbox_inches="tight")
-    plt.close(fig)
 
 
 def collect_results(out: Path, model: str | None = None, dataset: str | None = None) -> list[dict[str, Any]]:
@@ -149,24 +29,9 @@ def collect_results(out: Path, model: str | None = None, dataset: str | None = N
     return found
 
 
-def plot_run_summary(out: Path, results: dict[str, Any]) -> Path:
-    """Accuracy against density of every finished run of this model and data set below ``out``."""
-    runs = collect_results(out, results.get("model"), results.get("dataset"))
-    points = [r for r in runs if r.get("test_accuracy") is not None and r.get("density")]
-    # Tickets and pruned networks are different curves, so the label carries the mode.
-    labelled = [{**r, "method": f"{r['method']} {r.get('mode', '')}".strip()} for r in points if r.get("method") != "dense"]
-    dense = [r["test_accuracy"] for r in points if r.get("method") == "dense"]
-    dense_acc = sum(dense) / len(dense) if dense else results.get("dense_test_accuracy")
-    path = Path(results["run_dir"]) / "accuracy_vs_density.png"
-    plot_accuracy_vs_density(
-        labelled, path, dense_accuracy=dense_acc,
-        title=f"{results.get('model')} on {results.get('dataset')}",
-    )
-    return path
-
-
 # == many runs: `lottery report` ===================================================================
 MATCH_TOLERANCE = 0.002  # 0.2 percentage points, on accuracies stored as fractions (docs/methods.md)
+
 
 # Fields of results.json that tell apart runs of one method (a CS run's s0 and lam, an IMP level, what a
 # structured ticket was made from). A field listed here and present (not None) joins the run's settings,
@@ -175,41 +40,31 @@ MATCH_TOLERANCE = 0.002  # 0.2 percentage points, on accuracies stored as fracti
 DISTINGUISHING = ("s0", "lam", "rounds", "target_density", "rate", "scope", "rewind", "finetune_epochs", "level",
                   "control_seed", "after")
 
+
 # hparams.json groups that are not a method's settings: the recipe (compared through ``recipe``), the
 # seed, the kind (it is the method) and the source (replaced by the source run's own settings).
 _NOT_SETTINGS = ("data", "model", "training", "seed", "kind", "source")
+
+
 # hparams that repeat a results field under another name.
 _ALIASES = {"control.seed": "control_seed", "cs.density": "target_density"}
+
+
 # The settings swept along the density axis of accuracy-against-density (every other one splits series);
 # a CS ticket's density follows s0, lam and the number of rounds (each round prunes further).
 _SWEPT_BY_METHOD = {"cs": ("s0", "lam", "rounds"), "l0": ("lam",), "gmp": ("target_density", "density"),
                     "magnitude": ("target_density", "density"), "oneshot": ("target_density", "density")}
+
+
 _SWEPT_ALWAYS = ("target_density", "source", "source_level")
+
+
 # Methods whose runs restructure another run's ticket: not ticket searches of their own.
 _STRUCTURED_METHODS = ("refill", "refill+", "regroup")
 
+
 _RERUN = ("delete that file and run the experiment's command again (the same command resumes from its "
           "finished stages and writes it anew)")
-
-
-def _mpl():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> list[Path]:
-    """PNG and SVG, cropped to what was drawn: titles, labels and outside legends are never cut off."""
-    path = Path(path)
-    from lottery.io import save_figure
-
-    save_figure(fig, path.with_suffix(".png"), dpi=120, bbox_inches="tight")
-    save_figure(fig, path.with_suffix(".svg"), bbox_inches="tight")
-    _mpl().close(fig)
-    return [path.with_suffix(".png"), path.with_suffix(".svg")]
 
 
 def _read_json(path: Path) -> Any:
@@ -554,13 +409,6 @@ def _mask_convergence(rs: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "mask_converged": all(bool(c["converged"]) for c in rounds)}
 
 
-def _mask_cell(row: dict[str, Any]) -> str:
-    if row.get("mask_converged") is None:
-        return "-"
-    detail = f"{100 * row['mask_undecided_max']:.2f} % undecided, gap {100 * row['mask_gap_max']:.2f}"
-    return ("yes" if row["mask_converged"] else "NO") + f" ({detail})"
-
-
 def summarize(records: Sequence[dict[str, Any]], tolerance: float = MATCH_TOLERANCE) -> list[dict[str, Any]]:
     """One row per group of runs that differ only in their seed, with means, stds and matching.
 
@@ -747,285 +595,3 @@ def epochs_for_tickets(rows: Sequence[dict[str, Any]]) -> dict[str, list[tuple[i
     multi = len(by_data) > 1
     return {name + (f" {model}/{dataset}" if multi else ""): pts
             for (model, dataset), series in by_data.items() for name, pts in series.items()}
-
-
-def plot_epochs_vs_tickets(series: dict, path: Path, title: str = "") -> list[Path]:
-    """Epochs spent against the number of tickets found, one line per method (formula: epochs_for_tickets).
-
-    ``series``: ``{name: points}`` for one panel, or ``{(model, dataset): {name: points}}`` for one panel
-    per model and data set (their epoch scales differ by orders of magnitude). Legends sit beside the
-    panels, never over the curves.
-    """
-    panels = series if series and all(isinstance(k, tuple) for k in series) else {None: series}
-    plt = _mpl()
-    n = max(1, len(panels))
-    fig, axes = plt.subplots(1, n, figsize=(6.5 * n, 4), layout="constrained", squeeze=False)
-    from matplotlib.ticker import MaxNLocator
-
-    for ax, (key, lines) in zip(axes[0], panels.items()):
-        for name, pts in lines.items():
-            ax.plot([k for k, _ in pts], [e for _, e in pts], marker="o", label=name)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("number of tickets K")
-        ax.set_ylabel("training epochs spent")
-        ax.grid(True, alpha=0.3)
-        if key is not None:
-            ax.set_title(f"{key[0]} on {key[1]}")
-        if lines:
-            ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, borderaxespad=0.0)
-    fig.suptitle(title or "cost of K tickets (CS: sum of K runs; IMP: levels up to K)")
-    return _save(fig, path)
-
-
-def mask_report_path(run_dir: str | Path) -> Path:
-    """The ``mask.json`` of a ticket: the file itself, in the folder, or in its one subfolder that has one."""
-    from lottery.errors import ConfigError
-
-    p = Path(run_dir)
-    if not p.exists():
-        raise ConfigError(f"{p} does not exist")
-    if p.is_file():
-        return p
-    if (p / "mask.json").is_file():
-        return p / "mask.json"
-    found = sorted(p.rglob("mask.json"))
-    if len(found) == 1:
-        return found[0]
-    raise ConfigError(f"{p}: no single mask.json there (found {len(found)}); give the ticket's run folder")
-
-
-def plot_layer_density(run_dir: str | Path, path: Path, title: str | None = None) -> list[Path]:
-    """Bar chart of the kept fraction of each prunable layer of a ticket (from its mask.json) and, where
-    mask.json has it, beside it each layer's share of the dense network's FLOPs: pruning a layer that
-    holds most of the weights but little of the compute saves little time."""
-    report = _read_json(mask_report_path(run_dir))
-    layers = report.get("layers", {})
-    names = list(layers)
-    dens = [100 * float(layers[n]["density"]) for n in names]
-    shares = [layers[n].get("flops_share") for n in names]
-    with_flops = all(s is not None for s in shares) and bool(names)
-    width = 0.4 if with_flops else 0.8
-    plt = _mpl()
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(names) + 2), 4.5), layout="constrained")
-    offset = -width / 2 if with_flops else 0.0
-    bars = ax.bar([i + offset for i in range(len(names))], dens, width=width, color="tab:blue",
-                  label="density (% of the layer kept)")
-    if with_flops:
-        ax.bar([i + width / 2 for i in range(len(names))], [100 * float(s) for s in shares], width=width,
-               color="tab:orange", label="share of the dense network's FLOPs (%)")
-    for b, n in zip(bars, names):
-        info = layers[n]
-        ax.annotate(f"{info.get('kept', '?')}/{info.get('total', '?')}", (b.get_x() + b.get_width() / 2, b.get_height()),
-                    ha="center", va="bottom", fontsize=7)
-    if report.get("density") is not None:
-        ax.axhline(100 * float(report["density"]), color="tab:red", linestyle="--",
-                   label=f"whole network {100 * float(report['density']):.2f}%")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
-    ax.set_xticks(range(len(names)))
-    ax.set_xticklabels(names, rotation=45, ha="right", fontsize=8)
-    ax.set_ylabel("% (density; FLOPs share)" if with_flops else "density (% of the layer kept)")
-    ax.set_ylim(0, 110)
-    p = Path(run_dir)
-    # A level folder alone (level_2) does not say whose level it is.
-    name = f"{p.parent.name}/{p.name}" if re.fullmatch(r"level_\d+", p.name) else p.name
-    ax.set_title(title or f"per-layer density: {name}", fontsize=9, wrap=True)
-    return _save(fig, path)
-
-
-def _pm(mean: float | None, std: float | None) -> str:
-    """``mean ± std`` in percent; the std is ``–`` where there is none (a single seed)."""
-    if mean is None:
-        return "-"
-    return f"{100 * mean:.2f} ± " + ("–" if std is None else f"{100 * std:.2f}")
-
-
-REPORT_COLUMNS = (
-    ("method", "method", "{}"),
-    ("model", "model", "{}"),
-    ("dataset", "dataset", "{}"),
-    ("setting", "setting", "{}"),
-    ("density", "density", "{:.4g}"),
-    ("flops", "FLOPs/example", "{}"),
-    ("theoretical_speedup", "speed-up (FLOPs)", "{:.2f}x"),
-    ("acc", "test acc % (mean ± std, n-1)", "{}"),
-    ("n_seeds", "seeds", "{}"),
-    ("dense", "dense acc %", "{}"),
-    ("match", "matches dense", "{}"),
-    ("mask", "mask binary (worst round)", "{}"),
-    ("epochs", "epochs/run", "{:.1f}"),
-    ("wall_seconds", "wall s/run", "{:.1f}"),
-)
-
-FOOTNOTE = ("± std: sample standard deviation over seeds (n - 1), – with a single seed. epochs/run, wall s/run: "
-            "mean per seed of everything spent to obtain that network; for a level of an iterative run (IMP) "
-            "both are cumulative, from the dense level 0 up to and including that level. mask binary (CS): whether "
-            "every search round of every seed ended with at most 1 % of logits undecided (|beta*s| < ln 99) and "
-            "hard-mask val accuracy within 0.3 points of the soft network's; worst undecided %, worst gap in points. "
-            "FLOPs/example: multiply-accumulates of the kept Conv and Linear weights per example (biases, "
-            "normalisation, activations and pooling not counted); speed-up (FLOPs): dense FLOPs / these, a count, "
-            "not a timing.")
-
-
-def _display_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{**r, "acc": _pm(r["test_accuracy"], r["test_accuracy_std"]),
-             "dense": _pm(r["dense_test_accuracy"], r["dense_test_accuracy_std"]),
-             "match": {True: "yes", False: "no", None: "-"}[r["matching"]],
-             **({"flops": human_count(r["flops_sparse"])} if r.get("flops_sparse") is not None else {}),
-             **({"mask": _mask_cell(r)} if r.get("mask_converged") is not None else {}),
-             "setting": r["setting"] or "-"} for r in rows]
-
-
-# CSV columns: (name in the file, key of the summary row). The stds are sample standard deviations over
-# seeds (n - 1), empty for a single seed; the header says so, as there is no footnote in a CSV.
-CSV_COLUMNS = (("method", "method"), ("model", "model"), ("dataset", "dataset"), ("setting", "setting"),
-               ("n_seeds", "n_seeds"), ("seeds", "seeds"), ("density", "density"),
-               ("density_std_n-1", "density_std"), ("test_accuracy", "test_accuracy"),
-               ("test_accuracy_std_n-1", "test_accuracy_std"), ("dense_test_accuracy", "dense_test_accuracy"),
-               ("dense_test_accuracy_std_n-1", "dense_test_accuracy_std"), ("matching", "matching"),
-               ("mask_converged", "mask_converged"), ("mask_undecided_max", "mask_undecided_max"),
-               ("mask_soft_hard_gap_max", "mask_gap_max"),
-               ("params_nonzero", "params_nonzero"), ("flops_dense", "flops_dense"), ("flops_sparse", "flops_sparse"),
-               ("theoretical_speedup", "theoretical_speedup"),
-               ("epochs", "epochs"), ("wall_seconds_cumulative", "wall_seconds"), ("recipe", "recipe"),
-               ("run_dirs", "run_dirs"))
-CSV_FIELDS = tuple(name for name, _ in CSV_COLUMNS)
-
-
-def rows_to_csv(rows: Sequence[dict[str, Any]]) -> str:
-    """The summary rows as CSV (accuracies and densities as fractions, as in results.json)."""
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(CSV_FIELDS)
-    for r in rows:
-        out = {**r, "seeds": " ".join(map(str, r["seeds"])), "run_dirs": ";".join(map(str, r["run_dirs"])),
-               "matching": "" if r["matching"] is None else str(r["matching"]).lower(),
-               "mask_converged": "" if r.get("mask_converged") is None else str(r["mask_converged"]).lower()}
-        w.writerow(["" if out.get(key) is None else out[key] for _, key in CSV_COLUMNS])
-    return buf.getvalue()
-
-
-@dataclass
-class Report:
-    rows: list[dict[str, Any]]
-    sparsest: list[dict[str, Any]]
-    files: list[Path] = field(default_factory=list)
-    records: list[dict[str, Any]] = field(default_factory=list)
-
-    def text(self, markdown: bool = False) -> str:
-        """The table and the sparsest matching tickets, for the terminal (or Markdown)."""
-        out = [format_table(_display_rows(self.rows), REPORT_COLUMNS, markdown=markdown), "",
-               f"_{FOOTNOTE}_" if markdown else FOOTNOTE]
-        head = "## Sparsest matching ticket per method" if markdown else "sparsest matching ticket per method:"
-        out += ["", head]
-        if not self.sparsest:
-            out.append("(none matches its dense network within 0.2 percentage points)")
-        for r in self.sparsest:
-            seeds = f"{r['n_seeds']} seed{'s' if r['n_seeds'] != 1 else ''}"
-            out.append(f"{'- ' if markdown else '  '}{r['method']} {r['model']}/{r['dataset']}: density "
-                       f"{r['density']:.4f} ({r['setting'] or 'no hparams'}), test acc {_pm(r['test_accuracy'], r['test_accuracy_std'])}"
-                       f" vs dense {_pm(r['dense_test_accuracy'], r['dense_test_accuracy_std'])}, {seeds}"
-                       f" ({r['run_dirs'][0]})")
-        return "\n".join(out)
-
-
-def _slug(*parts: Any) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", "_".join(str(p) for p in parts if p is not None)).strip("-")
-
-
-def _swept(row: dict[str, Any]) -> set[str]:
-    """The settings of a row that move it along the density axis rather than onto another curve."""
-    keys = set(_SWEPT_ALWAYS) | set(_SWEPT_BY_METHOD.get(row["method"].split()[0], ()))
-    if "level" in row["params"]:
-        keys.add("level")
-    return keys
-
-
-def _series_names(points: Sequence[dict[str, Any]]) -> list[str]:
-    """One curve per method label and distinguishing settings other than the swept ones (:func:`_swept`);
-    named by the method and the settings that differ between the curves of that method."""
-    keys = []
-    for p in points:
-        swept = _swept(p)
-        keys.append({k: v for k, v in p["params"].items() if k not in swept and k.rsplit(".", 1)[-1] not in swept})
-    names = []
-    for p, own in zip(points, keys):
-        siblings = [k for q, k in zip(points, keys) if q["method"] == p["method"]]
-        differ = {k: v for k, v in own.items() if len({json.dumps(s.get(k), default=str) for s in siblings}) > 1}
-        names.append(p["method"] + (f" ({_setting(differ)})" if differ else ""))
-    return names
-
-
-def _dense_band(mine: Sequence[dict[str, Any]]) -> tuple[float | None, float | None]:
-    """The dense accuracy (mean, std) to draw for one model and data set: its one dense group, else the
-    reference that most of its tickets compare with."""
-    dense = [r for r in mine if r["method"] == "dense"]
-    if len(dense) == 1:
-        return dense[0]["test_accuracy"], dense[0]["test_accuracy_std"]
-    refs = [(r["dense_test_accuracy"], r["dense_test_accuracy_std"]) for r in mine
-            if r["method"] != "dense" and r.get("dense_test_accuracy") is not None]
-    if not refs:
-        return (dense[0]["test_accuracy"], dense[0]["test_accuracy_std"]) if dense else (None, None)
-    return max(set(refs), key=lambda ref: (refs.count(ref), -refs.index(ref)))
-
-
-def write_report(paths: Iterable[str | Path], out: str | Path, layers: str | Path | None = None,
-                 tolerance: float = MATCH_TOLERANCE) -> Report:
-    """Gather, summarise and draw the runs at or below ``paths``; write everything into ``out``.
-
-    Files: ``report.csv``, ``report.md``, ``accuracy_vs_density_<model>_<dataset>.png/.svg`` (one per
-    model and data set, one curve per method and settings; points of density 0 cannot sit on the log axis
-    and are left out), ``epochs_vs_tickets.png/.svg`` (one panel per model and data set) and
-    ``layer_density_<run>.png/.svg`` for the ticket in ``layers`` (default: the first sparsest matching
-    ticket that has a mask.json).
-    """
-    paths = [Path(p) for p in paths]
-    if layers is not None and not Path(layers).exists():
-        from lottery.errors import ConfigError
-
-        raise ConfigError(f"{layers} does not exist")
-    records = find_results(paths)
-    if not records:
-        from lottery.errors import ConfigError
-
-        raise ConfigError(f"no results.json with test_accuracy and density at or below {', '.join(map(str, paths))}")
-    rows = summarize(records, tolerance)
-    sparsest = sparsest_matching(rows)
-    report = Report(rows, sparsest, records=records)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    from lottery.io import atomic_write_bytes
-
-    atomic_write_bytes(out / "report.csv", rows_to_csv(rows).encode())
-    atomic_write_bytes(out / "report.md", ("# lottery report\n\n" + report.text(markdown=True) + "\n").encode())
-    report.files += [out / "report.csv", out / "report.md"]
-
-    for model, dataset in sorted({(r["model"], r["dataset"]) for r in rows}, key=lambda k: tuple(map(str, k))):
-        mine = [r for r in rows if (r["model"], r["dataset"]) == (model, dataset)]
-        points = [r for r in mine if r["method"] != "dense" and r["density"] and r["test_accuracy"] is not None]
-        points = [{**p, "series": name} for p, name in zip(points, _series_names(points))]
-        path = out / f"accuracy_vs_density_{_slug(model, dataset)}.png"
-        dense_acc, dense_std = _dense_band(mine)
-        plot_accuracy_vs_density(points, path, dense_accuracy=dense_acc, dense_std=dense_std,
-                                 title=f"{model} on {dataset}")
-        report.files += [path, path.with_suffix(".svg")]
-        if any(p.get("flops_sparse") for p in points):
-            path = out / f"accuracy_vs_flops_{_slug(model, dataset)}.png"
-            plot_accuracy_vs_density(points, path, dense_accuracy=dense_acc, dense_std=dense_std,
-                                     title=f"{model} on {dataset}", x="flops")
-            report.files += [path, path.with_suffix(".svg")]
-
-    report.files += plot_epochs_vs_tickets(epochs_for_tickets_by_data(rows), out / "epochs_vs_tickets.png")
-
-    chosen = layers
-    if chosen is None:
-        for r in sparsest:
-            for d in r["run_dirs"]:
-                if d and (Path(d) / "mask.json").is_file():
-                    chosen = d
-                    break
-            if chosen is not None:
-                break
-    if chosen is not None:
-        report.files += plot_layer_density(chosen, out / f"layer_density_{_slug(Path(chosen).name)}.png")
-    return report
