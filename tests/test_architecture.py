@@ -19,7 +19,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                      "lottery.hparams", "lottery.parameters")),
     ("data and models", ("lottery.data", "lottery.data.*", "lottery.models", "lottery.models.*", "lottery.masks")),
     ("masking and training", ("lottery.masking", "lottery.masking.*", "lottery.engine", "lottery.engine.*", "lottery.latency")),
-    ("methods and outputs", ("lottery.methods", "lottery.methods.*", "lottery.cost", "lottery.export",
+    ("methods and outputs", ("lottery.methods", "lottery.methods.*", "lottery.cost", "lottery.export", "lottery.export.*",
                              "lottery.report", "lottery.report.*", "lottery.tracking")),
     ("runs", ("lottery.experiment", "lottery.presets")),
     ("pipelines", ("lottery.pipelines", "lottery.pipelines.*", "lottery.sweep", "lottery.sweep.*")),

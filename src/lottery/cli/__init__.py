@@ -7,6 +7,7 @@ One module per command family (``train``, ``info``, ``cs``, ``imp``, ``l0gmp``, 
 
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import Sequence
 

@@ -85,7 +85,6 @@ def register(top_sub, common_flags: Callable[[argparse.ArgumentParser], None] | 
     p.set_defaults(func=cmd_bench_latency)
 
 
-
 def cmd_structure(args: argparse.Namespace, method: str) -> int:
     from lottery.cli.common import run_options, hparams_from_args
     from lottery.errors import ConfigError

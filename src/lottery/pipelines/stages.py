@@ -193,7 +193,6 @@ class _Context:
         return record
 
 
-
 def _masked_state(state: dict[str, torch.Tensor], mask: Mask) -> dict[str, torch.Tensor]:
     out = dict(state)
     for n, m in mask.items():

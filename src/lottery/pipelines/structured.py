@@ -293,7 +293,6 @@ class _Stage:
         return record
 
 
-
 def _training_mask(model: nn.Module, mask: Mask, path: Path) -> Mask:
     def make() -> Mask:
         try:

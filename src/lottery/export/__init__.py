@@ -1,0 +1,199 @@
+"""Export a ticket as a network that is actually smaller or sparser: channel surgery, dense blocks, CSR
+(docs/methods.md, "Structured tickets").
+
+A supported model (the registered ``conv2/4/6``, ``vgg11/16/19``, CIFAR ``resnet20/32/56``,
+``lenet_300_100``) is first *described* as a small JSON program: a list of ops (``conv`` with its
+BatchNorm, ``linear``, ``relu``, ``maxpool``, ``avgpool``, ``flatten``, and ``residual`` with a ``body``
+and a ``shortcut`` list, whose outputs are added and passed through a ReLU). Every op carries its layer
+shapes. The exported network is rebuilt from that description alone and its tensors are loaded from
+safetensors: loading never unpickles anything.
+
+Three exports (``export_model(model, mask, to=...)``):
+
+* ``dense`` (channel surgery): an output channel (or neuron) is removed when its output is exactly zero
+  for every input: its weight row is all zero, its bias is zero and its BatchNorm gives zero for a zero
+  input (``gamma = beta = 0``, or ``beta = 0`` and ``running_mean = bias``). The next layer's input
+  channels go with it (after a ``flatten``, the channel's ``H x W`` features). Channels that are *added*
+  in a residual network (a stage's stem or projection shortcut and the last conv of each of its blocks)
+  form one group that keeps the union of their live channels, so the additions stay valid: a residual
+  stage shrinks only as a whole, the inner conv of a block (``conv1``'s outputs, ``conv2``'s inputs)
+  freely. Structured tickets get such exactly-dead channels because the pipeline trains them with
+  :func:`dead_channel_params` (the bias and BatchNorm of a channel the mask removes are pruned too).
+  The network's outputs are always kept.
+* ``blocks``: after the surgery, each masked layer runs as one matrix product per dense block; blocks are
+  the groups of rows with identical kept columns (for a regroup ticket, exactly its blocks). A conv layer
+  does im2col (``unfold``) once, then ``W_block @ patches[:, cols]`` per block; when every block of a
+  conv is made of whole input channels (regroup with ``columns='channel'``), each block is instead a
+  small dense conv over its input channels (no im2col: the CPU's conv kernels do the product).
+* ``csr``: after the surgery, each masked Linear layer keeps its weights as a ``torch.sparse_csr`` matrix.
+
+Every export is checked against the masked network on random inputs: the largest absolute difference of
+the outputs must stay within ``1e-4 x max(1, max |reference output|)`` (float32; the orders of summation
+differ). The check's result is stored in the JSON description.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from lottery.errors import CheckpointError, ConfigError
+from lottery.io import load_tensors, read_json, save_tensors, write_json
+from lottery.masks import Mask
+
+__all__ = [
+    "EXPORT_KINDS",
+    "BlockConv2d",
+    "BlockLinear",
+    "CSRLinear",
+    "ExportError",
+    "Exported",
+    "blocks_from_mask",
+    "build_network",
+    "coupled_layers",
+    "dead_channel_params",
+    "describe",
+    "export_model",
+    "load_export",
+    "max_output_difference",
+    "save_export",
+]
+from lottery.export._base import EXPORT_KINDS, FORMAT, FORMAT_VERSION, RTOL, ExportError
+from lottery.export.graph import coupled_layers, dead_channel_params, describe  # noqa: F401  (public names)
+from lottery.export.layers import (  # noqa: F401  (public names)
+    BlockConv2d, BlockLinear, CSRLinear, _fill, build_network,
+)
+from lottery.export.transform import _shrink, _to_blocks, _to_csr, blocks_from_mask  # noqa: F401
+
+
+# ============================================================================ export, check, files
+
+
+@dataclass
+class Exported:
+    """An exported network and its JSON description (``ops`` plus shapes, sizes and the check)."""
+
+    module: nn.Module
+    description: dict[str, Any]
+
+
+@torch.no_grad()
+def max_output_difference(reference: nn.Module, exported: nn.Module, input_shape, n: int = 8, seed: int = 0) -> dict[str, float]:
+    """Largest |reference(x) - exported(x)| over ``n`` random normal inputs (both in eval mode), with the
+    largest |reference(x)| for scale."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, *input_shape, generator=g)
+    was = reference.training, exported.training
+    reference.eval()
+    exported.eval()
+    try:
+        ref, got = reference(x), exported(x)
+    finally:
+        reference.train(was[0])
+        exported.train(was[1])
+    return {"max_abs_diff": float((ref - got).abs().max()), "max_abs_reference": float(ref.abs().max()), "inputs": n}
+
+
+def _count(module: nn.Module) -> dict[str, int]:
+    total = nonzero = 0
+    for name, t in module.state_dict().items():
+        if not t.is_floating_point() or name.endswith(("running_mean", "running_var")):
+            continue
+        total += t.numel()
+        nonzero += int(t.ne(0).sum())
+    return {"parameters": total, "nonzero_parameters": nonzero}
+
+
+def export_model(model: nn.Module, mask: Mask | None = None, to: str = "dense", *, check_inputs: int = 8,
+                 seed: int = 0) -> Exported:
+    """Export ``model`` (plain or hard-masked, with its trained weights) under ``mask`` (default: the
+    model's own hard masks, else no mask). Raises :class:`ExportError` if the exported network's outputs
+    differ from the masked network's beyond the tolerance."""
+    from lottery import masking
+
+    if to not in EXPORT_KINDS:
+        raise ConfigError(f"export kind must be one of {', '.join(EXPORT_KINDS)}, got {to!r}")
+    ops = describe(model)
+    state = masking.to_plain_state_dict(model.state_dict())
+    state = {k: v.detach().cpu().clone() for k, v in state.items()}
+    if mask is None:
+        mask = masking.current_mask(model)
+    masks = {k: v.cpu() for k, v in mask.items() if k.endswith(".weight") and k in state}
+    for k, m in mask.items():
+        if k not in state:
+            raise ExportError(f"the mask names {k}, which the model does not have")
+        state[k] = state[k].masked_fill(~m.cpu(), 0)
+    input_shape = tuple(int(s) for s in getattr(model, "input_shape"))
+    new_ops, layers = _shrink(ops, state, masks, input_shape[0])
+    if to == "blocks":
+        new_ops = _to_blocks(new_ops, state, masks)
+    elif to == "csr":
+        new_ops = _to_csr(new_ops, state, masks)
+    net = build_network(new_ops)
+    _fill(net, new_ops, state)
+    net.eval()
+
+    reference = _masked_reference(model, mask)  # a plain masked copy; the caller's model is untouched
+    check = max_output_difference(reference, net, input_shape, n=check_inputs, seed=seed)
+    check["tolerance"] = RTOL * max(1.0, check["max_abs_reference"])
+    check["ok"] = check["max_abs_diff"] <= check["tolerance"]
+    if not check["ok"]:
+        raise ExportError(f"the exported ({to}) network differs from the masked one by {check['max_abs_diff']:.3g} "
+                          f"(tolerance {check['tolerance']:.3g})")
+    original = _count(reference)
+    description = {
+        "format": FORMAT, "version": FORMAT_VERSION, "kind": to, "family": type(model).__name__,
+        "input_shape": list(input_shape), "num_classes": int(new_ops[-1]["out"]) if new_ops else None,
+        "ops": new_ops, "layers": layers, "check": check,
+        "size": {"original_parameters": original["parameters"],
+                 "original_nonzero_parameters": original["nonzero_parameters"], **_count(net)},
+    }
+    return Exported(net, description)
+
+
+@torch.no_grad()
+def _masked_reference(model: nn.Module, mask: Mask) -> nn.Module:
+    import copy
+
+    from lottery import masking
+
+    ref = copy.deepcopy(model)
+    masking.remove_masks(ref)
+    params = dict(ref.named_parameters())
+    for k, m in mask.items():
+        params[k].masked_fill_(~m.to(params[k].device), 0)
+    return ref.cpu().eval()
+
+
+def save_export(folder: str | Path, exported: Exported, extra: Mapping[str, Any] | None = None) -> Path:
+    """Write ``model.safetensors`` (the exported module's tensors) and ``model.json`` (its description
+    plus ``extra``) into ``folder``; returns the folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_tensors(folder / "model.safetensors", exported.module.state_dict(), metadata={"format": FORMAT})
+    write_json(folder / "model.json", {**exported.description, **(extra or {})})
+    return folder
+
+
+def load_export(folder: str | Path) -> Exported:
+    """Rebuild an exported network from ``model.json`` and load ``model.safetensors`` (no unpickling)."""
+    folder = Path(folder)
+    desc_path, tensors_path = folder / "model.json", folder / "model.safetensors"
+    if not desc_path.exists() or not tensors_path.exists():
+        raise CheckpointError(f"{folder} is not an export folder (model.json and model.safetensors expected)")
+    desc = read_json(desc_path)
+    if desc.get("format") != FORMAT:
+        raise CheckpointError(f"{desc_path} is not a lottery export description (format {desc.get('format')!r})")
+    if int(desc.get("version", 0)) > FORMAT_VERSION:
+        raise CheckpointError(f"{desc_path} has format version {desc['version']}; this lottery reads up to {FORMAT_VERSION}")
+    net = build_network(desc["ops"])
+    try:
+        net.load_state_dict(load_tensors(tensors_path), strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{tensors_path} does not fit {desc_path}: {exc}") from None
+    net.eval()
+    return Exported(net, desc)

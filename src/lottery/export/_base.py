@@ -1,0 +1,14 @@
+"""What every part of the export shares: the export kinds, the file format and its error."""
+
+from __future__ import annotations
+
+from lottery.errors import LotteryError
+
+EXPORT_KINDS = ("dense", "blocks", "csr")
+FORMAT = "lottery.export"
+FORMAT_VERSION = 1
+RTOL = 1e-4  # the check's tolerance, relative to max(1, max |reference output|)
+
+
+class ExportError(LotteryError):
+    """A model cannot be exported, or the exported network does not compute what the masked one does."""
