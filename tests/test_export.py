@@ -265,3 +265,15 @@ def test_export_costs_what_its_masked_network_counts(kind):
         assert 0 < export_cost["flops_sparse"] <= masked_cost["flops_sparse"]
     else:
         assert export_cost["flops_sparse"] == masked_cost["flops_sparse"]
+
+
+def test_model_json_records_the_exports_flops():
+    from lottery.cost import network_cost
+
+    model = _model("conv4")
+    full = _channel_ticket(model, _random_mask(model, "conv4", 0.3))
+    exported = export_model(model, full, "dense")
+    flops = exported.description["flops"]
+    assert flops["export"] == network_cost(exported.module, None, SHAPE)["flops_sparse"]
+    assert flops["dense"] == network_cost(_model("conv4"), None, SHAPE)["flops_dense"]
+    assert flops["theoretical_speedup"] == pytest.approx(flops["dense"] / flops["export"]) and flops["theoretical_speedup"] > 1

@@ -41,6 +41,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from lottery.cost import network_cost
 from lottery.errors import CheckpointError, ConfigError
 from lottery.io import load_tensors, read_json, save_tensors, write_json
 from lottery.masks import Mask
@@ -145,12 +146,16 @@ def export_model(model: nn.Module, mask: Mask | None = None, to: str = "dense", 
         raise ExportError(f"the exported ({to}) network differs from the masked one by {check['max_abs_diff']:.3g} "
                           f"(tolerance {check['tolerance']:.3g})")
     original = _count(reference)
+    dense_flops = network_cost(model, {}, input_shape)["flops_dense"]
+    export_flops = network_cost(net, None, input_shape)["flops_sparse"]
     description = {
         "format": FORMAT, "version": FORMAT_VERSION, "kind": to, "family": type(model).__name__,
         "input_shape": list(input_shape), "num_classes": int(new_ops[-1]["out"]) if new_ops else None,
         "ops": new_ops, "layers": layers, "check": check,
         "size": {"original_parameters": original["parameters"],
                  "original_nonzero_parameters": original["nonzero_parameters"], **_count(net)},
+        # multiply-accumulates per example (lottery.cost): the network before pruning, the export as built
+        "flops": {"dense": dense_flops, "export": export_flops, "theoretical_speedup": dense_flops / export_flops},
     }
     return Exported(net, description)
 
