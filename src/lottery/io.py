@@ -12,6 +12,7 @@ import json
 import math
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -20,6 +21,31 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save as st_save_bytes
 
 from lottery.errors import CheckpointError, StorageError
+
+
+_UMASK_LOCK = threading.Lock()
+
+
+def new_file_mode() -> int:
+    """The mode a plain ``open(path, "w")`` would give a new file under the current umask (``0o666 & ~umask``).
+
+    Why: ``tempfile.mkstemp`` creates its file with mode 0600 whatever the umask, so every file renamed
+    into place from it would be private to its owner, and colleagues sharing a run folder could not read
+    it. The umask can only be read by setting it, hence the lock."""
+    with _UMASK_LOCK:
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
+def temp_file_beside(path: Path, suffix: str) -> tuple[int, str]:
+    """``mkstemp`` beside ``path``, given the mode a new file would get (:func:`new_file_mode`)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    try:
+        os.fchmod(fd, new_file_mode())
+    except OSError:  # a file system without modes (some network mounts): keep mkstemp's
+        pass
+    return fd, tmp
 
 
 def _is_main_rank() -> bool:
@@ -40,7 +66,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     kill_at = _fault_phase(path) if FAULT_ENV in os.environ else None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = temp_file_beside(path, ".tmp")
     except OSError as e:
         raise storage_error(path, e) from None
     try:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
-import tempfile
 import urllib.error
 import urllib.request
 import warnings
@@ -24,6 +23,7 @@ from tqdm import tqdm
 
 from lottery.data.datasets import RemoteFile
 from lottery.errors import DataError
+from lottery.io import temp_file_beside
 
 _CHUNK = 1 << 20
 
@@ -138,7 +138,7 @@ def download(url: str, dest: str | os.PathLike, remote: RemoteFile, *, progress:
     with FileLock(str(dest.parent / f".{dest.name}.lock")):
         if dest.exists():  # another process finished it while we waited for the lock
             return dest
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+        fd, tmp_name = temp_file_beside(dest, ".part")
         tmp = Path(tmp_name)
         try:
             with os.fdopen(fd, "wb") as f:
