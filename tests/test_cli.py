@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from lottery import cli
 
 SYNTH = ["--dataset", "synthetic", "--synthetic-shape", "1,8,8", "--synthetic-train-size", "600",
          "--synthetic-test-size", "200", "--val-size", "100", "--batch-size", "32", "--threads", "1"]
@@ -132,3 +133,21 @@ def test_listing_commands(tmp_path):
     assert "resnet20" in lottery("models", cwd=tmp_path).stdout
     assert "fashion_lenet" in lottery("presets", cwd=tmp_path).stdout
     assert "fashion-mnist" in lottery("datasets", cwd=tmp_path).stdout
+
+
+def test_an_explicit_training_length_beats_the_presets_round_length():
+    """fashion_lenet's CS rounds are 20 epochs; --training-steps 4it must make them 4 iterations."""
+    import lottery.cli.cs as cli_cs
+
+    parser = cli.build_parser()
+    job = cli_cs.cs_job(parser.parse_args(["search", "cs", "--training-steps", "4it", "--rounds", "1"]), "ticket")
+    assert job.training.training_steps == "4it" and job.cs.round_steps is None
+    job = cli_cs.cs_job(parser.parse_args(["search", "cs", "--training-steps", "8it", "--round-steps", "4it"]), "ticket")
+    assert job.cs.round_steps == "4it"  # an explicit round length still wins
+    assert cli_cs.cs_job(parser.parse_args(["search", "cs"]), "ticket").cs.round_steps == "20ep"  # the preset's
+
+
+def test_two_flags_for_the_training_length_are_a_one_line_error(capsys):
+    code = cli.main(["search", "cs", "--epochs", "2", "--training-steps", "100it", "--out", "/nonexistent/never"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--epochs 2 and --training-steps 100it" in err[0]

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
-from lottery.errors import ConfigError, LotteryError
+from lottery.errors import ConfigError
 from lottery.hparams import DataHparams, Hparams, ModelHparams, TrainingHparams, field_type, scalar_type
 
 DEFAULT_PRESET = "fashion_lenet"
@@ -129,8 +128,17 @@ def base_groups(args: argparse.Namespace):
     if args.epochs is not None:
         if args.epochs <= 0:
             raise ConfigError(f"--epochs must be a positive integer, got {args.epochs}")
+        if "TrainingHparams.training_steps" in vars(args):
+            raise ConfigError(f"--epochs {args.epochs} and --training-steps {training.training_steps} both set the "
+                              "training length; give one of them")
         training = training.replace(training_steps=f"{args.epochs}ep")
     return preset, data, model, training
+
+
+def training_length_given(args: argparse.Namespace) -> bool:
+    """Whether the command line itself set the training length (``--epochs`` or ``--training-steps``):
+    then a preset's own lengths derived from its recipe (a CS round length) give way to it."""
+    return args.epochs is not None or "TrainingHparams.training_steps" in vars(args)
 
 
 def run_options(args: argparse.Namespace):

@@ -7,7 +7,7 @@ import argparse
 
 from lottery.cli.common import (
     OneLineErrorParser, add_hparams_flags, base_groups, common_flags, hparams_from_args, is_main_rank,
-    read_dense_costs, run_options, validate_names,
+    read_dense_costs, run_options, training_length_given, validate_names,
 )
 
 
@@ -19,8 +19,9 @@ def cs_job(args: argparse.Namespace, mode: str):
     model = preset.model_for("cs", model, given={k.split(".", 1)[1] for k in vars(args) if k.startswith("ModelHparams.")})
     validate_names(data, model)
     cs = hparams_from_args(args, CSHparams, CSHparams.from_dict(preset.methods.get("cs", {})))
-    if args.epochs is not None and "CSHparams.round_steps" not in vars(args):
-        # --epochs N sets the length of everything: a round is then as long as the training.
+    if training_length_given(args) and "CSHparams.round_steps" not in vars(args):
+        # An explicit training length (--epochs N, --training-steps S) sets the length of everything: a
+        # round is then as long as the training, whatever round length the preset has.
         cs = cs.replace(round_steps=None)
     return CSJob(data, model, training, cs, seed=args.seed, mode=mode, dense_reference=not args.no_dense)
 

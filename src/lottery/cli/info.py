@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from lottery.cli.common import (
-    OneLineErrorParser, add_hparams_flags, base_groups, common_flags, hparams_from_args, is_main_rank,
-    read_dense_costs, run_options, validate_names,
-)
 
 
 def cmd_models(args: argparse.Namespace) -> int:

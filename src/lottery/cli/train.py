@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from lottery.cli.common import (
-    OneLineErrorParser, add_hparams_flags, base_groups, common_flags, hparams_from_args, is_main_rank,
-    read_dense_costs, run_options, validate_names,
-)
+from lottery.cli.common import base_groups, common_flags, is_main_rank, run_options, validate_names
 
 
 def cmd_train(args: argparse.Namespace) -> int:
