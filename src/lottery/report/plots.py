@@ -27,6 +27,7 @@ def plot_accuracy_vs_density(
     for p in points:
         series.setdefault(p.get("series") or p.get("method", "?"), []).append(p)
     key, factor = ("density", 100.0) if x == "density" else ("flops_sparse", 1.0)
+    all_x = [factor * p[key] for p in points if p.get(key)]
     for name, pts in series.items():
         pts = sorted((p for p in pts if p.get(key)), key=lambda p: p[key])
         if not pts:
@@ -45,7 +46,9 @@ def plot_accuracy_vs_density(
 
     # Percent kept as plain numbers, labelled at 1, 2 and 5 of every decade (1, 2, 5, 10, 20, 50, 100):
     # labels at powers of ten only leave most points between two far-apart values.
-    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    # Points within less than a decade would share one or two labels: then label 1..9 of the decade.
+    narrow = bool(all_x) and max(all_x) / min(all_x) < 10
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=tuple(float(i) for i in range(1, 10)) if narrow else (1.0, 2.0, 5.0)))
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}" if x == "density" else human_count(v)))
     ax.xaxis.set_minor_locator(LogLocator(base=10, subs=tuple(float(i) for i in range(1, 10))))
     ax.xaxis.set_minor_formatter(NullFormatter())
