@@ -146,4 +146,4 @@ def test_no_module_imports_from_a_higher_layer(module):
 def test_the_reader_sees_imports_inside_functions_and_skips_type_checking_ones():
     assert "lottery.masking" in GRAPH["lottery.cost"]
     assert "lottery.engine.trainer" not in GRAPH["lottery.engine.callbacks"]  # type-only import
-    assert "lottery.cli.common" in GRAPH["lottery.cli.sweep"]  # `import lottery.cli.common as cli` in a function
+    assert "lottery.cli.cs" in GRAPH["lottery.cli.sweep"]  # `from lottery.cli.cs import cs_job` in a function

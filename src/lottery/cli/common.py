@@ -100,12 +100,8 @@ def hparams_from_args(args: argparse.Namespace, cls: type[Hparams], base: Hparam
     return cls.from_dict(values)
 
 
-def common_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default=None,
-                   help=f"reference recipe to start from (default: {DEFAULT_PRESET}); see `lottery presets`")
-    p.add_argument("--out", type=Path, default=Path("runs"), help="folder for run folders (default: runs)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the weights' initialisation and data order")
-    p.add_argument("--epochs", type=int, default=None, help="shorthand for --training-steps Nep (for CS also the round length, unless --round-steps is given)")
+def _where_and_how_flags(p: argparse.ArgumentParser) -> None:
+    """Device, threads, data folder, downloads, progress bars, TensorBoard: how a run runs, not what it is."""
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--data-dir", default=None, help="folder with the data set's files (see README: Data)")
@@ -113,6 +109,21 @@ def common_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
     p.add_argument("--tensorboard", action="store_true",
                    help="also write metrics.csv's rows as TensorBoard events into the run folder (needs lottery[tensorboard])")
+
+
+def run_option_flags(p: argparse.ArgumentParser) -> None:
+    """Where/how to run, for commands that take their hparams from an existing run folder."""
+    p.add_argument("--out", type=Path, default=None, help="folder for the new run folder (default: beside RUN_DIR)")
+    _where_and_how_flags(p)
+
+
+def common_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default=None,
+                   help=f"reference recipe to start from (default: {DEFAULT_PRESET}); see `lottery presets`")
+    p.add_argument("--out", type=Path, default=Path("runs"), help="folder for run folders (default: runs)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights' initialisation and data order")
+    p.add_argument("--epochs", type=int, default=None, help="shorthand for --training-steps Nep (for CS also the round length, unless --round-steps is given)")
+    _where_and_how_flags(p)
     add_hparams_flags(p, DataHparams, "data")
     add_hparams_flags(p, ModelHparams, "model")
     add_hparams_flags(p, TrainingHparams, "training")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 from typing import Callable
+from lottery.cli.common import add_hparams_flags, base_groups, hparams_from_args, run_option_flags, run_options, validate_names
 
 
 def register(search_sub, prune_sub, top_sub, common_flags: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -21,7 +22,6 @@ def register(search_sub, prune_sub, top_sub, common_flags: Callable[[argparse.Ar
     ``lottery prune``; ``top_sub``: the top-level sub-parsers of ``lottery``; ``common_flags(parser)``: adds
     the flags every training command has (preset, out, seed, data/model/training hparams, ...).
     """
-    from lottery.cli.common import add_hparams_flags
     from lottery.methods.imp import (
         FinetuneHparams, IMPHparams, LRRHparams, OneShotHparams, RandomPruneHparams, RandomReinitHparams,
     )
@@ -90,21 +90,7 @@ def register(search_sub, prune_sub, top_sub, common_flags: Callable[[argparse.Ar
     p.set_defaults(func=cmd_stability)
 
 
-def run_option_flags(p: argparse.ArgumentParser) -> None:
-    """Where/how to run, for commands that take their hparams from an existing run folder."""
-    p.add_argument("--out", type=Path, default=None, help="folder for the new run folder (default: beside RUN_DIR)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--data-dir", default=None, help="folder with the data set's files (see README: Data)")
-    p.add_argument("--no-download", action="store_true", help="never download data; fail if it is missing")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
-    p.add_argument("--tensorboard", action="store_true",
-                   help="also write metrics.csv's rows as TensorBoard events into the run folder (needs lottery[tensorboard])")
-
-
 def _method_hparams(args, preset, cls, key: str, **fixed):
-    from lottery.cli.common import hparams_from_args
-
     base = cls.from_dict({**preset.methods.get(key, {}), **fixed})
     return hparams_from_args(args, cls, base)
 
@@ -123,7 +109,6 @@ def _print_levels(results: dict, title: str) -> None:
 
 
 def cmd_search_imp(args: argparse.Namespace, variant: str) -> int:
-    from lottery.cli.common import base_groups, run_options, validate_names
     from lottery.methods.imp import IMPHparams
     from lottery.pipelines.imp import IMPJob, run_imp
 
@@ -136,7 +121,6 @@ def cmd_search_imp(args: argparse.Namespace, variant: str) -> int:
 
 
 def cmd_prune_lrr(args: argparse.Namespace) -> int:
-    from lottery.cli.common import base_groups, run_options, validate_names
     from lottery.methods.imp import LRRHparams
     from lottery.pipelines.imp import LRRJob, run_lrr
 
@@ -149,7 +133,6 @@ def cmd_prune_lrr(args: argparse.Namespace) -> int:
 
 
 def cmd_prune_finetune(args: argparse.Namespace) -> int:
-    from lottery.cli.common import base_groups, run_options, validate_names
     from lottery.methods.imp import FinetuneHparams
     from lottery.pipelines.imp import FinetuneJob, run_finetune
 
@@ -162,7 +145,6 @@ def cmd_prune_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_prune_magnitude(args: argparse.Namespace) -> int:
-    from lottery.cli.common import base_groups, run_options, validate_names
     from lottery.methods.imp import OneShotHparams
     from lottery.pipelines.oneshot import OneShotJob, run_one_shot
     from lottery.report import plot_run_summary, print_table
@@ -181,7 +163,6 @@ def cmd_prune_magnitude(args: argparse.Namespace) -> int:
 
 
 def cmd_control(args: argparse.Namespace, name: str, cls) -> int:
-    from lottery.cli.common import run_options, hparams_from_args
     from lottery.errors import ConfigError
     from lottery.pipelines.controls import run_random_prune, run_random_reinit
     from lottery.report import print_table
@@ -203,7 +184,6 @@ def cmd_control(args: argparse.Namespace, name: str, cls) -> int:
 
 
 def cmd_stability(args: argparse.Namespace) -> int:
-    from lottery.cli.common import base_groups, run_options, validate_names
     from lottery.methods.stability import StabilityHparams
     from lottery.pipelines.stability import StabilityJob, run_stability
 

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import argparse
 from typing import Callable
+from lottery.cli.common import (
+    add_hparams_flags, base_groups, hparams_from_args, is_main_rank, read_dense_costs, run_options, validate_names,
+)
 
 
 def register(search_sub, prune_sub, common_flags: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -20,7 +23,6 @@ def register(search_sub, prune_sub, common_flags: Callable[[argparse.ArgumentPar
     and ``lottery prune``; ``common_flags(parser)`` adds the flags every training command has (preset,
     out, seed, data/model/training hparams, ...).
     """
-    from lottery.cli.common import add_hparams_flags
     from lottery.methods.gmp import GMPHparams
     from lottery.methods.l0 import L0Hparams
 
@@ -52,7 +54,6 @@ def register(search_sub, prune_sub, common_flags: Callable[[argparse.ArgumentPar
 
 
 def _l0_job(args: argparse.Namespace, mode: str):
-    from lottery.cli.common import base_groups, validate_names, hparams_from_args
     from lottery.methods.l0 import L0Hparams
     from lottery.pipelines.l0 import L0Job
 
@@ -66,7 +67,6 @@ def _l0_job(args: argparse.Namespace, mode: str):
 
 
 def _gmp_job(args: argparse.Namespace):
-    from lottery.cli.common import base_groups, validate_names, hparams_from_args
     from lottery.methods.gmp import GMPHparams
     from lottery.pipelines.gmp import GMPJob
 
@@ -77,7 +77,6 @@ def _gmp_job(args: argparse.Namespace):
 
 
 def _print(results: dict, options, title: str) -> None:
-    from lottery.cli.common import read_dense_costs
     from lottery.report import plot_run_summary, print_table
 
     rows = []
@@ -93,7 +92,6 @@ def _print(results: dict, options, title: str) -> None:
 
 
 def cmd_l0(args: argparse.Namespace, mode: str = "ticket") -> int:
-    from lottery.cli.common import is_main_rank, run_options
     from lottery.pipelines.l0 import run_l0
 
     job = _l0_job(args, mode)
@@ -108,7 +106,6 @@ def cmd_l0(args: argparse.Namespace, mode: str = "ticket") -> int:
 
 
 def cmd_gmp(args: argparse.Namespace) -> int:
-    from lottery.cli.common import is_main_rank, run_options
     from lottery.pipelines.gmp import run_gmp
 
     job = _gmp_job(args)

@@ -15,6 +15,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 from typing import Callable
+from lottery.cli.common import (
+    OneLineErrorParser, add_hparams_flags, hparams_from_args, run_option_flags, run_options,
+)
 
 AUTO = "auto"
 
@@ -25,8 +28,6 @@ def register(top_sub, common_flags: Callable[[argparse.ArgumentParser], None] | 
     ``common_flags`` is accepted for symmetry with the other command modules; these commands take their
     recipe from the run folder they are given, so they only add where/how-to-run flags.
     """
-    from lottery.cli.common import OneLineErrorParser, add_hparams_flags
-    from lottery.cli.imp import run_option_flags
     from lottery.methods.structured import StructuredHparams
 
     structure = top_sub.add_parser(
@@ -86,7 +87,6 @@ def register(top_sub, common_flags: Callable[[argparse.ArgumentParser], None] | 
 
 
 def cmd_structure(args: argparse.Namespace, method: str) -> int:
-    from lottery.cli.common import run_options, hparams_from_args
     from lottery.errors import ConfigError
     from lottery.methods.structured import StructuredHparams
     from lottery.pipelines.structured import StructuredIMPJob, StructureJob, run_structure, run_structured_imp

@@ -26,6 +26,9 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from lottery.cli.common import (
+    OneLineErrorParser, add_hparams_flags, base_groups, hparams_from_args, run_options, validate_names,
+)
 from lottery.errors import ConfigError
 
 
@@ -141,7 +144,6 @@ def register(top_sub, common_flags: Callable[[argparse.ArgumentParser], None]) -
     ``finetune``, ``magnitude`` when :mod:`lottery.pipelines.imp` is there. ``common_flags`` is the
     CLI's ``common_flags`` (data, model, training flags and --out, --seed, --device ...).
     """
-    from lottery.cli.common import OneLineErrorParser, add_hparams_flags
     from lottery.methods.cs import CSHparams
     from lottery.sweep import GROUP_CLASSES, _resolve, get_kind, kind_available
 
@@ -232,7 +234,6 @@ def _split_alternatives(args: argparse.Namespace) -> tuple[argparse.Namespace, d
 
 def sweep_specs(args: argparse.Namespace):
     """The job specs of a parsed ``lottery sweep ...`` command line."""
-    import lottery.cli.common as cli
     from lottery.cli.cs import cs_job
     from lottery.sweep import GROUP_CLASSES, _resolve, expand_grid, get_kind, make_spec, spec_from_job
 
@@ -242,16 +243,16 @@ def sweep_specs(args: argparse.Namespace):
     if kind == "cs":
         base = spec_from_job(cs_job(single, args.mode))
     else:
-        preset, data, model, training = cli.base_groups(single)
+        preset, data, model, training = base_groups(single)
         groups = {"data": data, "model": model, "training": training}
         method_group = get_kind(kind).groups[-1]
         if method_group not in groups:
             cls = _resolve(GROUP_CLASSES[method_group])
-            groups[method_group] = cli.hparams_from_args(single, cls, cls.from_dict(preset.methods.get(method_group, {})))
+            groups[method_group] = hparams_from_args(single, cls, cls.from_dict(preset.methods.get(method_group, {})))
         base = make_spec(kind, **groups)
     specs = expand_grid(base, grid, seeds)
     for s in specs:
-        cli.validate_names(s.group("data"), s.group("model"))
+        validate_names(s.group("data"), s.group("model"))
     return specs
 
 
@@ -270,7 +271,6 @@ def default_workers(device: str, backend: str) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    import lottery.cli.common as cli
     from lottery.report import print_table, write_report
     from lottery.sweep import run_sweep
 
@@ -281,7 +281,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     specs = sweep_specs(args)
     if args.backend == "ray" and args.num_gpus > 0:
         args.device = "cpu"  # the tasks run on the GPUs Ray gives them; this process may have none
-    options = cli.run_options(args)
+    options = run_options(args)
     options.strict = bool(getattr(args, "strict", False))
     result = run_sweep(
         specs, options, workers=args.workers, backend=args.backend,
