@@ -49,7 +49,9 @@ def cmd_search_cs(args: argparse.Namespace, mode: str = "ticket") -> int:
     return 0
 
 
-def register(sub) -> None:
+def register(sub):
+    """Add `search` and `prune` with their `cs` commands; returns the two subparsers, which the other
+    method families add their commands to."""
     from lottery.methods.cs import CSHparams
 
     search = sub.add_parser("search", help="lottery-ticket search (cs, imp, imp-c, l0)",
