@@ -13,7 +13,9 @@ final density within 10 % of the target.
 
 ``--previous`` also runs, on Conv-4 with 2-epoch rounds, the recipe this project used before the change
 (SGD logits with the weights' LR schedule, beta to 200 every iteration): the setting whose masks were
-found not to be binary.
+found not to be binary. ``--alternatives`` runs, on Conv-4 with 1-epoch rounds, the default recipe with
+one knob changed (the alternatives docs/cs.md discusses): ``beta_final`` 200 and 1000, and with
+``--density`` a penalty of 1e-5 or none.
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ NETWORKS = {
 
 
 PREVIOUS_RECIPE = ["--mask-optimizer", "sgd", "--beta-final", "200", "--temperature-schedule", "iteration"]
+# (density or None, extra flags): the default recipe with one knob changed, Conv-4, 1-epoch rounds
+ALTERNATIVES = [(None, ("--beta-final", "200")), (0.05, ("--beta-final", "200")), (0.05, ("--beta-final", "1000")),
+                (0.05, ("--lam", "1e-5")), (0.05, ("--lam", "0"))]
 
 
 def run(out: Path, preset: str, round_steps: str, density: float | None, rounds: int, seeds: str, workers: int,
@@ -64,8 +69,12 @@ def table(out: Path) -> str:
         ok = all(c["converged"] for c in conv) if conv else None
         target = r.get("target_density")
         off = "" if target is None else f" ({100 * (r['density'] / target - 1):+.1f} %)"
-        recipe = "default" if hp["cs"].get("mask_optimizer", "adam") == "adam" else \
-            f"previous (sgd, beta to {hp['cs']['beta_final']:g} per {hp['cs']['temperature_schedule']})"
+        if hp["cs"].get("mask_optimizer", "adam") == "adam":
+            changed = [f"beta_final {hp['cs']['beta_final']:g}"] if hp["cs"].get("beta_final", 4000.0) != 4000.0 else []
+            changed += [f"lam {hp['cs']['lam']:g}"] if hp["cs"].get("lam", 1e-8) != 1e-8 else []
+            recipe = "default" + (f", {', '.join(changed)}" if changed else "")
+        else:
+            recipe = f"previous (sgd, beta to {hp['cs']['beta_final']:g} per {hp['cs']['temperature_schedule']})"
         rows.append((r["model"], recipe, int(str(round_steps).rstrip("ep") or 0), target or 0, r["seed"],
                      f"| {r['model']} | {recipe} | {round_steps} | {target if target is not None else '- (s0 0, lam 1e-8)'} | "
                      f"{r['density']:.4f}{off} | "
@@ -86,6 +95,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--table-only", action="store_true")
     ap.add_argument("--previous", action="store_true", help="also the recipe before the change, Conv-4, 2-epoch rounds")
+    ap.add_argument("--alternatives", action="store_true",
+                    help="also the default recipe with one knob changed (beta_final, lam), Conv-4, 1-epoch rounds")
     args = ap.parse_args()
     if not args.table_only:
         for name, (preset, default_rounds) in NETWORKS.items():
@@ -96,6 +107,9 @@ def main() -> None:
                 run(args.out, preset, steps, density, args.rounds, args.seeds, args.workers)
         if args.previous:
             run(args.out, NETWORKS["conv4"][0], "2ep", None, args.rounds, args.seeds, args.workers, tuple(PREVIOUS_RECIPE))
+        if args.alternatives:
+            for density, extra in ALTERNATIVES:
+                run(args.out, NETWORKS["conv4"][0], "1ep", density, args.rounds, args.seeds, args.workers, extra)
     print(f"\n{machine()}\n")
     print(table(args.out))
 
