@@ -3,7 +3,7 @@ and density, counted from each run folder's saved mask (no retraining).
 
 For every ``results.json`` under the given folders that has a ``mask.safetensors`` beside it (a CS run,
 an IMP level, ...), the network is rebuilt from the folder's ``hparams.json`` and ``lottery.cost`` counts
-its kept Conv and Linear weights times their output positions. Rows group the seeds of one method and
+its kept Conv and Linear weights times their output positions. Rows group the seeds of one folder, method and
 density target (or IMP level); the FLOPs are means over the seeds.
 
     python benchmarks/ticket_flops.py benchmarks/out/imp_conv_fashion benchmarks/out/cs_density_conv4
@@ -64,17 +64,17 @@ def rows(roots: list[Path]) -> list[dict]:
             cost = network_cost(net, Mask.load(folder / "mask.safetensors"), shape)
             method = r.get("method", "?")
             point = r.get("target_density") or (f"level {r['level']}" if r.get("level") is not None else "")
-            groups[(hp["model"]["model"], method, str(point))].append(
+            groups[(hp["model"]["model"], root.name, method, str(point))].append(
                 {"density": r["density"], "flops": cost["flops_sparse"], "dense": cost["flops_dense"],
                  "acc": r["test_accuracy"], "seed": r.get("seed")})
     out = []
-    for (model, method, point), rs in groups.items():
-        out.append({"model": model, "method": method, "point": point, "n": len(rs),
+    for (model, root, method, point), rs in groups.items():
+        out.append({"model": model, "root": root, "method": method, "point": point, "n": len(rs),
                     "density": statistics.mean(x["density"] for x in rs),
                     "flops": statistics.mean(x["flops"] for x in rs), "dense": rs[0]["dense"],
                     "acc": statistics.mean(x["acc"] for x in rs),
                     "acc_sd": statistics.stdev([x["acc"] for x in rs]) if len(rs) > 1 else None})
-    return sorted(out, key=lambda r: (r["model"], r["method"], -r["density"]))
+    return sorted(out, key=lambda r: (r["model"], r["root"], r["method"], -r["density"]))
 
 
 def main() -> None:
@@ -82,11 +82,11 @@ def main() -> None:
     ap.add_argument("roots", nargs="+", type=Path)
     args = ap.parse_args()
     print(f"machine: {machine()}")
-    print("| model | method | setting | seeds | density | FLOPs/example (mean) | of dense | speed-up (FLOPs) | test acc % |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| model | runs in | method | setting | seeds | density | FLOPs/example (mean) | of dense | speed-up (FLOPs) | test acc % |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows(args.roots):
         sd = f" ± {100 * r['acc_sd']:.2f}" if r["acc_sd"] is not None else ""
-        print(f"| {r['model']} | {r['method']} | {r['point']} | {r['n']} | {r['density']:.4f} | {r['flops']:,.0f} | "
+        print(f"| {r['model']} | {r['root']} | {r['method']} | {r['point']} | {r['n']} | {r['density']:.4f} | {r['flops']:,.0f} | "
               f"{100 * r['flops'] / r['dense']:.1f} % | {r['dense'] / r['flops']:.2f}x | {100 * r['acc']:.2f}{sd} |")
 
 
