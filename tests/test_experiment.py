@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -86,3 +87,28 @@ def _try_lock(path: str, q) -> None:
             q.put("locked")
     except LotteryError as e:
         q.put(str(e))
+
+
+def test_a_new_run_folder_records_which_lottery_wrote_it_and_a_mismatch_names_it(tmp_path):
+    import subprocess
+
+    from lottery import __version__
+    from lottery.errors import ConfigError
+    from lottery.experiment import PROVENANCE_FILE, prepare_run_folder, provenance
+    from lottery.io import read_json, write_json
+
+    folder = prepare_run_folder(tmp_path / "run", {"kind": "train", "seed": 0})
+    info = read_json(folder / PROVENANCE_FILE)
+    assert info["lottery_version"] == __version__ and info == provenance()
+    repo = Path(__file__).resolve().parents[1]
+    head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:  # run from a clone: the commit is recorded
+        assert info["git_commit"] == head.stdout.strip()
+    with pytest.raises(ConfigError, match=rf"written by lottery {__version__}"):
+        prepare_run_folder(folder, {"kind": "train", "seed": 1})
+    (folder / PROVENANCE_FILE).unlink()  # a folder from before lottery recorded its version
+    with pytest.raises(ConfigError, match="recorded none"):
+        prepare_run_folder(folder, {"kind": "train", "seed": 1})
+    write_json(folder / PROVENANCE_FILE, {"lottery_version": "0.0.9", "git_commit": "abcdef1234567", "git_dirty": True})
+    with pytest.raises(ConfigError, match=r"written by lottery 0\.0\.9 \(commit abcdef1234, modified\)"):
+        prepare_run_folder(folder, {"kind": "train", "seed": 1})

@@ -9,6 +9,7 @@ exists returns it at once, so re-running a killed command continues where it sto
 from __future__ import annotations
 
 import csv
+import functools
 import io
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -79,8 +80,52 @@ def describe_run(kind: str, seed: int, **groups: Hparams) -> dict[str, Any]:
     return {"kind": kind, "seed": seed, **{name: g.to_dict() for name, g in groups.items()}}
 
 
+#: Written beside hparams.json when a run folder is created: which lottery (and, from a clone, which
+#: commit) wrote it. Not part of the run's identity: a folder made by another version is still reused
+#: when its hparams match, and refused with its writer named when they do not.
+PROVENANCE_FILE = "lottery.json"
+
+
+@functools.lru_cache(maxsize=1)
+def provenance() -> dict[str, Any]:
+    """The lottery version, and the git commit when lottery runs from a clone (``git_dirty``: tracked
+    files changed since that commit); also python and torch."""
+    import platform
+    import subprocess
+
+    from lottery import __version__
+
+    info: dict[str, Any] = {"lottery_version": __version__, "python": platform.python_version(),
+                            "torch": torch.__version__}
+    package = Path(__file__).resolve().parent
+    try:
+        def git(*args: str) -> str:
+            return subprocess.run(["git", "-C", str(package), *args], capture_output=True, text=True, timeout=5,
+                                  check=True).stdout.strip()
+
+        top = Path(git("rev-parse", "--show-toplevel")).resolve()
+        if top / "src" / "lottery" == package:  # this checkout's lottery, not some other repository around it
+            info["git_commit"] = git("rev-parse", "HEAD")
+            info["git_dirty"] = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        pass  # not a clone, or no git: the version says enough
+    return info
+
+
+def _written_by(path: Path) -> str:
+    """``lottery 0.1.0 (commit abc1234)`` for a run folder, from its lottery.json."""
+    try:
+        info = read_json(path / PROVENANCE_FILE)
+    except (OSError, ValueError):
+        return "a lottery version that recorded none (before 2026-12-02)"
+    commit = info.get("git_commit")
+    return (f"lottery {info.get('lottery_version', '?')}"
+            + (f" (commit {commit[:10]}{', modified' if info.get('git_dirty') else ''})" if commit else ""))
+
+
 def prepare_run_folder(path: Path, description: dict[str, Any]) -> Path:
-    """Create the folder and its hparams.json; refuse a folder that holds a different configuration."""
+    """Create the folder, its hparams.json and lottery.json; refuse a folder that holds a different
+    configuration, naming the lottery that wrote it."""
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -95,10 +140,11 @@ def prepare_run_folder(path: Path, description: dict[str, Any]) -> Path:
         if existing != description:
             diffs = _dict_diff(existing, description)
             raise ConfigError(
-                f"{path} holds a run with other hparams ({'; '.join(diffs[:8])}); "
+                f"{path} holds a run with other hparams ({'; '.join(diffs[:8])}), written by {_written_by(path)}; "
                 "choose another --out or delete that folder"
             )
     else:
+        write_json(path / PROVENANCE_FILE, provenance())
         write_json(hp_file, description)
     return path
 
