@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine  # noqa: E402
 
 from lottery.cost import network_cost  # noqa: E402
+from lottery.experiment import build_model_without_data, nominal_shape  # noqa: E402
 from lottery.hparams import DataHparams, ModelHparams  # noqa: E402
 from lottery.masks import Mask  # noqa: E402
 
@@ -34,15 +35,8 @@ def _hparams(folder: Path) -> dict | None:
 
 
 def _network(hp: dict):
-    from lottery.data import dataset_info
-    from lottery.models import build_model
-
-    data = DataHparams.from_dict(hp["data"])
-    model = ModelHparams.from_dict(hp["model"])
-    spec = dataset_info(data.dataset, **data.synthetic_options())
-    kwargs = {"width": model.width} if model.width is not None else {}
-    return build_model(model.model, input_shape=tuple(spec.input_shape), num_classes=int(spec.num_classes),
-                       **kwargs), tuple(spec.input_shape)
+    data, model = DataHparams.from_dict(hp["data"]), ModelHparams.from_dict(hp["model"])
+    return build_model_without_data(data, model), nominal_shape(data)[0]
 
 
 def rows(roots: list[Path]) -> list[dict]:

@@ -122,16 +122,14 @@ def requested_density_fields(requested: float | None, reached: float) -> dict[st
 def add_cost(results: dict[str, Any], model: nn.Module, mask: Mapping[str, torch.Tensor] | None,
              input_shape: Sequence[int], mask_report: "os.PathLike[str] | str | None" = None,
              requested_density: float | None = None) -> dict[str, Any]:
-    """Add the cost totals (and the requested density's error) to ``results``; with ``mask_report`` (a
-    mask.json), add each layer's FLOPs and FLOPs share to that file's ``layers``. Returns ``results``."""
+    """Add the cost totals to ``results`` (and the requested density's error, against ``results["density"]``);
+    with ``mask_report`` (a mask.json), add each layer's FLOPs and FLOPs share to that file's ``layers``.
+    Returns ``results``."""
     cost = network_cost(model, mask, input_shape)
     layers = cost.pop("layers")
     results.update(cost)
-    if requested_density is not None:
-        reached = results.get("density")
-        if reached is None and mask:
-            reached = sum(int(m.sum()) for m in mask.values()) / max(1, sum(m.numel() for m in mask.values()))
-        results.update(requested_density_fields(requested_density, float(reached)))
+    if requested_density is not None:  # the reached density is the one results.json reports
+        results.update(requested_density_fields(requested_density, float(results["density"])))
     if mask_report is not None and Path(mask_report).is_file():
         report = read_json(Path(mask_report))
         for name, entry in report.get("layers", {}).items():

@@ -290,6 +290,24 @@ def make_loaders(bundle: DataBundle, training: TrainingHparams, seed: int, optio
     return train, evals
 
 
+def nominal_shape(data: DataHparams) -> tuple[tuple[int, int, int], int]:
+    """The data set's input shape and number of classes, from its registry entry (no data is read)."""
+    from lottery.data import dataset_info
+
+    spec = dataset_info(data.dataset, **data.synthetic_options())
+    return tuple(spec.input_shape), int(spec.num_classes)  # type: ignore[return-value]
+
+
+def build_model_without_data(data: DataHparams, model: ModelHparams) -> nn.Module:
+    """A run's network (freshly initialised), built for the data set's nominal shape: for looking at a
+    finished run's masks and weights without loading its data."""
+    from lottery.models import build_model as build
+
+    shape, classes = nominal_shape(data)
+    kwargs = {"width": model.width} if model.width is not None else {}
+    return build(model.model, input_shape=shape, num_classes=classes, **kwargs)
+
+
 def build_model(model: ModelHparams, bundle: DataBundle, seed: int) -> nn.Module:
     """Build the network for the data's shape; its initial weights depend only on ``seed``."""
     from lottery.models import build_model as build

@@ -37,8 +37,8 @@ from lottery import masking
 from lottery.engine import Trainer
 from lottery.errors import CheckpointError, ConfigError
 from lottery.experiment import (
-    MetricsCSV, RunOptions, build_model, describe_run, folder_lock, load_data, log_line, make_loaders,
-    prepare_run_folder, reuse_finished, run_folder_name,
+    MetricsCSV, RunOptions, build_model, build_model_without_data, describe_run, folder_lock, load_data, log_line,
+    make_loaders, nominal_shape, prepare_run_folder, reuse_finished, run_folder_name,
 )
 from lottery.export import ExportError, coupled_layers, dead_channel_params
 from lottery.hparams import DataHparams, Hparams, ModelHparams, TrainingHparams
@@ -163,23 +163,6 @@ def read_source(folder: str | Path, after: str | None = None, level: int | None 
                   weights=load_tensors(ldir / "model.safetensors"), info=info)
 
 
-def _shape_of(data: DataHparams) -> tuple[tuple[int, int, int], int]:
-    from lottery.data import dataset_info
-
-    spec = dataset_info(data.dataset, **data.synthetic_options())
-    return tuple(spec.input_shape), int(spec.num_classes)  # type: ignore[return-value]
-
-
-def _build_without_data(desc: dict[str, Any]) -> nn.Module:
-    """The run's network, built from its hparams and the data set's nominal shape (no data is read)."""
-    from lottery.models import build_model as build
-
-    data, model_hp = DataHparams.from_dict(desc["data"]), ModelHparams.from_dict(desc["model"])
-    shape, classes = _shape_of(data)
-    kwargs = {"width": model_hp.width} if model_hp.width is not None else {}
-    return build(model_hp.model, input_shape=shape, num_classes=classes, **kwargs)
-
-
 def load_run_network(folder: str | Path, level: int | None = None) -> tuple[nn.Module, Mask | None, dict[str, Any]]:
     """The trained network of a run folder (plain, weights loaded), its weight mask (None for a dense
     run) and a description ``{"run_dir", "kind", "level", "method"}``. Works for structured runs (and their
@@ -203,7 +186,7 @@ def load_run_network(folder: str | Path, level: int | None = None) -> tuple[nn.M
         raise ConfigError(f"{folder}: cannot load the network of a {kind!r} run")
     if not weights_path.exists():
         raise ConfigError(f"{folder} has no trained network yet ({weights_path} is missing)")
-    model = _build_without_data(desc)
+    model = build_model_without_data(DataHparams.from_dict(desc["data"]), ModelHparams.from_dict(desc["model"]))
     try:
         model.load_state_dict(load_tensors(weights_path))
     except RuntimeError as exc:
@@ -351,7 +334,7 @@ def run_structure(job: StructureJob, options: RunOptions, *, partition: Partitio
             "rewind": src.rewind, "wall_seconds": record.get("wall_seconds"),
             "structured": hp.to_dict(), "source_run": str(src.folder), "run_dir": str(folder),
         }
-        add_cost(results, model, mask, _shape_of(src.data)[0], folder / "mask.json")
+        add_cost(results, model, mask, nominal_shape(src.data)[0], folder / "mask.json")
         write_json(results_path, results)
     log_line(options, f"{hp.method} ticket after {src.after} ({where}): density {results['density']:.4f}, "
                       f"test {_pct(results['test_accuracy'])} (source ticket {_pct(results['source_test_accuracy'])}, "
@@ -407,7 +390,7 @@ def run_structured_imp(job: StructuredIMPJob, options: RunOptions, *,
                     "epochs": stage.end.epochs + level * stage.retrain_epochs, "rewind": src.rewind,
                     "wall_seconds": record.get("wall_seconds"), "level_dir": str(ldir),
                 }
-                add_cost(result, model, mask, _shape_of(src.data)[0], ldir / "mask.json")
+                add_cost(result, model, mask, nominal_shape(src.data)[0], ldir / "mask.json")
                 write_json(results_path, result)
                 log_line(options, f"{hp.method} imp level {level}/{job.levels}: density {result['density']:.4f} "
                                   f"(pruned {result['pruned_density']:.4f}), test {_pct(result['test_accuracy'])} "
