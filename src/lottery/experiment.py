@@ -144,9 +144,33 @@ def prepare_run_folder(path: Path, description: dict[str, Any]) -> Path:
                 "choose another --out or delete that folder"
             )
     else:
-        write_json(path / PROVENANCE_FILE, provenance())
+        from lottery.models.plugins import imported_model_modules
+
+        modules = imported_model_modules()
+        write_json(path / PROVENANCE_FILE, {**provenance(), **({"model_modules": modules} if modules else {})})
         write_json(hp_file, description)
     return path
+
+
+def check_run_model_known(folder: Path, description: dict[str, Any]) -> None:
+    """Fail, before anything is built, when a run folder's model is not registered in this process,
+    naming the modules (``--import``) that registered it when the run was made."""
+    from lottery.errors import UnknownNameError
+    from lottery.models import get_model_spec
+
+    name = (description.get("model") or {}).get("model")
+    try:
+        get_model_spec(str(name))
+    except UnknownNameError as e:
+        try:
+            modules = read_json(folder / PROVENANCE_FILE).get("model_modules") or []
+        except (OSError, ValueError):
+            modules = []
+        if modules:
+            flags = " ".join(f"--import {m}" for m in modules)
+            raise UnknownNameError(f"the model {name!r} of {folder} is not registered; that run was made with "
+                                   f"{flags}: give the same flag(s) here") from None
+        raise e from None
 
 
 def _dict_diff(a: Any, b: Any, prefix: str = "") -> list[str]:

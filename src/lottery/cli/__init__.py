@@ -11,7 +11,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from lottery.cli.common import OneLineErrorParser, one_line
+from lottery.cli.common import OneLineErrorParser, add_import_flag, import_user_models, one_line
 from lottery.errors import LotteryError
 
 __all__ = ["build_parser", "main"]
@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     l0gmp.register(search_sub, prune_sub, common_flags)
     sweep.register(sub, common_flags)
     structured.register(sub, common_flags)
+    add_import_flag(parser)
     return parser
 
 
@@ -49,6 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        import_user_models(args)
         return int(args.func(args) or 0)
     except LotteryError as e:
         print(f"lottery: error: {one_line(str(e))}", file=sys.stderr)

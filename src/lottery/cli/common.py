@@ -32,6 +32,35 @@ def one_line(message: str) -> str:
     return " ".join(part.strip() for part in str(message).splitlines() if part.strip())
 
 
+# -- models of the user's own -----------------------------------------------------------------------
+def add_import_flag(parser: argparse.ArgumentParser) -> None:
+    """Give every command (every parser without subcommands) ``--import MODULE``: the user's own
+    models must be known to ``search``, ``export``, ``bench-latency``, ``report`` ... alike."""
+    seen: set[int] = set()
+
+    def visit(p: argparse.ArgumentParser) -> None:
+        if id(p) in seen:
+            return
+        seen.add(id(p))
+        subs = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs:
+            p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                           help="import MODULE (a module name, found from the current folder, or a .py file) "
+                                "before running, so that the models it registers with @register_model can be "
+                                "used; repeatable; sweep workers import it too")
+        for action in subs:
+            for child in action.choices.values():
+                visit(child)
+
+    visit(parser)
+
+
+def import_user_models(args: argparse.Namespace) -> None:
+    from lottery.models.plugins import import_model_modules
+
+    import_model_modules(getattr(args, "imports", None) or ())
+
+
 # -- flags from dataclasses --------------------------------------------------------------------------
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")

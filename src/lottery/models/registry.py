@@ -58,15 +58,25 @@ def register_model(
 
 
 def model_names() -> list[str]:
+    """Every registered model: lottery's own, those of installed packages (entry points) and those
+    registered by modules imported so far."""
+    from lottery.models.plugins import load_entry_point_models
+
+    load_entry_point_models()
     return sorted(_REGISTRY)
 
 
 def get_model_spec(name: str) -> ModelSpec:
+    if name not in _REGISTRY:
+        from lottery.models.plugins import load_entry_point_models
+
+        load_entry_point_models()
     try:
         return _REGISTRY[name]
     except KeyError:
         raise UnknownNameError(
-            f"unknown model {name!r}; known models: {', '.join(model_names())}"
+            f"unknown model {name!r}; known models: {', '.join(model_names())}; a model of your own is "
+            "registered with @register_model in a module given to --import MODULE (docs/tutorial.md)"
         ) from None
 
 

@@ -8,7 +8,9 @@ from typing import Any
 
 from lottery import masking
 from lottery.errors import ConfigError
-from lottery.experiment import RunOptions, describe_run, folder_lock, log_line, reuse_finished, run_folder_name
+from lottery.experiment import (
+    RunOptions, check_run_model_known, describe_run, folder_lock, log_line, reuse_finished, run_folder_name,
+)
 from lottery.hparams import DataHparams, ModelHparams, TrainingHparams
 from lottery.io import load_tensors, read_json, write_json
 from lottery.masks import Mask
@@ -25,6 +27,7 @@ def _load_source(source: Path) -> dict[str, Any]:
     if not hp_file.exists():
         raise ConfigError(f"{source} is not a run folder (no hparams.json)")
     desc = read_json(hp_file)
+    check_run_model_known(source, desc)
     if desc.get("kind") not in ("search-imp", "search-imp-c"):
         raise ConfigError(f"{source} is a {desc.get('kind')!r} run; controls need an IMP run "
                           "(lottery search imp / imp-c), whose rewind state they retrain")

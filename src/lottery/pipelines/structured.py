@@ -37,8 +37,8 @@ from lottery import masking
 from lottery.engine import Trainer
 from lottery.errors import CheckpointError, ConfigError
 from lottery.experiment import (
-    MetricsCSV, RunOptions, build_model, build_model_without_data, describe_run, folder_lock, load_data, log_line,
-    make_loaders, nominal_shape, prepare_run_folder, reuse_finished, run_folder_name,
+    MetricsCSV, RunOptions, build_model, build_model_without_data, check_run_model_known, describe_run, folder_lock,
+    load_data, log_line, make_loaders, nominal_shape, prepare_run_folder, reuse_finished, run_folder_name,
 )
 from lottery.export import ExportError, coupled_layers, dead_channel_params
 from lottery.hparams import DataHparams, Hparams, ModelHparams, TrainingHparams
@@ -103,7 +103,9 @@ def _desc(folder: Path) -> dict[str, Any]:
     hp_file = folder / "hparams.json"
     if not hp_file.exists():
         raise ConfigError(f"{folder} is not a run folder (no hparams.json)")
-    return read_json(hp_file)
+    desc = read_json(hp_file)
+    check_run_model_known(folder, desc)
+    return desc
 
 
 def _last_level(folder: Path) -> int:

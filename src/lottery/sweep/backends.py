@@ -47,8 +47,12 @@ def _emit(line: str) -> None:
 
 
 def _options_state(options) -> dict[str, Any]:
+    from lottery.models.plugins import imported_model_modules
+
     return {"out": str(Path(options.out).resolve()), "data_dir": options.data_dir, "device": options.device,
-            "download": options.download, "strict": options.strict, "tensorboard": options.tensorboard}
+            "download": options.download, "strict": options.strict, "tensorboard": options.tensorboard,
+            # the user's own models (--import) must be registered in every worker too
+            "imports": imported_model_modules(), "cwd": os.getcwd()}
 
 
 def _execute(kind: JobKind, spec: JobSpec, opts: dict[str, Any], label: str, log: Callable[[str], None],
@@ -58,6 +62,12 @@ def _execute(kind: JobKind, spec: JobSpec, opts: dict[str, Any], label: str, log
 
     start = time.perf_counter()
     try:
+        if opts.get("imports"):
+            from lottery.models.plugins import import_model_modules
+
+            if opts.get("cwd") and opts["cwd"] not in sys.path:
+                sys.path.insert(0, opts["cwd"])
+            import_model_modules(opts["imports"])
         if threads is not None:
             import torch
 
