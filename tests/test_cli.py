@@ -45,12 +45,14 @@ def lottery(*args: str, cwd: Path, timeout: float = 120, check: bool = True) -> 
         (["sweep", "cs", "--density", "0.1,0", "--seeds", "0"], "strictly between 0 and 1"),
         (["train", "--dataset", "mnist", "--no-download"], "cannot find the mnist data set"),
         (["train", "--data-dir", "/nonexistent/fashion"], "--data-dir /nonexistent/fashion is not a folder"),
+        (["search", "cs", "--epochs", "1"], "is not before the end of training"),
+        (["search", "imp", "--dataset", "cifar10", "--no-download"], "cannot find the cifar10 data set"),
     ],
 )
 def test_bad_input_exits_nonzero_with_one_line(tmp_path, args, needle):
     empty = tmp_path / "empty"
     empty.mkdir()
-    extra = ["--data-dir", str(empty)] if "mnist" in args else []
+    extra = ["--data-dir", str(empty)] if "mnist" in args or "cifar10" in args else []
     env_home = {"HOME": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path / "cache")}
     proc = subprocess.run([sys.executable, "-m", "lottery", *args, *extra, "--out", str(tmp_path / "runs")],
                           cwd=tmp_path, env={**os.environ, **env_home}, capture_output=True, text=True, timeout=60)
@@ -58,6 +60,8 @@ def test_bad_input_exits_nonzero_with_one_line(tmp_path, args, needle):
     lines = [l for l in proc.stderr.splitlines() if l.strip()]
     assert len(lines) == 1, proc.stderr
     assert needle in lines[0]
+    # validated before anything is written: no run folder that `lottery report` would list as in progress
+    assert not list((tmp_path / "runs").rglob("hparams.json")) if (tmp_path / "runs").exists() else True
     assert "Traceback" not in proc.stderr
 
 

@@ -53,8 +53,16 @@ def test_changed_hparams_change_the_name():
     assert run_folder_name("train", d, m, TrainingHparams()) != run_folder_name("train", d, m, TrainingHparams(lr=0.05))
 
 
+def _create(path, description):
+    """A run folder as a run makes it: checked, then created when the run takes its lock."""
+    prepare_run_folder(path, description)
+    with folder_lock(path):
+        pass
+    return path
+
+
 def test_folder_with_other_hparams_is_refused(tmp_path):
-    prepare_run_folder(tmp_path / "run", {"kind": "train", "training": {"lr": 0.1}})
+    _create(tmp_path / "run", {"kind": "train", "training": {"lr": 0.1}})
     prepare_run_folder(tmp_path / "run", {"kind": "train", "training": {"lr": 0.1}})  # same: fine
     with pytest.raises(ConfigError, match=r"training.lr: 0.1 there, 0.2 now"):
         prepare_run_folder(tmp_path / "run", {"kind": "train", "training": {"lr": 0.2}})
@@ -97,7 +105,7 @@ def test_a_new_run_folder_records_which_lottery_wrote_it_and_a_mismatch_names_it
     from lottery.experiment import PROVENANCE_FILE, prepare_run_folder, provenance
     from lottery.io import read_json, write_json
 
-    folder = prepare_run_folder(tmp_path / "run", {"kind": "train", "seed": 0})
+    folder = _create(tmp_path / "run", {"kind": "train", "seed": 0})
     info = read_json(folder / PROVENANCE_FILE)
     assert info["lottery_version"] == __version__ and info == provenance()
     repo = Path(__file__).resolve().parents[1]
@@ -112,3 +120,23 @@ def test_a_new_run_folder_records_which_lottery_wrote_it_and_a_mismatch_names_it
     write_json(folder / PROVENANCE_FILE, {"lottery_version": "0.0.9", "git_commit": "abcdef1234567", "git_dirty": True})
     with pytest.raises(ConfigError, match=r"written by lottery 0\.0\.9 \(commit abcdef1234, modified\)"):
         prepare_run_folder(folder, {"kind": "train", "seed": 1})
+
+
+def test_a_checked_folder_is_created_only_when_its_run_starts_and_removed_if_it_fails_at_once(tmp_path):
+    """A settings error found after the folder was checked (a rewind point after the end, missing data)
+    leaves nothing that ``lottery report`` would list as a run in progress."""
+    run = tmp_path / "run"
+    prepare_run_folder(run, {"kind": "train", "seed": 0})
+    assert not run.exists()
+    with pytest.raises(ConfigError):
+        with folder_lock(run):
+            assert (run / "hparams.json").is_file()
+            raise ConfigError("found out too late")
+    assert not run.exists()
+    # a run that wrote something of its own keeps its folder (it resumes from there)
+    prepare_run_folder(run, {"kind": "train", "seed": 0})
+    with pytest.raises(KeyboardInterrupt):
+        with folder_lock(run):
+            (run / "checkpoint.safetensors").write_bytes(b"x")
+            raise KeyboardInterrupt
+    assert (run / "hparams.json").is_file() and (run / "checkpoint.safetensors").is_file()

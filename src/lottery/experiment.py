@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import functools
 import io
+import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,13 +124,20 @@ def _written_by(path: Path) -> str:
             + (f" (commit {commit[:10]}{', modified' if info.get('git_dirty') else ''})" if commit else ""))
 
 
+#: Folders checked by :func:`prepare_run_folder` but not created yet: :func:`folder_lock` creates them
+#: when work starts, so that a settings error found in between (a rewind point after the end, data that
+#: cannot be found) leaves nothing behind.
+_PENDING: dict[Path, dict[str, Any]] = {}
+
+#: What a run folder holds before its run has written anything: such a folder is removed again when
+#: the run fails before writing more (see :func:`folder_lock`).
+_FOLDER_SKELETON = frozenset({"hparams.json", PROVENANCE_FILE, ".lock"})
+
+
 def prepare_run_folder(path: Path, description: dict[str, Any]) -> Path:
-    """Create the folder, its hparams.json and lottery.json; refuse a folder that holds a different
-    configuration, naming the lottery that wrote it."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise storage_error(path, e) from None
+    """Check a run folder against ``description`` before any work: a folder that holds a different
+    configuration is refused, naming the lottery that wrote it. A new folder is not created here but
+    when the run takes its lock (:func:`folder_lock`), with its hparams.json and lottery.json."""
     hp_file = path / "hparams.json"
     if hp_file.exists():
         try:
@@ -144,12 +152,35 @@ def prepare_run_folder(path: Path, description: dict[str, Any]) -> Path:
                 "choose another --out or delete that folder"
             )
     else:
-        from lottery.models.plugins import imported_model_modules
-
-        modules = imported_model_modules()
-        write_json(path / PROVENANCE_FILE, {**provenance(), **({"model_modules": modules} if modules else {})})
-        write_json(hp_file, description)
+        _PENDING[Path(path).absolute()] = description
     return path
+
+
+def _create_run_folder(path: Path) -> bool:
+    """Create a folder that :func:`prepare_run_folder` checked; whether this call created it."""
+    description = _PENDING.pop(Path(path).absolute(), None)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise storage_error(path, e) from None
+    if description is None or (path / "hparams.json").exists():
+        return False
+    from lottery.models.plugins import imported_model_modules
+
+    modules = imported_model_modules()
+    write_json(path / PROVENANCE_FILE, {**provenance(), **({"model_modules": modules} if modules else {})})
+    write_json(path / "hparams.json", description)
+    return True
+
+
+def _remove_if_unused(path: Path) -> None:
+    """Remove a run folder this process created when its run failed before writing anything of its own."""
+    try:
+        files = [p for p in path.rglob("*") if not p.is_dir()]
+        if all(f.parent == path and f.name in _FOLDER_SKELETON for f in files):  # empty sub-folders allowed
+            shutil.rmtree(path)
+    except OSError:
+        pass  # another process is using it, or it is already gone: leave it
 
 
 def check_run_model_known(folder: Path, description: dict[str, Any]) -> None:
@@ -196,6 +227,7 @@ def folder_lock(path: Path, wait: bool = False) -> Iterator[None]:
     if not is_main():  # the ranks of one data-parallel run share rank 0's lock
         yield
         return
+    created = _create_run_folder(path)
     lock = FileLock(str(path / ".lock"))
     try:
         lock.acquire(timeout=-1 if wait else 0)
@@ -209,8 +241,14 @@ def folder_lock(path: Path, wait: bool = False) -> Iterator[None]:
     try:
         _remove_stale_temp_files(path)
         yield
+    except BaseException:
+        if created:  # a run that failed before writing anything leaves no folder behind
+            lock.release()
+            _remove_if_unused(path)
+        raise
     finally:
-        lock.release()
+        if lock.is_locked:
+            lock.release()
 
 
 def _remove_stale_temp_files(folder: Path) -> None:
