@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1] / "src" / "lottery"
 # docs/architecture.md.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundations", ("lottery", "lottery.errors", "lottery.step", "lottery.distributed", "lottery.io",
-                     "lottery.hparams", "lottery.parameters")),
+                     "lottery.hparams", "lottery.parameters", "lottery.dataset_names")),
     ("data and models", ("lottery.data", "lottery.data.*", "lottery.models", "lottery.models.*", "lottery.masks")),
     ("masking and training", ("lottery.masking", "lottery.masking.*", "lottery.engine", "lottery.engine.*", "lottery.latency")),
     ("methods and outputs", ("lottery.methods", "lottery.methods.*", "lottery.cost", "lottery.export", "lottery.export.*",

@@ -19,6 +19,7 @@ import typing
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
+from lottery.dataset_names import canonical_dataset_name
 from lottery.step import validate_step_spec
 from lottery.errors import ConfigError
 
@@ -223,6 +224,8 @@ class DataHparams(Hparams):
     def __post_init__(self) -> None:
         if not isinstance(self.dataset, str) or not self.dataset:
             raise ConfigError("DataHparams.dataset must be a data set name")
+        # One data set, one name: `fashion_mnist` and `FashionMNIST` must not make a second set of run folders.
+        object.__setattr__(self, "dataset", canonical_dataset_name(self.dataset))
         self._check_types()
         self._non_negative("val_size")
         if self.synthetic_shape is not None and (len(self.synthetic_shape) != 3 or min(self.synthetic_shape) <= 0):

@@ -9,9 +9,9 @@ verification off.
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass
 
+from lottery.dataset_names import dataset_key
 from lottery.errors import ConfigError, UnknownNameError
 
 
@@ -200,8 +200,7 @@ DATASETS: dict[str, DatasetSpec] = {
 }
 
 
-def _key(name: str) -> str:
-    return re.sub(r"[-_ ]", "", name.strip().lower())
+_key = dataset_key  # shared with the hparams (lottery.dataset_names), which store the canonical name
 
 
 def dataset_names() -> list[str]:
