@@ -43,10 +43,10 @@ def lottery(*args: str, cwd: Path, timeout: float = 120, check: bool = True) -> 
         (["search", "cs", "--density", "0.1", "--s0", "0"], "(--density) sets the initial logit itself; drop --s0"),
         (["prune", "cs", "--density", "1"], "(--density) must be a fraction of the weights strictly between 0 and 1"),
         (["sweep", "cs", "--density", "0.1,0", "--seeds", "0"], "strictly between 0 and 1"),
-        (["train", "--dataset", "mnist", "--no-download"], "cannot find the mnist data set"),
+        (["train", "--dataset", "mnist", "--no-download"], "holds no complete copy of mnist"),
         (["train", "--data-dir", "/nonexistent/fashion"], "--data-dir /nonexistent/fashion is not a folder"),
         (["search", "cs", "--epochs", "1"], "is not before the end of training"),
-        (["search", "imp", "--dataset", "cifar10", "--no-download"], "cannot find the cifar10 data set"),
+        (["search", "imp", "--dataset", "cifar10", "--no-download"], "holds no complete copy of cifar10"),
     ],
 )
 def test_bad_input_exits_nonzero_with_one_line(tmp_path, args, needle):

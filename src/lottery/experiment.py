@@ -326,6 +326,8 @@ def load_data(data: DataHparams, options: RunOptions) -> DataBundle:
             download=options.download, **data.synthetic_options(),
         )
     splits = _SPLITS_CACHE[key]
+    if splits.source:
+        log_line(options, f"data: {data.dataset} from {splits.source}")
     augment = data.augment if data.augment is not None else data_mod.default_augment(data.dataset)
     # Class count and shape come from the loaded data, not the data set's nominal entry: a small
     # image folder or a synthetic set has its own.

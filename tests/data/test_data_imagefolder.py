@@ -119,5 +119,5 @@ def test_folder_errors(folder, tmp_path):
     (empty / "val").mkdir()
     with pytest.raises(DataError, match="no images in"):
         load_splits("imagenet", empty, val_size=0)
-    with pytest.raises(DataError, match="cannot find the imagenet data set"):
+    with pytest.raises(DataError, match="holds no complete copy of imagenet"):
         load_splits("imagenet", tmp_path / "nowhere")

@@ -50,10 +50,26 @@ def test_search_order(tmp_path, monkeypatch, h, isolated_data_env):
     assert loaded() == sig["system"]
 
 
-def test_explicit_dir_without_files_falls_back(tmp_path, h, isolated_data_env):
-    sig = _signature(isolated_data_env / "mnist", h, 7)
-    train, _ = load_train_test("mnist", tmp_path / "empty", download=False)
-    assert _first_label(train) == sig
+@pytest.mark.parametrize("download", [False, True])
+def test_an_explicit_dir_without_a_complete_copy_is_refused_not_replaced(tmp_path, h, isolated_data_env, download):
+    """A folder the user named is used or refused: never a silent switch to the cache (or a download)."""
+    _signature(isolated_data_env / "mnist", h, 7)  # a good copy elsewhere must not be used instead
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"the data folder .*empty \(--data-dir\) holds no complete copy of mnist"):
+        load_train_test("mnist", tmp_path / "empty", download=download)
+    partial = h.write_idx_set(tmp_path / "partial")
+    partial["train_labels"][0].unlink()
+    with pytest.raises(DataError, match="lacks train-labels-idx1-ubyte"):
+        load_train_test("mnist", tmp_path / "partial", download=download)
+
+
+def test_a_run_logs_where_its_data_came_from(tmp_path, h, isolated_data_env):
+    from lottery.data import load_splits
+
+    _signature(tmp_path / "mine", h, 3)
+    assert load_splits("mnist", tmp_path / "mine", val_size=0, download=False).source == f"{tmp_path / 'mine'} (--data-dir)"
+    _signature(isolated_data_env / "mnist", h, 4)
+    assert load_splits("mnist", val_size=0, download=False).source == f"{isolated_data_env / 'mnist'} (user cache)"
 
 
 @pytest.mark.parametrize("layout", ["MNIST/raw", "mnist", "MNIST"])
@@ -76,10 +92,9 @@ def test_not_found_message_lists_places_files_and_url(tmp_path, monkeypatch):
     system = str(tmp_path / "usr-share")  # the real Debian copy may be installed
     monkeypatch.setitem(DATASETS, "fashion-mnist", dataclasses.replace(DATASETS["fashion-mnist"], system_dirs=(system,)))
     with pytest.raises(DataError) as e:
-        load_train_test("fashion-mnist", tmp_path / "mine", download=False)
+        load_train_test("fashion-mnist", download=False)
     msg = str(e.value)
     for expected in [
-        str(tmp_path / "mine"),
         str(tmp_path / "env" / "fashion-mnist"),
         str(cache_dir("fashion-mnist")),
         system + " (system)",
@@ -88,7 +103,7 @@ def test_not_found_message_lists_places_files_and_url(tmp_path, monkeypatch):
         "download=False",
     ]:
         assert expected in msg
-    assert msg.index(str(tmp_path / "mine")) < msg.index(str(cache_dir("fashion-mnist")))
+    assert msg.index(str(tmp_path / "env")) < msg.index(str(cache_dir("fashion-mnist")))
 
 
 def test_partial_set_reported(tmp_path, h):

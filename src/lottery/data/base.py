@@ -49,3 +49,4 @@ class Splits:
     train: ArrayDataset
     val: ArrayDataset | None
     test: ArrayDataset
+    source: str = ""  # where the files were found (folder and how), for the run's log

@@ -164,9 +164,27 @@ def locate(
     mirror: str | None = None,
     progress: bool | None = None,
 ) -> Located:
-    """Find a complete set of files for ``spec``, downloading into the cache as a last resort."""
+    """Find a complete set of files for ``spec``, downloading into the cache as a last resort.
+
+    A ``data_dir`` the user named is used or refused: when it (or its data-set sub-folders) holds no
+    complete copy, this fails naming it rather than quietly reading another copy or downloading one."""
     places = candidate_places(spec, data_dir)
     notes = []
+    if data_dir is not None:
+        named = [p for p in places if p.origin == "data_dir"]
+        for place in named:
+            files, note = find_in_folder(spec, place.folder)
+            if files is not None:
+                return Located(spec, place, files)
+            if note:
+                notes.append(note)
+        raise DataError(
+            f"the data folder {data_dir} (--data-dir) holds no complete copy of {spec.name} (searched "
+            + ", ".join(str(p.folder) for p in named) + ")"
+            + (f": {'; '.join(notes)}" if notes else "")
+            + f". Expected files: {expected_layout(spec)}. Fix the folder, or leave out --data-dir (data_dir) to use "
+            f"${ENV_DATA}, the cache ({cache_dir(spec.name)}), a system copy or a download."
+        )
     for place in places:
         files, note = find_in_folder(spec, place.folder)
         if files is not None:
@@ -212,3 +230,10 @@ def locate(
         + "."
     )
     raise DataError("\n".join(lines))
+
+
+def describe_source(located: Located) -> str:
+    """``/usr/share/datasets/fashion-mnist (system copy)``: where a run's data came from, for its log."""
+    origin = {"data_dir": "--data-dir", ENV_DATA: f"${ENV_DATA}", "cache": "user cache",
+              "system": "system copy"}.get(located.place.origin, located.place.origin)
+    return f"{located.place.folder} ({origin}{', downloaded now' if located.downloaded else ''})"

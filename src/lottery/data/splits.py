@@ -18,7 +18,7 @@ from lottery.data.datasets import DatasetSpec, get_spec
 from lottery.data.download import verify_file
 from lottery.data.idx import read_idx_pair
 from lottery.data.imagefolder import ImageFolderDataset
-from lottery.data.locate import locate
+from lottery.data.locate import describe_source, locate
 from lottery.data.synthetic import make_synthetic
 from lottery.errors import ConfigError
 
@@ -51,20 +51,27 @@ def load_train_test(
     Local files are checked structurally on every load (cheap); ``verify=True`` also checksums them
     against the published digests (slow on ImageNet-sized data, so off by default).
     """
+    return _load_train_test(name, data_dir, download=download, verify=verify, mirror=mirror, progress=progress,
+                            **options)[:2]
+
+
+def _load_train_test(name, data_dir, *, download, verify, mirror, progress, **options):
+    """``(train, test, source)``: the data sets and where their files were found (for the run's log)."""
     spec = get_spec(name)
     _check_options(spec, options)
     if spec.kind == "synthetic":
         data_seed = options.pop("data_seed", 0)
-        return make_synthetic(seed=data_seed, **options)
+        return (*make_synthetic(seed=data_seed, **options), f"generated (synthetic, data seed {data_seed})")
 
     found = locate(spec, data_dir, download_missing=download, mirror=mirror, progress=progress)
+    source = describe_source(found)
     hint = found.hint
     if spec.kind == "imagefolder":
         train = ImageFolderDataset.scan(found.files["train"], mean=spec.mean, std=spec.std, name=spec.name, **options)
         test = ImageFolderDataset.scan(
             found.files["val"], classes=train.classes, mean=spec.mean, std=spec.std, name=spec.name, **options
         )
-        return train, test
+        return train, test, source
 
     if verify and not found.downloaded:  # a fresh download was verified already
         if "batches" in found.files:
@@ -91,6 +98,7 @@ def load_train_test(
     return (
         ArrayDataset(xtr, ytr, spec.num_classes, spec.mean, spec.std, spec.name),
         ArrayDataset(xte, yte, spec.num_classes, spec.mean, spec.std, spec.name),
+        source,
     )
 
 
@@ -131,10 +139,10 @@ def load_splits(
     folder's (``crop_size``, ``resize_size``, ``scale``).
     """
     spec = get_spec(name)
-    train, test = load_train_test(
+    train, test, source = _load_train_test(
         name, data_dir, download=download, verify=verify, mirror=mirror, progress=progress, **options
     )
     if val_size is None:
         val_size = spec.default_val_size if spec.default_val_size >= 0 else len(train) // 10
     train, val = split_train_val(train, val_size, seed)
-    return Splits(train=train, val=val, test=test)
+    return Splits(train=train, val=val, test=test, source=source)
