@@ -3,6 +3,7 @@
 from lottery.engine.callbacks import Callback
 from lottery.engine.checkpoint import load_checkpoint, save_checkpoint
 from lottery.engine.evaluate import evaluate
+from lottery.engine.restart import reset_optimizer_state, restart_lr_schedule
 from lottery.engine.schedule import LRSchedule
 from lottery.step import Step, parse_step_spec
 from lottery.engine.trainer import Trainer, make_optimizer
@@ -16,5 +17,7 @@ __all__ = [
     "load_checkpoint",
     "make_optimizer",
     "parse_step_spec",
+    "reset_optimizer_state",
+    "restart_lr_schedule",
     "save_checkpoint",
 ]

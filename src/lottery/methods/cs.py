@@ -12,28 +12,40 @@ at beta = 1 of a large negative number is ~0), the rest start again at ``s0``. T
 beta to 1 *before* that reset and so really runs ``min(s, s0)``, letting nearly-pruned weights come
 back; this module implements the paper's intent (docs/methods.md).
 
-Two ways to use it: ``ContinuousSparsification`` inside your own training loop (a penalty call and an
-epoch-end call), or ``search`` / ``retrain_ticket`` on lottery's engine.
+Two ways to use it: ``ContinuousSparsification`` inside your own training loop (a penalty call, a step
+call and an epoch-end call; the ticket helpers of lottery.methods.ticket and the optimizer restarts of
+lottery.engine.restart are imported here too, for one import line), or the callbacks below on lottery's
+engine (pipelines/cs.py).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 
 from lottery import masking
 from lottery.engine import Callback, Trainer, make_optimizer
+from lottery.engine.restart import reset_optimizer_state, restart_lr_schedule
 from lottery.errors import ConfigError
 from lottery.hparams import Hparams, TrainingHparams
 from lottery.masks import Mask
 from lottery.methods.cs_density import (
     DensityCallback, keep_count, project_to_density, round_target_density, scheduled_density, tie_gap,
 )
+from lottery.methods.ticket import RewindPoint, save_rewind_point, ticket_from
+from lottery.parameters import PRUNABLE_TYPES, has_soft_mask, short_list, split_name
 from lottery.step import validate_step_spec
+
+__all__ = [  # the in-loop API (README.md, docs/tutorial.md) first
+    "ContinuousSparsification", "RewindPoint", "save_rewind_point", "ticket_from", "reset_optimizer_state",
+    "restart_lr_schedule", "CSHparams", "DENSITY_S0", "ADAM_LR_SCALE", "DEFAULT_LAM", "temperature", "mask_penalty",
+    "harden_soft_masks", "TemperatureCallback", "PenaltyCallback", "SnapshotCallback",
+    "GRADIENT_MASK_SAFE_OPTIMIZERS", "EnforceMaskCallback", "make_search_optimizers", "search_round_callbacks",
+]
 
 
 #: Initial logit with a target density: slightly positive, so that every weight starts kept (hard density 1)
@@ -199,6 +211,15 @@ class ContinuousSparsification:
 
     At each round's end ``epoch_end()`` warns when the mask has not become binary or kept all or none of
     the weights; ``convergence(loader)`` gives the full figures (lottery.methods.cs_convergence).
+
+    A new round starts with fresh optimizers and the LR schedule from its start in ``lottery search cs``;
+    in your loop ``on_round_start(round_index)`` is called at the start of every round after the first
+    (inside the ``epoch_end()`` that ends the previous one, which also returns ``new_round=True``) so that
+    it can do the same: ``reset_optimizer_state(optimizer)`` and ``restart_lr_schedule(scheduler)``.
+
+    Traps it refuses with a ``ConfigError``: wrapping a model that already carries soft masks (keep using
+    its wrapper, or ``finish()`` it first), a model with nothing to mask, and any call but ``mask()``,
+    ``density()``, ``finish()`` and ``plain_state_dict()`` after ``finish()``.
     """
 
     def __init__(
@@ -222,6 +243,7 @@ class ContinuousSparsification:
         mask_lr: float | None = None,
         mask_momentum: float = 0.9,
         mask_nesterov: bool = True,
+        on_round_start: Callable[[int], None] | None = None,
     ):
         if not isinstance(epochs_per_round, int) or isinstance(epochs_per_round, bool) or epochs_per_round < 1:
             raise ConfigError(f"epochs_per_round must be a positive integer, got {epochs_per_round!r}")
@@ -240,21 +262,49 @@ class ContinuousSparsification:
                 "--density need the number of steps per round; or use mask_optimizer='sgd' (the paper's reference, "
                 "per-epoch temperature) without a density"
             )
+        if on_round_start is not None and not callable(on_round_start):
+            raise ConfigError(f"on_round_start must be a function of the round index, got {on_round_start!r}")
+        wrapped = list(masking.mask_logits(model))
+        if wrapped:
+            raise ConfigError(
+                f"{type(model).__name__} already carries CS soft masks (on {short_list(wrapped, 5)}): it is already "
+                "wrapped by a ContinuousSparsification (or masking.attach_soft_mask was called on it). Keep using "
+                "that wrapper, or call its finish() (or lottery.masking.remove_soft_mask(model)) before wrapping the "
+                "model again"
+            )
+        names = list(masking.prunable_weights(model, ignore=tuple(ignore or ())))
+        if not names:
+            kinds = "/".join(t.__name__ for t in PRUNABLE_TYPES)
+            why = (f"ignore={list(ignore)!r} leaves out every one of them" if ignore and masking.prunable_weights(model)
+                   else f"it has no {kinds} layer")
+            raise ConfigError(f"{type(model).__name__} has nothing to mask: CS masks the weights of {kinds} layers "
+                              f"(subclasses too), and {why}")
         self.model = model
         self.epochs_per_round = epochs_per_round
         self.steps_per_epoch = steps_per_epoch
-        names = list(masking.prunable_weights(model, ignore=tuple(ignore or ())))
+        self.on_round_start = on_round_start
+        self._finished: Mask | None = None  # the mask finish() returned
+        self._finished_rescale: bool | None = None
         self.s0 = self.hp.initial_logit
         masking.attach_soft_mask(model, names, s0=self.s0, scale_by_s0=scale_by_s0)
+        module_name, tensor_name = split_name(names[0])
+        self._probe = (model.get_submodule(module_name), tensor_name)  # one masked weight: a cheap "still wrapped?"
         self.epoch = 0  # epochs completed, over all rounds
         self.step_in_round = 0
         self.round_start_mask = masking.hard_mask_from_logits(model)
         self.round_start_density = 1.0 if self.s0 > 0 else self.round_start_mask.density()
         self.optimizer = optimizer
         self.logit_optimizer: torch.optim.Optimizer | None = None
+        self._logit_group: dict[str, Any] | None = None  # the group added to the user's optimizer (sgd)
         if mask_optimizer == "adam":
             self._new_logit_optimizer()
         elif optimizer is not None:
+            if any("initial_lr" in g for g in optimizer.param_groups):
+                import warnings
+
+                warnings.warn("the optimizer already has an LR scheduler: build the scheduler after "
+                              "ContinuousSparsification(mask_optimizer='sgd'), which adds a parameter group for the "
+                              "mask logits that a scheduler built before does not know", RuntimeWarning, stacklevel=2)
             group = {"params": self.logits(), "weight_decay": 0.0}
             if mask_lr is not None:
                 group["lr"] = mask_lr
@@ -263,6 +313,7 @@ class ContinuousSparsification:
                 group["nesterov"] = mask_nesterov
                 group["dampening"] = 0.0
             optimizer.add_param_group(group)
+            self._logit_group = optimizer.param_groups[-1]
         masking.set_temperature(model, self.beta)  # 1, or beta_final for one-step rounds (temperature())
 
     def _new_logit_optimizer(self) -> None:
@@ -291,19 +342,36 @@ class ContinuousSparsification:
                                self.hp.beta_final)
         return temperature(self.epoch % self.epochs_per_round, self.epochs_per_round, self.hp.beta_final)
 
+    def _check_active(self, call: str) -> None:
+        """Refuse calls that need the soft masks once they are gone."""
+        if self._finished is not None:
+            raise ConfigError(
+                f"cs.{call}() after cs.finish(): the search is over and the model is plain. cs.mask() and "
+                "cs.density() still give the final mask; to retrain it as a ticket use ticket_from(model, rewind, "
+                "mask, optimizer); to search again wrap the model in a new ContinuousSparsification"
+            )
+        if not has_soft_mask(*self._probe):
+            raise ConfigError(
+                f"cs.{call}(): the model's soft masks were removed outside this wrapper (remove_soft_mask / "
+                "remove_masks); call cs.finish() instead, or wrap the model again"
+            )
+
     def logits(self) -> list[nn.Parameter]:
         """The mask logits, for users who prefer their own separate optimizer."""
+        self._check_active("logits")
         return list(masking.mask_logits(self.model).values())
 
     def penalty(self, reuse_forward: bool = False) -> torch.Tensor:
         """``lam * sum(m)``, to add to the loss. ``reuse_forward=True`` (faster) reuses the masks of the
         forward pass just run; only when this penalty is added to that pass's loss and backpropagated with
         it, as in ``loss = criterion(model(x), y) + cs.penalty(reuse_forward=True)``."""
+        self._check_active("penalty")
         return mask_penalty(self.model, self.hp.lam, self.hp.penalty, reuse_forward)
 
     def step(self) -> None:
         """After every optimizer step: step the logits' own optimizer (default recipe), keep the density
         on its schedule (with ``density``) and advance a per-step temperature."""
+        self._check_active("step")
         if self.logit_optimizer is not None:
             self.logit_optimizer.step()
             self.logit_optimizer.zero_grad(set_to_none=True)
@@ -317,13 +385,24 @@ class ContinuousSparsification:
         masking.set_temperature(self.model, self.beta)
 
     def density(self) -> float:
+        """The density of the hard mask ``1[s > 0]`` (:meth:`mask`) as it is now. Before any training every
+        logit is ``s0``, so it is 1.0 with ``s0 > 0`` (as with ``density=``, whose ``s0`` is 0.02) and 0.0 with
+        ``s0 <= 0`` (the default without a density is ``s0 = 0``, and ``s = 0`` counts as pruned): the hard
+        mask means something only once training has moved the logits. After :meth:`finish`, the final mask's."""
         return self.mask().density()
 
-    def epoch_end(self) -> dict[str, float]:
-        """Advance the temperature; at a round's end check the mask and reset the logits for the next round."""
+    def epoch_end(self) -> dict[str, Any]:
+        """After every epoch: advance the temperature; at a round's end check the mask and, if another round
+        follows, reset the logits for it and call ``on_round_start(round_index)``.
+
+        Returns ``beta``, ``density``, ``round`` (the round the next epoch belongs to), ``new_round`` (True
+        when this call started a new round: restart your LR schedule and reset your optimizer's momentum
+        there, as ``lottery search cs`` does) and, at a round's end, ``undecided``."""
+        self._check_active("epoch_end")
         self.epoch += 1
         finished_round = self.epoch % self.epochs_per_round == 0
         info: dict[str, float] = {}
+        new_round = False
         if finished_round:
             info = self._check_round_end()
             if self.epoch < self.total_epochs:
@@ -333,8 +412,11 @@ class ContinuousSparsification:
                 self.round_start_density = self.round_start_mask.density()
                 if self.logit_optimizer is not None:
                     self._new_logit_optimizer()
+                new_round = True
         masking.set_temperature(self.model, self.beta)
-        return {"beta": self.beta, "density": self.density(), "round": self.round, **info}
+        if new_round and self.on_round_start is not None:
+            self.on_round_start(self.round)
+        return {"beta": self.beta, "density": self.density(), "round": self.round, "new_round": new_round, **info}
 
     def _check_round_end(self) -> dict[str, float]:
         import warnings
@@ -360,6 +442,7 @@ class ContinuousSparsification:
         """What, beside the model's state_dict (weights and logits), a resumed loop needs: the position in
         the rounds, the density schedule's start, the logits' own optimizer. Save both and restore the model
         first, then :meth:`load_state_dict`, at the same point of your loop."""
+        self._check_active("state_dict")
         return {
             "epoch": self.epoch,
             "step_in_round": self.step_in_round,
@@ -369,6 +452,7 @@ class ContinuousSparsification:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._check_active("load_state_dict")
         self.epoch = int(state["epoch"])
         self.step_in_round = int(state["step_in_round"])
         self.round_start_density = float(state["round_start_density"])
@@ -383,22 +467,86 @@ class ContinuousSparsification:
         it before that round's last ``epoch_end()``: that call resets the logits for the next round."""
         from lottery.methods.cs_convergence import round_convergence
 
+        self._check_active("convergence")
         return round_convergence(self.model, loader, device, self.hp.beta_final, self.round_start_mask)
 
     def mask(self) -> Mask:
-        """The hard mask ``1[s > 0]``."""
+        """The hard mask ``1[s > 0]`` (see :meth:`density` for what it is before training); after
+        :meth:`finish`, the mask that ``finish()`` returned."""
+        if self._finished is not None:
+            return self._finished.clone()
+        self._check_active("mask")
         return masking.hard_mask_from_logits(self.model)
 
+    def _refuse_empty(self, mask: Mask, call: str) -> None:
+        if mask.num_kept() == 0:
+            raise ConfigError(
+                f"cs.{call}(): the mask 1[s > 0] keeps none of the weights (density 0), so every weight would be 0. "
+                f"Before any training that is the mask of s0 <= 0 (s0 = {self.s0:g}); train first, or ask for a "
+                "density (density=0.1). The raw weights: lottery.masking.to_plain_state_dict(model.state_dict(), "
+                "apply_masks=False)"
+            )
+
+    def _check_same_rescale(self, rescale: bool, call: str) -> None:
+        if rescale != self._finished_rescale:
+            raise ConfigError(f"cs.{call}(rescale={rescale}) after cs.finish(rescale={self._finished_rescale}): the "
+                              "model is already finished; its weights cannot be scaled again")
+
     def finish(self, rescale: bool = True) -> Mask:
-        """Remove the soft masks, leaving a plain model with exact zeros where ``s <= 0``.
+        """Remove the soft masks, leaving a plain model with exact zeros where ``s <= 0``; returns the mask.
 
         With ``rescale`` (default) the kept weights are those of the trained network in the limit
         beta -> infinity, ``w / sigmoid(s0)`` when the mask is scaled by ``sigmoid(s0)``: at the end of
         a round each kept weight acts as ``w * sigmoid(beta*s) / sigmoid(s0)`` ~ ``w / sigmoid(s0)``, so
         dropping the factor would change the function that was trained (x2 at s0 = 0). Use
         ``rescale=False`` for the raw ``w * 1[s > 0]``.
+
+        With ``mask_optimizer="sgd"`` the logits' parameter group (and its momentum) is removed from your
+        optimizer, which then holds exactly the plain model's parameters again; an LR scheduler built over
+        it while the group was there must be rebuilt for further training. A mask that keeps no weight is
+        refused (``ConfigError``; nothing is changed). Calling ``finish()`` again returns the same mask and
+        changes nothing (the weights are rescaled once); ``step()``, ``penalty()``, ``epoch_end()`` and the
+        other calls that need the soft masks raise ``ConfigError`` from then on.
         """
-        return harden_soft_masks(self.model, self.s0, self.hp.scale_by_s0 and rescale)
+        if self._finished is not None:
+            self._check_same_rescale(rescale, "finish")
+            return self._finished.clone()
+        self._check_active("finish")
+        self._refuse_empty(self.mask(), "finish")
+        mask = harden_soft_masks(self.model, self.s0, self.hp.scale_by_s0 and rescale)
+        if self._logit_group is not None and self.optimizer is not None:
+            for p in self._logit_group["params"]:
+                self.optimizer.state.pop(p, None)
+            self.optimizer.param_groups[:] = [g for g in self.optimizer.param_groups if g is not self._logit_group]
+            self._logit_group = None
+        self.logit_optimizer = None
+        self._finished, self._finished_rescale = mask, rescale
+        return mask.clone()
+
+    def plain_state_dict(self, rescale: bool = True) -> dict[str, torch.Tensor]:
+        """The ``state_dict`` that :meth:`finish` would leave, without changing the model: the unwrapped
+        model's keys (no ``*_mask_logits``), kept weights as ``finish(rescale)`` gives them, pruned weights
+        exactly 0, copies of every tensor. It loads strictly into a fresh, unwrapped model of the same class.
+        After ``finish()``: a copy of the finished model's ``state_dict``.
+
+        ``model.state_dict()`` of a wrapped model instead holds the raw weights ``w`` under the plain keys
+        plus one ``<weight>_mask_logits`` key per masked weight (what a resumed search needs; a plain model
+        refuses those keys); ``lottery.masking.to_plain_state_dict`` of it drops the logits and gives
+        ``w * 1[s > 0]`` without the ``1 / sigmoid(s0)`` factor (``apply_masks=False``: the raw ``w``)."""
+        if self._finished is not None:
+            self._check_same_rescale(rescale, "plain_state_dict")
+            return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self._check_active("plain_state_dict")
+        self._refuse_empty(self.mask(), "plain_state_dict")
+        state = masking.to_plain_state_dict(self.model.state_dict(), apply_masks=True)
+        factor = _limit_factor(self.s0) if self.hp.scale_by_s0 and rescale else None
+        names = set(masking.mask_logits(self.model))
+        out = {}
+        for k, v in state.items():
+            v = v.detach()
+            # the same operations as harden_soft_masks, so the values are identical
+            out[k] = v * factor if factor is not None and k in names else v.clone()
+        return out
 
 
 def harden_soft_masks(model: nn.Module, s0: float, scale_by_s0: bool) -> Mask:
@@ -406,11 +554,16 @@ def harden_soft_masks(model: nn.Module, s0: float, scale_by_s0: bool) -> Mask:
     without the scaling) folded into the weights; returns the hard mask. Pruned weights are exact zeros."""
     mask = masking.remove_soft_mask(model, hard=True)
     if scale_by_s0:
-        factor = 1.0 / torch.sigmoid(torch.tensor(float(s0), dtype=torch.float64)).item()
+        factor = _limit_factor(s0)
         with torch.no_grad():
             for name in mask:
                 model.get_parameter(name).mul_(factor)
     return mask
+
+
+def _limit_factor(s0: float) -> float:
+    """``1 / sigmoid(s0)``: the beta -> infinity limit of a kept weight's scaled soft mask."""
+    return 1.0 / torch.sigmoid(torch.tensor(float(s0), dtype=torch.float64)).item()
 
 
 # -- on lottery's engine ----------------------------------------------------------------------------
