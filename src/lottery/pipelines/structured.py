@@ -37,7 +37,8 @@ from lottery import masking
 from lottery.engine import Trainer
 from lottery.errors import CheckpointError, ConfigError
 from lottery.experiment import (
-    MetricsCSV, RunOptions, build_model, build_model_without_data, describe_run, folder_lock, load_data, log_line,
+    MetricsCSV, RunOptions, build_model, build_model_without_data, describe_run, folder_lock, input_normalisation,
+    load_data, log_line,
     make_loaders, nominal_shape, prepare_run_folder, reuse_finished, run_folder_name,
 )
 from lottery.export import ExportError, coupled_layers, dead_channel_params
@@ -195,6 +196,11 @@ def load_run_network(folder: str | Path, level: int | None = None) -> tuple[nn.M
     method = (desc.get("structured") or {}).get("method") or kind
     return model, mask, {"run_dir": str(folder), "kind": kind, "level": level, "method": method,
                          "model": desc["model"]["model"], "dataset": desc["data"]["dataset"], "seed": desc.get("seed")}
+
+
+def run_preprocessing(folder: str | Path) -> dict[str, list[float]]:
+    """The input normalisation (``mean``, ``std`` per channel) of a run folder's data set, for exports."""
+    return input_normalisation(DataHparams.from_dict(_desc(Path(folder))["data"]))
 
 
 # -- the structured mask and its retraining -------------------------------------------------------------
