@@ -111,8 +111,6 @@ class _Reader:
         try:
             with torch.no_grad():
                 ShapeProp(self.gm).propagate(torch.zeros(2, *input_shape, device=device, dtype=dtype))
-        except ExportError:
-            raise
         except Exception as exc:
             first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise ExportError(f"cannot export {self.model_name}: running it on an input of shape "
@@ -166,6 +164,8 @@ class _Reader:
             return f"torch.{name}" if (mod.startswith("torch") or hasattr(torch, name)) else f"{mod}.{name}"
         if node.op == "get_attr":
             return f"the tensor attribute {node.target}"
+        if node.op == "placeholder":
+            return "the network's input"
         return node.op
 
     def refuse(self, node: fx.Node, why: str = "") -> ExportError:
@@ -323,9 +323,10 @@ class _Reader:
             if len(users) == 1:
                 node = users[0]
                 kind = self._kind(node)
-                if node.op == "output" or not kind:
-                    raise self.refuse(node) if node.op != "output" else ExportError(
-                        f"cannot export {self.model_name}: the graph ends before node {stop.name!r}")
+                if node.op == "output":
+                    raise self.refuse(stop, "is not reached along one path of single-input operations")
+                if not kind:
+                    raise self.refuse(node)
                 if kind == "add":
                     raise self.refuse(node, "adds tensors that are not the two branches of a residual connection"
                                       if len(self._tensor_args(node)) == 2 else "adds a constant")
@@ -334,6 +335,8 @@ class _Reader:
                     after = self._users(node)
                     if node is not stop and len(after) == 1 and self._kind(after[0]) == "bn":
                         bn_node = after[0]
+                        if str(bn_node.target) in self.layers:
+                            raise self.refuse(bn_node, "is called a second time (shared weights)")
                         self.layers.add(str(bn_node.target))
                         op["bn"] = _bn_entry(str(bn_node.target), self.modules[bn_node.target])
                         node = bn_node
@@ -342,6 +345,8 @@ class _Reader:
                 cur = node
             elif len(users) == 2:
                 join = self._join(cur)
+                if self.order[join] > self.order[stop]:
+                    raise self.refuse(cur, "feeds a tensor past the end of the residual block it is in")
                 args = self._tensor_args(join)
                 if self._kind(join) != "add" or len(args) != 2:
                     raise self.refuse(join)
@@ -357,7 +362,9 @@ class _Reader:
                         raise self.refuse(join, "joins branches that share layers")
                     branches.append(self.chain(cur, a, first=starts[0]))
                 body, shortcut = branches if branches[0] else branches[::-1]  # an identity branch is the shortcut
-                op = {"op": "residual", "name": self._where(join), "body": body, "shortcut": shortcut, "relu": False}
+                where = self._where(join)
+                op = {"op": "residual", "name": join.name if where == "the top module" else where, "body": body,
+                      "shortcut": shortcut, "relu": False}
                 cur = join
                 after = self._users(join)
                 if join is not stop and len(after) == 1 and self._kind(after[0]) == "relu":
