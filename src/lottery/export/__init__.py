@@ -1,12 +1,16 @@
 """Export a ticket as a network that is actually smaller or sparser: channel surgery, dense blocks, CSR
 (docs/methods.md, "Structured tickets").
 
-A supported model (the registered ``conv2/4/6``, ``vgg11/16/19``, CIFAR ``resnet20/32/56``,
-``lenet_300_100``) is first *described* as a small JSON program: a list of ops (``conv`` with its
-BatchNorm, ``linear``, ``relu``, ``maxpool``, ``avgpool``, ``flatten``, and ``residual`` with a ``body``
-and a ``shortcut`` list, whose outputs are added and passed through a ReLU). Every op carries its layer
-shapes. The exported network is rebuilt from that description alone and its tensors are loaded from
-safetensors: loading never unpickles anything.
+A model is first *described* as a small JSON program read from its ``torch.fx`` graph (any network,
+registered or not, whose graph uses the supported ops: :data:`SUPPORTED`; anything else is refused in one
+line naming the op, its node and its module): a list of ops (``conv`` with its BatchNorm, ``batchnorm``,
+``linear``, ``relu``, ``maxpool``, ``avgpool2d``, ``avgpool`` (adaptive), ``flatten``, and ``residual``
+with a ``body`` and a ``shortcut`` list, whose outputs are added, then passed through a ReLU when its
+``relu`` flag says so). Every op carries its layer shapes. The exported network is rebuilt from that
+description alone and its tensors are loaded from safetensors: loading never unpickles anything. With
+``preprocessing`` (the data set's mean and std), a ``normalize`` op comes first: the exported network then
+takes float pixels in [0, 1] (:data:`INPUT_CONVENTION`). :func:`save_export` can add portable copies
+(``model.pt`` TorchScript, ``model.onnx``) that run without lottery, each checked before it is kept.
 
 Three exports (``export_model(model, mask, to=...)``):
 
@@ -27,9 +31,10 @@ Three exports (``export_model(model, mask, to=...)``):
   small dense conv over its input channels (no im2col: the CPU's conv kernels do the product).
 * ``csr``: after the surgery, each masked Linear layer keeps its weights as a ``torch.sparse_csr`` matrix.
 
-Every export is checked against the masked network on random inputs: the largest absolute difference of
-the outputs must stay within ``1e-4 x max(1, max |reference output|)`` (float32; the orders of summation
-differ). The check's result is stored in the JSON description.
+Every export is checked against the masked network on random inputs (with preprocessing, uniform pixels
+in [0, 1] for the export and their normalised values for the masked network): the largest absolute
+difference of the outputs must stay within ``1e-4 x max(1, max |reference output|)`` (float32; the orders
+of summation differ). The check's result is stored in the JSON description.
 """
 
 from __future__ import annotations
