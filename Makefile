@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==$(TORCH_VERSION)
-	$(PY) -m pip install -q -e '.[dev,ray,regroup,tensorboard]'
+	$(PY) -m pip install -q -e '.[dev,ray,regroup,tensorboard,onnx]'
 	touch $(STAMP)
 
 # Fashion-MNIST from Debian's package when it is missing and apt is there; otherwise say where to

@@ -4,10 +4,14 @@ masked network computes; files are safetensors + JSON and load back without unpi
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lottery import masking
@@ -15,6 +19,7 @@ from lottery.export import (
     BlockConv2d, BlockLinear, CSRLinear, ExportError, blocks_from_mask, coupled_layers, dead_channel_params,
     describe, export_model, load_export, save_export,
 )
+from lottery.errors import ConfigError
 from lottery.masks import Mask
 from lottery.methods.structured import StructuredHparams, refill, regroup
 from lottery.models import build_model, get_model_spec
@@ -236,9 +241,275 @@ def test_save_and_load_without_pickle(tmp_path, kind):
     assert torch.equal(exported.module(x), loaded.module(x))
 
 
-def test_unsupported_models_are_refused():
-    with pytest.raises(ExportError, match="supported families"):
+# ============================================================================ any traced network
+
+
+class _Block(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.a = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn_a = nn.BatchNorm2d(c)
+        self.b = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return x + self.b(F.relu(self.bn_a(self.a(x))))  # a residual addition without a ReLU after it
+
+
+class _UserNet(nn.Module):
+    """A user's own network: not registered, functional ReLUs and pooling, torch.flatten, a lone BatchNorm."""
+
+    def __init__(self, classes: int = 5):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.block = _Block(8)
+        self.conv = nn.Conv2d(8, 12, 3, padding=1)
+        self.post_bn = nn.BatchNorm2d(12)
+        self.drop = nn.Dropout(0.5)
+        self.hidden = nn.Linear(12 * 4 * 4, 20)
+        self.out = nn.Linear(20, classes)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        x = F.max_pool2d(self.block(x), 2)
+        x = self.post_bn(torch.relu(self.conv(x)))  # after the ReLU: its channels are kept whole
+        x = F.avg_pool2d(x, 2)
+        x = torch.flatten(x, 1)
+        return self.out(self.drop(F.relu(self.hidden(x))))
+
+
+def _user_net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = _UserNet()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.normal_()
+                m.bias.normal_()
+    return model.eval()
+
+
+def _user_mask(model: nn.Module, density: float, seed: int = 0) -> Mask:
+    g = torch.Generator().manual_seed(seed)
+    params = dict(model.named_parameters())
+    names = masking.prunable_weights(model, ignore=("out.weight",))
+    return Mask({n: torch.rand(params[n].shape, generator=g) < density for n in names})
+
+
+def test_a_user_defined_network_exports_and_equals_the_masked_network():
+    model = _user_net()
+    assert not hasattr(model, "input_shape")
+    groups = coupled_layers(model, SHAPE)
+    assert [sorted(g) for g in groups] == [["block.b.weight", "stem.weight"]]  # added by the residual
+    refilled = refill(_user_mask(model, 0.4), dict(model.named_parameters()), groups=groups)
+    full = Mask({**dict(refilled.items()), **dict(dead_channel_params(model, refilled, SHAPE).items())})
+    masking.attach_hard_mask(model, full)
+    exported = export_model(model, full, "dense", input_shape=SHAPE)
+    x = torch.randn(6, *SHAPE)
+    _close(_masked_outputs(model, x), exported.module(x))
+    layers = exported.description["layers"]
+    assert layers["stem"]["out"] == layers["block.b"]["out"] < 8
+    assert layers["block.a"]["out"] < 8 and layers["hidden"]["out"] < 20
+    assert layers["conv"]["out"] == 12, "a BatchNorm after the ReLU keeps its channels"
+    assert layers["hidden"]["in"] == 12 * 16
+    assert exported.description["size"]["parameters"] < exported.description["size"]["original_parameters"]
+
+
+@pytest.mark.parametrize("kind", ["blocks", "csr"])
+def test_a_user_defined_network_exports_as_blocks_and_csr(kind):
+    model = _user_net(seed=1)
+    mask = _user_mask(model, 0.3, seed=1)
+    masking.attach_hard_mask(model, mask)
+    exported = export_model(model, mask, kind, input_shape=SHAPE)
+    x = torch.randn(3, *SHAPE)
+    _close(_masked_outputs(model, x), exported.module(x))
+
+
+class _Flat(nn.Module):
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.conv = nn.Conv2d(1, 4, 3, stride=2, padding=1)
+        self.fc = nn.Linear(4 * 8 * 8, 3)
+
+    def forward(self, x):
+        x = self.conv(x)
+        if self.how == "view":
+            x = x.view(x.size(0), -1)
+        elif self.how == "reshape":
+            x = x.reshape(x.shape[0], -1)
+        elif self.how == "method":
+            x = x.flatten(1)
+        else:
+            x = torch.flatten(x, start_dim=1)
+        return self.fc(x)
+
+
+@pytest.mark.parametrize("how", ["view", "reshape", "method", "function"])
+def test_every_spelling_of_flatten_is_read_as_one(how):
+    assert [op["op"] for op in describe(_Flat(how), SHAPE)] == ["conv", "flatten", "linear"]
+
+
+class _Concat(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.left = nn.Conv2d(1, 4, 3)
+        self.right = nn.Conv2d(1, 4, 3)
+        self.fc = nn.Linear(8 * 14 * 14, 3)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(torch.cat([self.left(x), self.right(x)], 1), 1))
+
+
+def test_an_unsupported_operation_is_refused_in_one_line_naming_it():
+    with pytest.raises(ExportError) as err:
+        export_model(_Concat(), to="dense", input_shape=SHAPE)
+    text = str(err.value)
+    assert "\n" not in text
+    assert "torch.cat at node 'cat'" in text and "Conv2d" in text  # what it is, and what is supported
+    with pytest.raises(ExportError, match=r"nn.Sigmoid at node 'features_1' \(in features.1\)") as err:
+        describe(_Sigmoid(), SHAPE)
+    assert "\n" not in str(err.value)
+    with pytest.raises(ExportError, match="input shape is unknown"):
         describe(nn.Sequential(nn.Linear(3, 3)))
+    assert describe(nn.Sequential(nn.Linear(3, 3)), (3,)) == [
+        {"op": "linear", "name": "0", "in": 3, "out": 3, "bias": True}]
+
+
+class _Sigmoid(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Sigmoid())
+
+    def forward(self, x):
+        return self.features(x)
+
+
+# ============================================================================ preprocessing, portable files
+
+MEAN, STD = [0.3], [0.2]
+
+
+def _normalised(raw: torch.Tensor) -> torch.Tensor:
+    return (raw - MEAN[0]) / STD[0]
+
+
+def test_load_export_takes_raw_pixels_and_normalises_them(tmp_path):
+    from lottery.data import dataset_info
+
+    model = _model("conv2")
+    full = _channel_ticket(model, _random_mask(model, "conv2", 0.3))
+    exported = export_model(model, full, "dense", preprocessing={"mean": MEAN, "std": STD})
+    folder = save_export(tmp_path / "e", exported)
+    desc = json.loads((folder / "model.json").read_text())
+    assert desc["preprocessing"]["mean"] == MEAN and desc["preprocessing"]["std"] == STD
+    assert desc["preprocessing"]["input_shape"] == list(SHAPE) and "[0, 1]" in desc["preprocessing"]["input"]
+    loaded = load_export(folder)
+    raw = torch.rand(5, *SHAPE)
+    _close(_masked_outputs(model, _normalised(raw)), loaded.module(raw))
+    _close(_masked_outputs(model, _normalised(raw)), exported.module(raw))
+    # a data set's spec does as well; no preprocessing leaves the inputs as they are
+    mnist = dataset_info("mnist")
+    spec = export_model(model, full, "dense", preprocessing=mnist).description["preprocessing"]
+    assert spec["mean"] == pytest.approx(list(mnist.mean)) and spec["std"] == pytest.approx(list(mnist.std))
+    assert export_model(model, full, "dense").description["preprocessing"] is None
+    with pytest.raises(ConfigError, match="1 means"):
+        export_model(model, full, "dense", preprocessing={"mean": [0.1, 0.2], "std": [1, 1]})
+
+
+_RUN_WITHOUT_LOTTERY = """
+import sys
+sys.modules["lottery"] = None  # importing lottery would fail here
+import numpy as np, torch
+net = torch.jit.load(sys.argv[1])
+x = torch.from_numpy(np.load(sys.argv[2]))
+with torch.no_grad():
+    np.save(sys.argv[3], net(x).numpy())
+assert not [m for m, v in sys.modules.items() if m.startswith("lottery") and v is not None]
+"""
+
+
+@pytest.mark.parametrize("name,kind", [("resnet20", "dense"), ("lenet_300_100", "csr")])
+def test_torchscript_file_runs_without_lottery_on_raw_pixels(tmp_path, name, kind):
+    model = _model(name)
+    if kind == "dense":
+        mask = _channel_ticket(model, _random_mask(model, name, 0.4))
+    else:
+        mask = _random_mask(model, name, 0.2)
+        masking.attach_hard_mask(model, mask)
+    exported = export_model(model, mask, kind, preprocessing={"mean": MEAN, "std": STD})
+    folder = save_export(tmp_path / "e", exported, portable=("torchscript",))
+    desc = json.loads((folder / "model.json").read_text())
+    assert desc["portable"]["torchscript"]["file"] == "model.pt" and desc["portable"]["torchscript"]["check"]["ok"]
+    raw = torch.rand(7, *SHAPE)
+    np.save(tmp_path / "x.npy", raw.numpy())
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    subprocess.run([sys.executable, "-c", _RUN_WITHOUT_LOTTERY, str(folder / "model.pt"), str(tmp_path / "x.npy"),
+                    str(tmp_path / "y.npy")], cwd=tmp_path, env=env, check=True, timeout=300)
+    _close(_masked_outputs(model, _normalised(raw)), torch.from_numpy(np.load(tmp_path / "y.npy")))
+
+
+def test_a_portable_file_that_differs_from_the_masked_network_is_not_written(tmp_path):
+    model = _model("conv2")
+    full = _channel_ticket(model, _random_mask(model, "conv2", 0.3))
+    exported = export_model(model, full, "dense", preprocessing={"mean": MEAN, "std": STD})
+    inputs, reference = exported.sample
+    exported.sample = (inputs, reference + 1.0)
+    with pytest.raises(ExportError, match="was not written"):
+        save_export(tmp_path / "e", exported, portable=("torchscript",))
+    assert not (tmp_path / "e" / "model.pt").exists() and not list((tmp_path / "e").glob(".model.pt*"))
+
+
+@pytest.mark.parametrize("name,kind", [("resnet20", "dense"), ("conv2", "blocks")])
+def test_onnx_file_runs_in_onnxruntime_on_raw_pixels(tmp_path, name, kind):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    model = _model(name)
+    if kind == "dense":
+        mask = _channel_ticket(model, _random_mask(model, name, 0.4))
+    else:
+        mask = regroup(_random_mask(model, name, 0.2), None, StructuredHparams(method="regroup", min_rows=4, max_rows=8),
+                       partition=_fake_partition)
+        masking.attach_hard_mask(model, mask)
+    exported = export_model(model, mask, kind, preprocessing={"mean": MEAN, "std": STD})
+    folder = save_export(tmp_path / "e", exported, portable=("onnx",))
+    assert json.loads((folder / "model.json").read_text())["portable"]["onnx"]["check"]["ok"]
+    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    raw = torch.rand(5, *SHAPE)
+    got = session.run(None, {"pixels": raw.numpy()})[0]
+    _close(_masked_outputs(model, _normalised(raw)), torch.from_numpy(got))
+
+
+def test_onnx_refuses_csr_layers(tmp_path):
+    pytest.importorskip("onnxruntime")
+    model = _model("lenet_300_100")
+    mask = _random_mask(model, "lenet_300_100", 0.2)
+    masking.attach_hard_mask(model, mask)
+    with pytest.raises(ExportError, match="ONNX has no sparse CSR"):
+        save_export(tmp_path / "e", export_model(model, mask, "csr"), portable=("onnx",))
+
+
+def test_a_version_1_export_still_loads(tmp_path):
+    """Version 1 descriptions had no residual 'relu' flag: every residual addition was followed by a ReLU."""
+    model = _model("resnet20")
+    full = _channel_ticket(model, _random_mask(model, "resnet20", 0.4))
+    folder = save_export(tmp_path / "e", export_model(model, full, "dense"))
+    desc = json.loads((folder / "model.json").read_text())
+
+    def strip(ops):
+        for op in ops:
+            if op["op"] == "residual":
+                assert op.pop("relu") is True
+                strip(op["body"])
+                strip(op["shortcut"])
+
+    strip(desc["ops"])
+    desc["version"] = 1
+    desc.pop("preprocessing")
+    (folder / "model.json").write_text(json.dumps(desc))
+    x = torch.randn(2, *SHAPE)
+    _close(_masked_outputs(model, x), load_export(folder).module(x))
 
 
 @pytest.mark.parametrize("kind", ["csr", "blocks-element", "blocks-channel", "dense"])

@@ -362,6 +362,19 @@ def nominal_shape(data: DataHparams) -> tuple[tuple[int, int, int], int]:
     return tuple(spec.input_shape), int(spec.num_classes)  # type: ignore[return-value]
 
 
+def input_normalisation(data: DataHparams) -> dict[str, list[float]]:
+    """The per-channel ``mean`` and ``std`` with which a run's loaders normalise its inputs,
+    ``(x / 255 - mean) / std`` on uint8 pixels: the data set's registered values, or for ``synthetic`` the
+    values measured on its generated training set (what its loaders use)."""
+    from lottery import data as data_mod
+
+    spec = data_mod.dataset_info(data.dataset, **data.synthetic_options())
+    if spec.kind == "synthetic":
+        train, _ = data_mod.load_train_test(data.dataset, **data.synthetic_options())
+        return {"mean": [float(v) for v in train.mean], "std": [float(v) for v in train.std]}
+    return {"mean": [float(v) for v in spec.mean], "std": [float(v) for v in spec.std]}
+
+
 def build_model_without_data(data: DataHparams, model: ModelHparams) -> nn.Module:
     """A run's network (freshly initialised), built for the data set's nominal shape: for looking at a
     finished run's masks and weights without loading its data."""

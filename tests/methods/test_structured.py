@@ -317,6 +317,7 @@ def _run_cli(argv: list[str]) -> int:
     return int(args.func(args) or 0)
 
 
+@pytest.mark.filterwarnings("ignore:.*torch.jit.load.*:DeprecationWarning")
 def test_cli_structure_export_and_bench_latency(tiny_runs, tmp_path, capsys):
     import json
 
@@ -331,6 +332,23 @@ def test_cli_structure_export_and_bench_latency(tiny_runs, tmp_path, capsys):
     assert "check: max |masked - exported|" in text and "features.0" in text
     exported = load_export(run / "export-dense")
     assert exported.description["source"]["run_dir"] == str(run)
+    # the run's data set normalisation (synthetic: measured on its generated training set) is recorded and
+    # applied: the export and its TorchScript copy take raw pixels in [0, 1]
+    from lottery import masking
+    from lottery.data import load_train_test
+    from lottery.pipelines.structured import load_run_network
+
+    train, _ = load_train_test("synthetic", shape=(1, 8, 8), num_classes=4, train_size=96, test_size=64)
+    pre = exported.description["preprocessing"]
+    assert pre["mean"] == pytest.approx(list(train.mean)) and pre["std"] == pytest.approx(list(train.std))
+    model, mask, _ = load_run_network(run)
+    masking.attach_hard_mask(model, mask)
+    raw = torch.rand(3, 1, 8, 8)
+    with torch.no_grad():
+        want = model.eval()((raw - pre["mean"][0]) / pre["std"][0])
+        assert torch.allclose(exported.module(raw), want, atol=1e-4)
+        assert torch.allclose(torch.jit.load(str(run / "export-dense" / "model.pt"))(raw), want, atol=1e-4)
+    assert exported.description["portable"]["torchscript"]["check"]["ok"]
     assert _run_cli(["bench-latency", str(run / "export-dense"), "--batch-sizes", "1,2", "--repeats", "3",
                      "--warmup", "1", "--json", str(tmp_path / "lat.json")]) == 0
     report = json.loads((tmp_path / "lat.json").read_text())

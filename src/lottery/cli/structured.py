@@ -4,7 +4,9 @@
   from a CS ticket search or an IMP level, retrained from the rewind point (its own run folder);
   ``--every-level --levels N``: the structure step inside the IMP loop, from an IMP run's dense level 0.
 * ``lottery export RUN_DIR --to dense|blocks|csr``: the run's trained ticket as a smaller dense network,
-  a network of dense blocks or one with CSR Linear layers (``model.safetensors`` + ``model.json``).
+  a network of dense blocks or one with CSR Linear layers (``model.safetensors`` + ``model.json``, which
+  records the data set's normalisation), plus portable copies that run without lottery (``--portable``:
+  ``model.pt`` TorchScript by default, ``model.onnx`` with the ``onnx`` extra).
 * ``lottery bench-latency RUN_DIR_OR_EXPORT``: dense vs masked vs exported, side by side.
 
 :func:`register` adds them to the top-level parsers that :mod:`lottery.cli` builds.
@@ -58,13 +60,21 @@ def register(top_sub, common_flags: Callable[[argparse.ArgumentParser], None] | 
                     "always zero (BatchNorm and the next layer's inputs shrink with them; residual stages "
                     "shrink as a whole), 'blocks' runs each dense block of a masked layer as one matrix "
                     "product, 'csr' stores masked Linear layers as torch.sparse_csr matrices. Writes "
-                    "model.safetensors and model.json (shapes; no pickled modules) and checks that the "
-                    "export computes what the masked network computes.")
+                    "model.safetensors and model.json (shapes and the data set's normalisation; no pickled "
+                    "modules) and portable copies (model.pt for torch.jit.load, model.onnx for onnxruntime) "
+                    "that take raw pixels in [0, 1] and need no lottery; every file is checked to compute "
+                    "what the masked network computes.")
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a structure, CS, IMP or dense run folder")
     p.add_argument("--to", choices=("dense", "blocks", "csr"), default="dense", help="export kind (default: dense)")
     p.add_argument("--level", type=int, default=None, help="IMP runs: the level (default: the last finished)")
     p.add_argument("--out", type=Path, default=None, help="export folder (default: RUN_DIR[/level_L]/export-<kind>)")
     p.add_argument("--check-inputs", type=int, default=16, help="random inputs of the equality check (default: 16)")
+    p.add_argument("--portable", default="torchscript",
+                   help="comma-separated portable copies to write and check: torchscript (model.pt), onnx "
+                        "(model.onnx; needs pip install 'lottery[onnx]'), or none (default: torchscript)")
+    p.add_argument("--no-preprocessing", action="store_true",
+                   help="leave the data set's normalisation out: the export then takes normalised inputs, as "
+                        "the network did in training (default: it takes raw pixels in [0, 1])")
     p.set_defaults(func=cmd_export)
 
     p = top_sub.add_parser(
@@ -127,17 +137,34 @@ def _export_folder(run_dir: Path, info: dict, kind: str) -> Path:
     return base / f"export-{kind}"
 
 
+def _portable_formats(text: str) -> tuple[str, ...]:
+    from lottery.errors import ConfigError
+    from lottery.export import PORTABLE_FORMATS
+
+    names = tuple(t.strip().lower() for t in text.split(",") if t.strip())
+    if names == ("none",):
+        return ()
+    unknown = [n for n in names if n not in PORTABLE_FORMATS]
+    if unknown or not names:
+        raise ConfigError(f"--portable takes a comma-separated list of {', '.join(PORTABLE_FORMATS)}, or none; "
+                          f"got {text!r}")
+    return names
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from lottery.errors import ConfigError
     from lottery.export import export_model, save_export
-    from lottery.pipelines.structured import load_run_network
+    from lottery.export import PORTABLE_FORMATS as PORTABLE
+    from lottery.pipelines.structured import load_run_network, run_preprocessing
 
     if not args.run_dir.is_dir():
         raise ConfigError(f"{args.run_dir} is not a folder")
+    portable = _portable_formats(args.portable)
     model, mask, info = load_run_network(args.run_dir, args.level)
-    exported = export_model(model, mask, args.to, check_inputs=args.check_inputs)
+    preprocessing = None if args.no_preprocessing else run_preprocessing(args.run_dir)
+    exported = export_model(model, mask, args.to, check_inputs=args.check_inputs, preprocessing=preprocessing)
     folder = args.out or _export_folder(args.run_dir, info, args.to)
-    save_export(folder, exported, extra={"source": info})
+    save_export(folder, exported, extra={"source": info}, portable=portable)
     d = exported.description
     print(f"export ({args.to}) of {info['run_dir']}" + (f" level {info['level']}" if info.get("level") is not None else ""))
     print(f"{'layer':28s} {'out':>12s} {'in':>12s}")
@@ -149,7 +176,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     c = d["check"]
     print(f"check: max |masked - exported| = {c['max_abs_diff']:.3g} on {c['inputs']} random inputs "
           f"(tolerance {c['tolerance']:.3g})")
-    print(f"written: {folder / 'model.safetensors'}, {folder / 'model.json'}")
+    pre = d.get("preprocessing")
+    print("inputs: " + (f"raw pixels in [0, 1], normalised inside with mean {pre['mean']} std {pre['std']}" if pre
+                        else "normalised as in training (--no-preprocessing)"))
+    files = [folder / "model.safetensors", folder / "model.json"]
+    files += [folder / PORTABLE[fmt] for fmt in portable]
+    print("written: " + ", ".join(str(f) for f in files))
     return 0
 
 

@@ -1,12 +1,16 @@
 """Export a ticket as a network that is actually smaller or sparser: channel surgery, dense blocks, CSR
 (docs/methods.md, "Structured tickets").
 
-A supported model (the registered ``conv2/4/6``, ``vgg11/16/19``, CIFAR ``resnet20/32/56``,
-``lenet_300_100``) is first *described* as a small JSON program: a list of ops (``conv`` with its
-BatchNorm, ``linear``, ``relu``, ``maxpool``, ``avgpool``, ``flatten``, and ``residual`` with a ``body``
-and a ``shortcut`` list, whose outputs are added and passed through a ReLU). Every op carries its layer
-shapes. The exported network is rebuilt from that description alone and its tensors are loaded from
-safetensors: loading never unpickles anything.
+A model is first *described* as a small JSON program read from its ``torch.fx`` graph (any network,
+registered or not, whose graph uses the supported ops: :data:`SUPPORTED`; anything else is refused in one
+line naming the op, its node and its module): a list of ops (``conv`` with its BatchNorm, ``batchnorm``,
+``linear``, ``relu``, ``maxpool``, ``avgpool2d``, ``avgpool`` (adaptive), ``flatten``, and ``residual``
+with a ``body`` and a ``shortcut`` list, whose outputs are added, then passed through a ReLU when its
+``relu`` flag says so). Every op carries its layer shapes. The exported network is rebuilt from that
+description alone and its tensors are loaded from safetensors: loading never unpickles anything. With
+``preprocessing`` (the data set's mean and std), a ``normalize`` op comes first: the exported network then
+takes float pixels in [0, 1] (:data:`INPUT_CONVENTION`). :func:`save_export` can add portable copies
+(``model.pt`` TorchScript, ``model.onnx``) that run without lottery, each checked before it is kept.
 
 Three exports (``export_model(model, mask, to=...)``):
 
@@ -27,16 +31,17 @@ Three exports (``export_model(model, mask, to=...)``):
   small dense conv over its input channels (no im2col: the CPU's conv kernels do the product).
 * ``csr``: after the surgery, each masked Linear layer keeps its weights as a ``torch.sparse_csr`` matrix.
 
-Every export is checked against the masked network on random inputs: the largest absolute difference of
-the outputs must stay within ``1e-4 x max(1, max |reference output|)`` (float32; the orders of summation
-differ). The check's result is stored in the JSON description.
+Every export is checked against the masked network on random inputs (with preprocessing, uniform pixels
+in [0, 1] for the export and their normalised values for the masked network): the largest absolute
+difference of the outputs must stay within ``1e-4 x max(1, max |reference output|)`` (float32; the orders
+of summation differ). The check's result is stored in the JSON description.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -48,6 +53,8 @@ from lottery.masks import Mask
 
 __all__ = [
     "EXPORT_KINDS",
+    "INPUT_CONVENTION",
+    "PORTABLE_FORMATS",
     "BlockConv2d",
     "BlockLinear",
     "CSRLinear",
@@ -61,13 +68,15 @@ __all__ = [
     "export_model",
     "load_export",
     "max_output_difference",
+    "preprocessing_record",
     "save_export",
 ]
 from lottery.export._base import EXPORT_KINDS, FORMAT, FORMAT_VERSION, RTOL, ExportError
-from lottery.export.graph import coupled_layers, dead_channel_params, describe  # noqa: F401  (public names)
+from lottery.export.graph import SUPPORTED, coupled_layers, dead_channel_params, describe  # noqa: F401
 from lottery.export.layers import (  # noqa: F401  (public names)
-    BlockConv2d, BlockLinear, CSRLinear, _fill, build_network,
+    BlockConv2d, BlockLinear, CSRLinear, Normalize, _fill, build_network,
 )
+from lottery.export.portable import PORTABLE_FORMATS, write_portable  # noqa: F401
 from lottery.export.transform import _shrink, _to_blocks, _to_csr, blocks_from_mask  # noqa: F401
 
 
@@ -76,26 +85,74 @@ from lottery.export.transform import _shrink, _to_blocks, _to_csr, blocks_from_m
 
 @dataclass
 class Exported:
-    """An exported network and its JSON description (``ops`` plus shapes, sizes and the check)."""
+    """An exported network and its JSON description (``ops`` plus shapes, sizes and the check).
+
+    ``sample`` holds the check's inputs (raw, as the exported network takes them) and the masked
+    network's outputs on them, for checking portable files (:func:`save_export`); ``None`` after
+    :func:`load_export`."""
 
     module: nn.Module
     description: dict[str, Any]
+    sample: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+
+
+def preprocessing_record(preprocessing: Any, input_shape: Sequence[int]) -> dict[str, Any] | None:
+    """The ``preprocessing`` entry of model.json from a mapping with ``mean`` and ``std`` (one value per
+    input channel), or anything with ``mean``/``std`` attributes (a ``DatasetSpec`` from
+    ``lottery.data.dataset_info``, a loaded data set); ``None`` for none."""
+    if preprocessing is None:
+        return None
+    if isinstance(preprocessing, Mapping):
+        mean, std = preprocessing.get("mean"), preprocessing.get("std")
+    else:
+        mean, std = getattr(preprocessing, "mean", None), getattr(preprocessing, "std", None)
+    channels = int(input_shape[0])
+    try:
+        mean = [float(v) for v in mean]  # type: ignore[union-attr]
+        std = [float(v) for v in std]  # type: ignore[union-attr]
+    except TypeError:
+        raise ConfigError("preprocessing must give a mean and a std per input channel "
+                          "(e.g. {'mean': [0.1307], 'std': [0.3081]} or lottery.data.dataset_info(name))") from None
+    if len(mean) != channels or len(std) != channels or min(std) <= 0:
+        raise ConfigError(f"preprocessing needs {channels} means and {channels} positive stds for inputs of shape "
+                          f"{tuple(input_shape)}, got mean={mean}, std={std}")
+    return {"mean": mean, "std": std, "input_shape": [int(s) for s in input_shape], "input": INPUT_CONVENTION}
+
+
+INPUT_CONVENTION = ("float32 pixels in [0, 1] (a uint8 image divided by 255), shape (N, C, H, W); "
+                    "the network computes (x - mean) / std per channel first, as lottery's data loaders do")
+
+
+def _check_inputs(input_shape, n: int, seed: int, pre: dict[str, Any] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs of the exported network, inputs of the masked network): random normal inputs without
+    preprocessing; with it, uniform raw pixels in [0, 1] and their normalised values."""
+    g = torch.Generator().manual_seed(seed)
+    if pre is None:
+        x = torch.randn(n, *input_shape, generator=g)
+        return x, x
+    x = torch.rand(n, *input_shape, generator=g)
+    mean = torch.tensor(pre["mean"]).view(1, -1, *([1] * (len(input_shape) - 1)))
+    std = torch.tensor(pre["std"]).view(1, -1, *([1] * (len(input_shape) - 1)))
+    return x, (x - mean) / std
 
 
 @torch.no_grad()
-def max_output_difference(reference: nn.Module, exported: nn.Module, input_shape, n: int = 8, seed: int = 0) -> dict[str, float]:
-    """Largest |reference(x) - exported(x)| over ``n`` random normal inputs (both in eval mode), with the
-    largest |reference(x)| for scale."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, *input_shape, generator=g)
-    was = reference.training, exported.training
-    reference.eval()
-    exported.eval()
+def _outputs(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    was = module.training
+    module.eval()
     try:
-        ref, got = reference(x), exported(x)
+        return module(x)
     finally:
-        reference.train(was[0])
-        exported.train(was[1])
+        module.train(was)
+
+
+def max_output_difference(reference: nn.Module, exported: nn.Module, input_shape, n: int = 8, seed: int = 0,
+                          preprocessing: Mapping[str, Any] | None = None) -> dict[str, float]:
+    """Largest |reference(x) - exported(x)| over ``n`` random normal inputs (both in eval mode), with the
+    largest |reference(x)| for scale. With ``preprocessing`` (a model.json ``preprocessing`` entry), the
+    exported network gets raw pixels in [0, 1] and the reference their normalised values."""
+    raw, normalised = _check_inputs(input_shape, n, seed, preprocessing)
+    ref, got = _outputs(reference, normalised), _outputs(exported, raw)
     return {"max_abs_diff": float((ref - got).abs().max()), "max_abs_reference": float(ref.abs().max()), "inputs": n}
 
 
@@ -109,16 +166,29 @@ def _count(module: nn.Module) -> dict[str, int]:
     return {"parameters": total, "nonzero_parameters": nonzero}
 
 
-def export_model(model: nn.Module, mask: Mask | None = None, to: str = "dense", *, check_inputs: int = 8,
-                 seed: int = 0) -> Exported:
+def export_model(model: nn.Module, mask: Mask | None = None, to: str = "dense", *, input_shape=None,
+                 preprocessing: Any = None, check_inputs: int = 8, seed: int = 0) -> Exported:
     """Export ``model`` (plain or hard-masked, with its trained weights) under ``mask`` (default: the
-    model's own hard masks, else no mask). Raises :class:`ExportError` if the exported network's outputs
-    differ from the masked network's beyond the tolerance."""
+    model's own hard masks, else no mask).
+
+    ``model`` can be any network that torch.fx traces into the supported ops (see :func:`describe`);
+    ``input_shape`` (C, H, W) defaults to ``model.input_shape``. ``preprocessing`` (``None``, a mapping
+    with ``mean`` and ``std``, or a ``DatasetSpec``) becomes the exported network's first op, so that it
+    takes raw pixels in [0, 1] (:data:`INPUT_CONVENTION`) while the masked network takes normalised ones.
+    Raises :class:`ExportError` if the exported network's outputs differ from the masked network's beyond
+    the tolerance."""
     from lottery import masking
 
     if to not in EXPORT_KINDS:
         raise ConfigError(f"export kind must be one of {', '.join(EXPORT_KINDS)}, got {to!r}")
-    ops = describe(model)
+    if input_shape is None:
+        input_shape = getattr(model, "input_shape", None)
+    if input_shape is None:
+        raise ConfigError(f"export_model needs input_shape=(channels, height, width) for {type(model).__name__}, "
+                          "which has no input_shape attribute")
+    input_shape = tuple(int(s) for s in input_shape)
+    pre = preprocessing_record(preprocessing, input_shape)
+    ops = describe(model, input_shape)
     state = masking.to_plain_state_dict(model.state_dict())
     state = {k: v.detach().cpu().clone() for k, v in state.items()}
     if mask is None:
@@ -128,18 +198,22 @@ def export_model(model: nn.Module, mask: Mask | None = None, to: str = "dense", 
         if k not in state:
             raise ExportError(f"the mask names {k}, which the model does not have")
         state[k] = state[k].masked_fill(~m.cpu(), 0)
-    input_shape = tuple(int(s) for s in getattr(model, "input_shape"))
     new_ops, layers = _shrink(ops, state, masks, input_shape[0])
     if to == "blocks":
         new_ops = _to_blocks(new_ops, state, masks)
     elif to == "csr":
         new_ops = _to_csr(new_ops, state, masks)
+    if pre is not None:
+        new_ops = [{"op": "normalize", "mean": pre["mean"], "std": pre["std"]}, *new_ops]
     net = build_network(new_ops)
     _fill(net, new_ops, state)
     net.eval()
 
     reference = _masked_reference(model, mask)  # a plain masked copy; the caller's model is untouched
-    check = max_output_difference(reference, net, input_shape, n=check_inputs, seed=seed)
+    raw, normalised = _check_inputs(input_shape, check_inputs, seed, pre)
+    ref_out, got = _outputs(reference, normalised), _outputs(net, raw)
+    check = {"max_abs_diff": float((ref_out - got).abs().max()), "max_abs_reference": float(ref_out.abs().max()),
+             "inputs": check_inputs}
     check["tolerance"] = RTOL * max(1.0, check["max_abs_reference"])
     check["ok"] = check["max_abs_diff"] <= check["tolerance"]
     if not check["ok"]:
@@ -150,14 +224,15 @@ def export_model(model: nn.Module, mask: Mask | None = None, to: str = "dense", 
     export_flops = network_cost(net, None, input_shape)["flops_sparse"]
     description = {
         "format": FORMAT, "version": FORMAT_VERSION, "kind": to, "family": type(model).__name__,
-        "input_shape": list(input_shape), "num_classes": int(new_ops[-1]["out"]) if new_ops else None,
+        "input_shape": list(input_shape), "num_classes": int(ref_out.shape[1]) if ref_out.dim() == 2 else None,
+        "preprocessing": pre,
         "ops": new_ops, "layers": layers, "check": check,
         "size": {"original_parameters": original["parameters"],
                  "original_nonzero_parameters": original["nonzero_parameters"], **_count(net)},
         # multiply-accumulates per example (lottery.cost): the network before pruning, the export as built
         "flops": {"dense": dense_flops, "export": export_flops, "theoretical_speedup": dense_flops / export_flops},
     }
-    return Exported(net, description)
+    return Exported(net, description, sample=(raw, ref_out))
 
 
 @torch.no_grad()
@@ -174,18 +249,37 @@ def _masked_reference(model: nn.Module, mask: Mask) -> nn.Module:
     return ref.cpu().eval()
 
 
-def save_export(folder: str | Path, exported: Exported, extra: Mapping[str, Any] | None = None) -> Path:
+def save_export(folder: str | Path, exported: Exported, extra: Mapping[str, Any] | None = None,
+                portable: Sequence[str] = ()) -> Path:
     """Write ``model.safetensors`` (the exported module's tensors) and ``model.json`` (its description
-    plus ``extra``) into ``folder``; returns the folder."""
+    plus ``extra``) into ``folder``, and the ``portable`` files (``"torchscript"``: ``model.pt``,
+    ``"onnx"``: ``model.onnx``), each checked against the masked network's outputs on the check's inputs
+    before it is kept (see :mod:`lottery.export.portable`); returns the folder."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    description = {**exported.description, **(extra or {})}
+    files: dict[str, Any] = {}
+    for fmt in dict.fromkeys(portable):
+        if exported.sample is not None:
+            inputs, reference = exported.sample
+        else:  # a loaded export: the file must compute what the loaded network computes
+            inputs, _ = _check_inputs(description["input_shape"], int(description["check"]["inputs"]), 0,
+                                      description.get("preprocessing"))
+            reference = _outputs(exported.module, inputs)
+        files[fmt] = write_portable(folder, fmt, exported.module, inputs, reference)
+    if files:
+        description["portable"] = files
     save_tensors(folder / "model.safetensors", exported.module.state_dict(), metadata={"format": FORMAT})
-    write_json(folder / "model.json", {**exported.description, **(extra or {})})
+    write_json(folder / "model.json", description)
     return folder
 
 
 def load_export(folder: str | Path) -> Exported:
-    """Rebuild an exported network from ``model.json`` and load ``model.safetensors`` (no unpickling)."""
+    """Rebuild an exported network from ``model.json`` and load ``model.safetensors`` (no unpickling).
+
+    When the description has ``preprocessing`` (exports from ``lottery export`` record the run's data set),
+    the network normalises its inputs itself: it takes float pixels in [0, 1], shape (N, C, H, W)
+    (:data:`INPUT_CONVENTION`), not normalised ones."""
     folder = Path(folder)
     desc_path, tensors_path = folder / "model.json", folder / "model.safetensors"
     if not desc_path.exists() or not tensors_path.exists():

@@ -6,7 +6,8 @@ from lottery.errors import LotteryError
 
 EXPORT_KINDS = ("dense", "blocks", "csr")
 FORMAT = "lottery.export"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: ops of any traced network (residual ``relu`` flag, ``batchnorm``, ``avgpool2d``,
+# ``normalize``) and the data set's ``preprocessing``; version 1 descriptions still load
 RTOL = 1e-4  # the check's tolerance, relative to max(1, max |reference output|)
 
 

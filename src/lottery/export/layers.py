@@ -31,13 +31,31 @@ class _ConvBN(nn.Module):
 
 
 class _Residual(nn.Module):
-    def __init__(self, body: nn.Module, shortcut: nn.Module):
+    """``body(x) + shortcut(x)``, then a ReLU when ``relu`` (every residual op of a version-1 export has one)."""
+
+    def __init__(self, body: nn.Module, shortcut: nn.Module, relu: bool = True):
         super().__init__()
         self.body = body
         self.shortcut = shortcut  # an empty Sequential is the identity
+        self.relu = bool(relu)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.body(x) + self.shortcut(x))
+        y = self.body(x) + self.shortcut(x)
+        return F.relu(y) if self.relu else y
+
+
+class Normalize(nn.Module):
+    """The data set's normalisation as the exported network's first layer: ``(x - mean) / std`` per
+    channel, for inputs that are float pixels in [0, 1] (uint8 images divided by 255). Its constants come
+    from the description (not stored with the weights)."""
+
+    def __init__(self, mean: list[float], std: list[float]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
 
 
 class _BlockBase(nn.Module):
@@ -156,6 +174,13 @@ def _module(op: dict[str, Any]) -> nn.Module:
         return CSRLinear(op["in"], op["out"], op["nnz"], bias=op["bias"])
     if kind == "relu":
         return nn.ReLU()
+    if kind == "batchnorm":
+        return nn.BatchNorm2d(op["channels"], eps=op["bn"]["eps"], momentum=op["bn"]["momentum"])
+    if kind == "normalize":
+        return Normalize(op["mean"], op["std"])
+    if kind == "avgpool2d":
+        return nn.AvgPool2d(op["kernel"], op["stride"], op["padding"], ceil_mode=op["ceil_mode"],
+                            count_include_pad=op["count_include_pad"], divisor_override=op["divisor_override"])
     if kind == "maxpool":
         return nn.MaxPool2d(op["kernel"], op["stride"], op["padding"], op["dilation"], ceil_mode=op["ceil_mode"])
     if kind == "avgpool":
@@ -163,7 +188,7 @@ def _module(op: dict[str, Any]) -> nn.Module:
     if kind == "flatten":
         return nn.Flatten()
     if kind == "residual":
-        return _Residual(build_network(op["body"]), build_network(op["shortcut"]))
+        return _Residual(build_network(op["body"]), build_network(op["shortcut"]), op.get("relu", True))
     raise CheckpointError(f"unknown op {kind!r} in an export description")
 
 
@@ -180,6 +205,10 @@ def _fill(net: nn.Sequential, ops: list[dict[str, Any]], state: Mapping[str, tor
         if kind == "residual":
             _fill(module.body, op["body"], state)
             _fill(module.shortcut, op["shortcut"], state)
+            continue
+        if kind == "batchnorm":
+            for t in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+                getattr(module, t).copy_(state[f"{op['bn']['name']}.{t}"])
             continue
         if kind in ("conv", "conv_blocks"):
             target = module.conv

@@ -31,6 +31,11 @@ class _Surgery:
                 cur = (cur.unsqueeze(1) * s + torch.arange(s)).reshape(-1)
                 n_orig *= s
                 op = dict(op)
+            elif kind == "batchnorm":  # its channels are kept whole (_Groups.fixed): cur selects them all
+                bn = op["bn"]["name"]
+                for t in ("weight", "bias", "running_mean", "running_var"):
+                    self.state[f"{bn}.{t}"] = self.state[f"{bn}.{t}"][cur].contiguous()
+                op = {**op, "channels": int(len(cur))}
             elif kind == "residual":
                 body, b_cur, b_n = self.run(op["body"], cur, n_orig)
                 short, s_cur, s_n = self.run(op["shortcut"], cur, n_orig) if op["shortcut"] else ([], cur, n_orig)

@@ -38,7 +38,8 @@ from lottery.engine import Trainer
 from lottery.errors import CheckpointError, ConfigError
 from lottery.experiment import (
     MetricsCSV, RunOptions, build_model, build_model_without_data, check_run_model_known, describe_run, folder_lock,
-    load_data, log_line, make_loaders, nominal_shape, prepare_run_folder, reuse_finished, run_folder_name,
+    input_normalisation, load_data, log_line, make_loaders, nominal_shape, prepare_run_folder, reuse_finished,
+    run_folder_name,
 )
 from lottery.export import ExportError, coupled_layers, dead_channel_params
 from lottery.hparams import DataHparams, Hparams, ModelHparams, TrainingHparams
@@ -197,6 +198,11 @@ def load_run_network(folder: str | Path, level: int | None = None) -> tuple[nn.M
     method = (desc.get("structured") or {}).get("method") or kind
     return model, mask, {"run_dir": str(folder), "kind": kind, "level": level, "method": method,
                          "model": desc["model"]["model"], "dataset": desc["data"]["dataset"], "seed": desc.get("seed")}
+
+
+def run_preprocessing(folder: str | Path) -> dict[str, list[float]]:
+    """The input normalisation (``mean``, ``std`` per channel) of a run folder's data set, for exports."""
+    return input_normalisation(DataHparams.from_dict(_desc(Path(folder))["data"]))
 
 
 # -- the structured mask and its retraining -------------------------------------------------------------
