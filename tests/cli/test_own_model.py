@@ -76,6 +76,13 @@ def test_search_sweep_and_export_with_the_users_model(user_folder):
     exported = _lottery("export", str(run), "--import", "tiny_models", "--to", "csr", "--out", "exp", cwd=user_folder)
     assert exported.returncode == 0, exported.stderr
     assert (user_folder / "exp" / "model.json").is_file()
+    timed = _lottery("bench-latency", str(run), "--import", "tiny_models", "--batch-sizes", "4", "--warmup", "1",
+                     "--repeats", "3", cwd=user_folder)
+    assert timed.returncode == 0, timed.stderr
+    assert "masked" in timed.stdout
+    refilled = _lottery("structure", "refill", str(run), "--import", "tiny_models", "--no-progress", cwd=user_folder)
+    assert refilled.returncode == 0, refilled.stderr
+    assert list((user_folder / "runs").glob("structure-*/results.json"))
 
 
 

@@ -162,7 +162,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     portable = _portable_formats(args.portable)
     model, mask, info = load_run_network(args.run_dir, args.level)
     preprocessing = None if args.no_preprocessing else run_preprocessing(args.run_dir)
-    exported = export_model(model, mask, args.to, check_inputs=args.check_inputs, preprocessing=preprocessing)
+    exported = export_model(model, mask, args.to, input_shape=tuple(info["input_shape"]), check_inputs=args.check_inputs,
+                            preprocessing=preprocessing)
     folder = args.out or _export_folder(args.run_dir, info, args.to)
     save_export(folder, exported, extra={"source": info}, portable=portable)
     d = exported.description
@@ -197,7 +198,7 @@ def _parse_ints(text: str, what: str) -> tuple[int, ...]:
     return values
 
 
-def latency_variants(model, mask, kinds, exported=None) -> dict:
+def latency_variants(model, mask, kinds, exported=None, input_shape=None) -> dict:
     """``dense`` (the full-size network, no mask), ``masked`` (the ticket with its hard mask, as trained)
     and ``export:<kind>`` for each kind (or the given ``exported`` module)."""
     import copy
@@ -213,7 +214,7 @@ def latency_variants(model, mask, kinds, exported=None) -> dict:
     if exported is not None:
         variants[f"export:{exported[0]}"] = exported[1]
     for kind in kinds:
-        variants[f"export:{kind}"] = export_model(model, mask, kind).module
+        variants[f"export:{kind}"] = export_model(model, mask, kind, input_shape=input_shape).module
     return variants
 
 
@@ -246,16 +247,17 @@ def cmd_bench_latency(args: argparse.Namespace) -> int:
             kinds = [k.strip() for k in args.to.split(",") if k.strip()]
     else:
         raise ConfigError(f"{path} is neither a run folder nor an export folder")
-    variants = latency_variants(model, mask, kinds, exported)
+    shape = tuple(info["input_shape"])
+    variants = latency_variants(model, mask, kinds, exported, shape)
     devices = ["cpu", "cuda"] if args.device == "auto" and torch.cuda.is_available() else (
         ["cpu"] if args.device == "auto" else [args.device])
     reports = []
     for device in devices:
         settings = LatencySettings(batch_sizes=_parse_ints(args.batch_sizes, "--batch-sizes"), warmup=args.warmup,
                                    repeats=args.repeats, threads=args.threads, device=device)
-        report = measure_latency(variants, tuple(model.input_shape), settings, baseline="dense")
+        report = measure_latency(variants, shape, settings, baseline="dense")
         report["source"] = info
-        report["cost"] = {name: cost_fields(net, mask if name == "masked" else None, tuple(model.input_shape))
+        report["cost"] = {name: cost_fields(net, mask if name == "masked" else None, shape)
                           for name, net in variants.items()}
         reports.append(report)
         print(format_latency_table(report))

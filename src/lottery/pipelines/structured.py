@@ -197,7 +197,9 @@ def load_run_network(folder: str | Path, level: int | None = None) -> tuple[nn.M
     mask = Mask.load(mask_path) if kind != "train" and mask_path.exists() else None
     method = (desc.get("structured") or {}).get("method") or kind
     return model, mask, {"run_dir": str(folder), "kind": kind, "level": level, "method": method,
-                         "model": desc["model"]["model"], "dataset": desc["data"]["dataset"], "seed": desc.get("seed")}
+                         "model": desc["model"]["model"], "dataset": desc["data"]["dataset"], "seed": desc.get("seed"),
+                         # the network's input (C, H, W) from its data set: a user's own model need not say it
+                         "input_shape": list(nominal_shape(DataHparams.from_dict(desc["data"]))[0])}
 
 
 def run_preprocessing(folder: str | Path) -> dict[str, list[float]]:
