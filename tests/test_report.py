@@ -537,3 +537,19 @@ def test_layer_plot_shows_the_flops_share_when_mask_json_has_it(tmp_path, monkey
     report.plot_layer_density(folder, tmp_path / "layers.png")
     assert labels[0] == ("density (% of the layer kept)", [10.0, 10.0])
     assert labels[1] == ("share of the dense network's FLOPs (%)", [75.0, 25.0])
+
+
+def test_sparsest_matching_ticket_is_never_a_run_that_pruned_nothing():
+    """A matching group at density 1 (CS whose mask kept every weight, a pruning rate of 0) pruned nothing:
+    it is no ticket, so a sparser group that does not match leaves no sparsest matching ticket at all."""
+    common = {"model": "m", "dataset": "d", "recipe": "r", "n_seeds": 1, "dense_test_accuracy": 0.9}
+    rows = [{**common, "method": "cs ticket", "params": {"s0": 0.5}, "density": 1.0, "test_accuracy": 0.91,
+             "matching": True},
+            {**common, "method": "cs ticket", "params": {"s0": -0.1}, "density": 0.2, "test_accuracy": 0.5,
+             "matching": False},
+            {**common, "method": "imp", "params": {"level": 1}, "density": 1.0, "test_accuracy": 0.9,
+             "matching": True},
+            {**common, "method": "imp", "params": {"level": 2}, "density": 0.8, "test_accuracy": 0.9,
+             "matching": True}]
+    best = report.sparsest_matching(rows)
+    assert [(r["method"], r["density"]) for r in best] == [("imp", 0.8)]
