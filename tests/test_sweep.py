@@ -137,6 +137,17 @@ def test_local_sweep_equals_serial_and_reports_failures(tmp_path, monkeypatch):
     assert {j["role"] for j in rec["jobs"] if j["kind"] == "train"} == {"dense-reference"}
 
 
+def test_progress_bar_only_on_a_terminal(tmp_path, capsys):
+    """run_sweep(progress=True) into a stream that is not a terminal (a pipe, a file; pytest's capture
+    here) writes its log lines and no bar."""
+    lines: list[str] = []
+    result = run_sweep([make_spec("train", data=DATA, training=TRAIN)], RunOptions(out=tmp_path, log=lines.append),
+                       backend="serial", progress=True, name="bar")
+    assert result.ok and any(line.startswith("sweep bar: 1 jobs") for line in lines)
+    captured = capsys.readouterr()
+    assert captured.err == "" and captured.out == ""
+
+
 def test_failed_dense_reference_fails_its_dependents_without_running_them(tmp_path, monkeypatch):
     monkeypatch.setitem(sweep.KINDS, "train", JobKind("train", raising_runner, "lottery.experiment:DenseJob"))
     specs = expand_grid(_cs_base(), {"s0": [0.05, 0.1]})
