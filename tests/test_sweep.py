@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -293,6 +298,71 @@ def test_sweep_command_runs_and_reports(tmp_path, capsys):
     rec = json.loads((tmp_path / "sweep_cli.json").read_text())
     assert rec["jobs_ok"] == 3 and rec["backend"] == "serial"
     assert (tmp_path / "report_cli" / "report.csv").is_file()
+
+
+def _workers_importing_torch(pgid: int) -> int:
+    """The spawned workers of process group ``pgid`` that have begun to import torch (its library is
+    mapped); the import goes on for a second or more after that (Linux: read from /proc)."""
+    n = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if (int(fields[2]) == pgid and b"spawn_main" in (stat.parent / "cmdline").read_bytes()
+                    and "libtorch" in (stat.parent / "maps").read_text()):
+                n += 1
+        except (OSError, IndexError, ValueError):
+            pass
+    return n
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the workers through /proc")
+@pytest.mark.parametrize("when", ["workers starting", "jobs running"])
+def test_ctrl_c_on_a_local_sweep_prints_one_line_and_leaves_no_process(tmp_path, when):
+    """Ctrl-C (SIGINT to the terminal's whole process group: the command and its spawned workers) while the
+    workers start (import torch) or run jobs: exit status 130, one line on stderr and no worker's traceback,
+    no process left behind, and the sweep's record says interrupted."""
+    argv = [sys.executable, "-m", "lottery", "sweep", "train", *SYNTH_FLAGS, "--synthetic-train-size", "3000",
+            "--epochs", "100", "--seeds", "0,1,2,3", "--workers", "2", "--threads-per-worker", "1",
+            "--no-progress", "--no-report", "--out", str(tmp_path)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    out: list[str] = []
+    running = threading.Event()
+
+    def read_stdout():
+        for line in proc.stdout:
+            out.append(line)
+            if "epoch 1/100" in line:  # a worker trained an epoch
+                running.set()
+
+    reader = threading.Thread(target=read_stdout, daemon=True)
+    reader.start()
+    try:
+        deadline = time.time() + 180
+        while not (running.is_set() if when == "jobs running" else _workers_importing_torch(proc.pid) >= 1):
+            assert time.time() < deadline and proc.poll() is None, "no job started:\n" + "".join(out)
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGINT)
+        err = proc.stderr.read()
+        assert proc.wait(60) == 130, err
+        reader.join(10)
+        assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+        assert err.strip() == "lottery: interrupted; run the same command again to resume", err
+        deadline = time.time() + 15
+        while True:  # every process of the command's session is gone (workers, resource tracker)
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                break
+            assert time.time() < deadline, "processes of the sweep are still running after it ended"
+            time.sleep(0.1)
+        assert json.loads(next(tmp_path.glob("sweep_*.json")).read_text())["state"] == "interrupted"
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
 
 
 def test_cli_default_workers_follow_the_measurement(monkeypatch):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
 import threading
 import time
@@ -24,6 +26,10 @@ _LOG_QUEUE: Any = None  # set in each local worker: log lines go back to the par
 
 def _init_local_worker(threads: int, log_queue: Any) -> None:
     global _LOG_QUEUE
+    # Ctrl-C is the parent's to handle (it stops the pool and prints one line); a worker that took it too
+    # would print its own traceback. Workers started by _LocalBackend already ignore it from birth
+    # (_no_sigint); this covers a pool started elsewhere.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _LOG_QUEUE = log_queue
     # Never block this process's exit on flushing log lines (a parent that stopped reading, or a queue
     # left locked by a worker that was killed mid-write, would otherwise hang it).
@@ -110,6 +116,22 @@ class _SerialBackend:
         pass
 
 
+@contextlib.contextmanager
+def _no_sigint():
+    """Ignore SIGINT while worker processes are started: a spawned child inherits the ignored disposition
+    (and Python keeps it), so a Ctrl-C that reaches the whole process group, as a terminal's does, stops
+    only the parent, even while a worker is still starting (importing torch). Only the main thread may
+    change signal handlers; elsewhere this does nothing, and the worker's initialiser ignores SIGINT."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 class _LocalBackend:
     """A spawn-context process pool; a pool whose worker died is replaced before the next submit."""
 
@@ -160,7 +182,8 @@ class _LocalBackend:
         self.queue = self.drain = None
 
     def submit(self, entry: "_Entry", opts: dict[str, Any]) -> Any:
-        fut = self._pool().submit(_local_task, entry.kind, entry.spec, opts, entry.label)
+        with _no_sigint():  # the pool starts its worker processes here, on demand
+            fut = self._pool().submit(_local_task, entry.kind, entry.spec, opts, entry.label)
         self.futures[fut] = entry
         return fut
 
@@ -190,7 +213,17 @@ class _LocalBackend:
 
     def close(self, cancel: bool = False) -> None:
         if self.pool is not None:
+            # Cancelled (Ctrl-C): the workers ignore SIGINT and would finish their jobs (and this process would
+            # wait for them at exit), so they are terminated; every job resumes from its last checkpoint.
+            workers = list((getattr(self.pool, "_processes", None) or {}).values()) if cancel else []
             self.pool.shutdown(wait=not cancel, cancel_futures=True)
+            for p in workers:
+                p.terminate()
+            for p in workers:
+                p.join(timeout=10)
+                if p.is_alive():
+                    p.kill()
+                    p.join(timeout=10)
             self.pool = None
         self._stop_drain()
 
