@@ -223,6 +223,52 @@ def test_ray_backend_runs_jobs_as_tasks(tmp_path):
     assert rec["workers"] == 2 and rec["threads_per_worker"] == 1  # 2 CPUs, 1 asked per task
 
 
+# What `lottery sweep train ... --backend ray` printed to stderr with Ray 2.60 before its log was cleaned.
+RAY_STDERR = (
+    "2026-12-02 12:07:42,263\tWARNING authentication_token_setup.py:85 -- Token authentication is enabled for this "
+    "Ray cluster. Set RAY_AUTH_MODE=disabled to opt out. For more information, see "
+    "https://docs.ray.io/en/latest/ray-security/token-auth.html\n"
+    "\x1b[36m(train lenet_300_100/synthetic seed=0 pid=21114)\x1b[0m [train lenet_300_100/synthetic seed=0] dense "
+    "epoch 1/1  loss 2.2535  val 48.00%  test 48.00%  lr 0.1  0.0s\n"
+    "\x1b[36m(train lenet_300_100/synthetic seed=1 pid=21115, ip=10.0.0.2)\x1b[0m [train lenet_300_100/synthetic "
+    "seed=1] dense epoch 1/1  loss 2.2659  val 34.00%  test 48.00%  lr 0.1  0.0s\x1b[32m [repeated 2x across "
+    "cluster] (Ray deduplicates logs by default. Set RAY_DEDUP_LOGS=0 to disable log deduplication, or see "
+    "https://docs.ray.io/en/master/ray-observability/user-guides/configure-logging.html#log-deduplication for more "
+    "options.)\x1b[0m\n"
+    "\x1b[36m(train lenet_300_100/synthetic seed=0 pid=21114)\x1b[0m UserWarning: something a library said\n"
+)
+
+
+def test_ray_log_lines_are_cleaned():
+    """No colour codes, one prefix (the job's label, not Ray's "(task pid=N)" before it), no dedup note,
+    no token-authentication warning; a line without a label of its own gets the task's name."""
+    cleaned = [sweep.clean_ray_line(line) for line in RAY_STDERR.splitlines()]
+    assert cleaned == [
+        None,
+        "[train lenet_300_100/synthetic seed=0] dense epoch 1/1  loss 2.2535  val 48.00%  test 48.00%  lr 0.1  0.0s",
+        "[train lenet_300_100/synthetic seed=1] dense epoch 1/1  loss 2.2659  val 34.00%  test 48.00%  lr 0.1  0.0s",
+        "[train lenet_300_100/synthetic seed=0] UserWarning: something a library said",
+    ]
+    assert sweep.clean_ray_line("[a job] a plain line") == "[a job] a plain line"
+
+
+def test_ray_sweep_log_is_clean(tmp_path, capfd):
+    """A sweep that starts its own Ray: every job's lines reach the sweep's log, cleaned; nothing of Ray's
+    own on the terminal."""
+    pytest.importorskip("ray", reason="ray is not installed (pip install 'lottery[ray]')")
+    lines: list[str] = []
+    jobs = [make_spec("train", data=DATA, training=TRAIN, seed=s) for s in (0, 1)]
+    result = run_sweep(jobs, RunOptions(out=tmp_path, progress=False, log=lines.append), backend="ray", num_cpus=1,
+                       name="ray-log")
+    assert result.ok
+    captured = capfd.readouterr()
+    for label in (o.label for o in result.outcomes):
+        assert any(line.startswith(f"[{label}] dense epoch 1/1  loss") for line in lines), (label, lines)
+    assert not [line for line in lines if "\x1b" in line or "pid=" in line or "repeated" in line]
+    assert "\x1b" not in captured.err + captured.out and "Token authentication" not in captured.err + captured.out
+    assert "pid=" not in captured.err + captured.out
+
+
 def test_ray_missing_gives_install_hint(monkeypatch, tmp_path):
     import builtins
 

@@ -36,7 +36,8 @@ from typing import Any, Callable, Sequence
 
 from lottery.errors import ConfigError, LotteryError  # noqa: F401  (LotteryError: re-exported)
 from lottery.sweep.backends import (  # noqa: F401
-    BACKENDS, _LocalBackend, _options_state, _RayBackend, _SerialBackend, _execute, import_ray, one_line,
+    BACKENDS, _LocalBackend, _options_state, _RayBackend, _SerialBackend, _execute, clean_ray_line,
+    import_ray, one_line,
 )
 from lottery.sweep.kinds import (  # noqa: F401
     GROUP_CLASSES, KINDS, JobKind, _resolve, _run_folder, available_kinds, get_kind, kind_available, register_kind,
@@ -59,6 +60,7 @@ __all__ = [
     "SweepResult",
     "available_kinds",
     "build_job",
+    "clean_ray_line",
     "default_threads_per_worker",
     "dense_reference_spec",
     "expand_grid",
