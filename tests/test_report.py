@@ -537,3 +537,60 @@ def test_layer_plot_shows_the_flops_share_when_mask_json_has_it(tmp_path, monkey
     report.plot_layer_density(folder, tmp_path / "layers.png")
     assert labels[0] == ("density (% of the layer kept)", [10.0, 10.0])
     assert labels[1] == ("share of the dense network's FLOPs (%)", [75.0, 25.0])
+
+
+def test_sparsest_matching_ticket_is_never_a_run_that_pruned_nothing():
+    """A matching group at density 1 (CS whose mask kept every weight, a pruning rate of 0) pruned nothing:
+    it is no ticket, so a sparser group that does not match leaves no sparsest matching ticket at all."""
+    common = {"model": "m", "dataset": "d", "recipe": "r", "n_seeds": 1, "dense_test_accuracy": 0.9}
+    rows = [{**common, "method": "cs ticket", "params": {"s0": 0.5}, "density": 1.0, "test_accuracy": 0.91,
+             "matching": True},
+            {**common, "method": "cs ticket", "params": {"s0": -0.1}, "density": 0.2, "test_accuracy": 0.5,
+             "matching": False},
+            {**common, "method": "imp", "params": {"level": 1}, "density": 1.0, "test_accuracy": 0.9,
+             "matching": True},
+            {**common, "method": "imp", "params": {"level": 2}, "density": 0.8, "test_accuracy": 0.9,
+             "matching": True}]
+    best = report.sparsest_matching(rows)
+    assert [(r["method"], r["density"]) for r in best] == [("imp", 0.8)]
+
+
+def _x_labels(monkeypatch, tmp_path, densities, **kw):
+    """The x tick labels drawn in the accuracy plot of points at ``densities``: [(text, x0, x1)] in pixels."""
+    import lottery.io
+
+    def measure(fig):
+        fig.canvas.draw()
+        ax = fig.axes[0]
+        lo, hi = sorted(ax.get_xlim())
+        renderer = fig.canvas.get_renderer()
+        return [(t.get_text(), *t.get_window_extent(renderer).intervalx) for t in ax.get_xticklabels()
+                if t.get_text() and lo <= t.get_position()[0] <= hi]
+
+    saved = []
+    monkeypatch.setattr(lottery.io, "save_figure", lambda fig, path, **_: saved.append(measure(fig)))
+    points = [{"method": "imp", "density": d, "test_accuracy": 0.9 - 0.01 * i} for i, d in enumerate(densities)]
+    report.plot_accuracy_vs_density(points, tmp_path / "a.png", **kw)
+    return saved[0]
+
+
+def _no_overlap(labels) -> bool:
+    spans = sorted((x0, x1) for _, x0, x1 in labels)
+    return all(a1 < b0 for (_, a1), (b0, _) in zip(spans, spans[1:]))
+
+
+def test_density_axis_labels_every_points_density(monkeypatch, tmp_path):
+    """A 2-level IMP plot (densities 100, 80, 64 %) labels all three densities, not only "100"."""
+    labels = _x_labels(monkeypatch, tmp_path, [1.0, 0.8, 0.64], dense_accuracy=0.9)
+    assert {"100", "80", "64"} <= {text for text, _, _ in labels}
+    assert _no_overlap(labels)
+
+
+def test_density_axis_labels_never_overlap_and_thin_crowded_points(monkeypatch, tmp_path):
+    """Points too close to label each (50, 49, 48 %) keep one label; the others all get theirs, and
+    reference values (1, 2, 5 of a decade) fill the room left; no two labels overlap."""
+    labels = _x_labels(monkeypatch, tmp_path, [0.5, 0.49, 0.48, 0.3, 0.1, 0.05, 0.011])
+    texts = [text for text, _, _ in labels]
+    assert {"50", "30", "10", "5", "1.1"} <= set(texts)
+    assert not {"49", "48"} <= set(texts)
+    assert _no_overlap(labels) and len(texts) == len(set(texts))

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -137,6 +142,17 @@ def test_local_sweep_equals_serial_and_reports_failures(tmp_path, monkeypatch):
     assert {j["role"] for j in rec["jobs"] if j["kind"] == "train"} == {"dense-reference"}
 
 
+def test_progress_bar_only_on_a_terminal(tmp_path, capsys):
+    """run_sweep(progress=True) into a stream that is not a terminal (a pipe, a file; pytest's capture
+    here) writes its log lines and no bar."""
+    lines: list[str] = []
+    result = run_sweep([make_spec("train", data=DATA, training=TRAIN)], RunOptions(out=tmp_path, log=lines.append),
+                       backend="serial", progress=True, name="bar")
+    assert result.ok and any(line.startswith("sweep bar: 1 jobs") for line in lines)
+    captured = capsys.readouterr()
+    assert captured.err == "" and captured.out == ""
+
+
 def test_failed_dense_reference_fails_its_dependents_without_running_them(tmp_path, monkeypatch):
     monkeypatch.setitem(sweep.KINDS, "train", JobKind("train", raising_runner, "lottery.experiment:DenseJob"))
     specs = expand_grid(_cs_base(), {"s0": [0.05, 0.1]})
@@ -205,6 +221,52 @@ def test_ray_backend_runs_jobs_as_tasks(tmp_path):
     rec = json.loads((tmp_path / "ray" / "sweep_r.json").read_text())
     assert rec["backend"] == "ray" and rec["ray"]["num_cpus"] == 1 and rec["jobs_failed"] == 1
     assert rec["workers"] == 2 and rec["threads_per_worker"] == 1  # 2 CPUs, 1 asked per task
+
+
+# What `lottery sweep train ... --backend ray` printed to stderr with Ray 2.60 before its log was cleaned.
+RAY_STDERR = (
+    "2026-12-02 12:07:42,263\tWARNING authentication_token_setup.py:85 -- Token authentication is enabled for this "
+    "Ray cluster. Set RAY_AUTH_MODE=disabled to opt out. For more information, see "
+    "https://docs.ray.io/en/latest/ray-security/token-auth.html\n"
+    "\x1b[36m(train lenet_300_100/synthetic seed=0 pid=21114)\x1b[0m [train lenet_300_100/synthetic seed=0] dense "
+    "epoch 1/1  loss 2.2535  val 48.00%  test 48.00%  lr 0.1  0.0s\n"
+    "\x1b[36m(train lenet_300_100/synthetic seed=1 pid=21115, ip=10.0.0.2)\x1b[0m [train lenet_300_100/synthetic "
+    "seed=1] dense epoch 1/1  loss 2.2659  val 34.00%  test 48.00%  lr 0.1  0.0s\x1b[32m [repeated 2x across "
+    "cluster] (Ray deduplicates logs by default. Set RAY_DEDUP_LOGS=0 to disable log deduplication, or see "
+    "https://docs.ray.io/en/master/ray-observability/user-guides/configure-logging.html#log-deduplication for more "
+    "options.)\x1b[0m\n"
+    "\x1b[36m(train lenet_300_100/synthetic seed=0 pid=21114)\x1b[0m UserWarning: something a library said\n"
+)
+
+
+def test_ray_log_lines_are_cleaned():
+    """No colour codes, one prefix (the job's label, not Ray's "(task pid=N)" before it), no dedup note,
+    no token-authentication warning; a line without a label of its own gets the task's name."""
+    cleaned = [sweep.clean_ray_line(line) for line in RAY_STDERR.splitlines()]
+    assert cleaned == [
+        None,
+        "[train lenet_300_100/synthetic seed=0] dense epoch 1/1  loss 2.2535  val 48.00%  test 48.00%  lr 0.1  0.0s",
+        "[train lenet_300_100/synthetic seed=1] dense epoch 1/1  loss 2.2659  val 34.00%  test 48.00%  lr 0.1  0.0s",
+        "[train lenet_300_100/synthetic seed=0] UserWarning: something a library said",
+    ]
+    assert sweep.clean_ray_line("[a job] a plain line") == "[a job] a plain line"
+
+
+def test_ray_sweep_log_is_clean(tmp_path, capfd):
+    """A sweep that starts its own Ray: every job's lines reach the sweep's log, cleaned; nothing of Ray's
+    own on the terminal."""
+    pytest.importorskip("ray", reason="ray is not installed (pip install 'lottery[ray]')")
+    lines: list[str] = []
+    jobs = [make_spec("train", data=DATA, training=TRAIN, seed=s) for s in (0, 1)]
+    result = run_sweep(jobs, RunOptions(out=tmp_path, progress=False, log=lines.append), backend="ray", num_cpus=1,
+                       name="ray-log")
+    assert result.ok
+    captured = capfd.readouterr()
+    for label in (o.label for o in result.outcomes):
+        assert any(line.startswith(f"[{label}] dense epoch 1/1  loss") for line in lines), (label, lines)
+    assert not [line for line in lines if "\x1b" in line or "pid=" in line or "repeated" in line]
+    assert "\x1b" not in captured.err + captured.out and "Token authentication" not in captured.err + captured.out
+    assert "pid=" not in captured.err + captured.out
 
 
 def test_ray_missing_gives_install_hint(monkeypatch, tmp_path):
@@ -282,6 +344,71 @@ def test_sweep_command_runs_and_reports(tmp_path, capsys):
     rec = json.loads((tmp_path / "sweep_cli.json").read_text())
     assert rec["jobs_ok"] == 3 and rec["backend"] == "serial"
     assert (tmp_path / "report_cli" / "report.csv").is_file()
+
+
+def _workers_importing_torch(pgid: int) -> int:
+    """The spawned workers of process group ``pgid`` that have begun to import torch (its library is
+    mapped); the import goes on for a second or more after that (Linux: read from /proc)."""
+    n = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if (int(fields[2]) == pgid and b"spawn_main" in (stat.parent / "cmdline").read_bytes()
+                    and "libtorch" in (stat.parent / "maps").read_text()):
+                n += 1
+        except (OSError, IndexError, ValueError):
+            pass
+    return n
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the workers through /proc")
+@pytest.mark.parametrize("when", ["workers starting", "jobs running"])
+def test_ctrl_c_on_a_local_sweep_prints_one_line_and_leaves_no_process(tmp_path, when):
+    """Ctrl-C (SIGINT to the terminal's whole process group: the command and its spawned workers) while the
+    workers start (import torch) or run jobs: exit status 130, one line on stderr and no worker's traceback,
+    no process left behind, and the sweep's record says interrupted."""
+    argv = [sys.executable, "-m", "lottery", "sweep", "train", *SYNTH_FLAGS, "--synthetic-train-size", "3000",
+            "--epochs", "100", "--seeds", "0,1,2,3", "--workers", "2", "--threads-per-worker", "1",
+            "--no-progress", "--no-report", "--out", str(tmp_path)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    out: list[str] = []
+    running = threading.Event()
+
+    def read_stdout():
+        for line in proc.stdout:
+            out.append(line)
+            if "epoch 1/100" in line:  # a worker trained an epoch
+                running.set()
+
+    reader = threading.Thread(target=read_stdout, daemon=True)
+    reader.start()
+    try:
+        deadline = time.time() + 180
+        while not (running.is_set() if when == "jobs running" else _workers_importing_torch(proc.pid) >= 1):
+            assert time.time() < deadline and proc.poll() is None, "no job started:\n" + "".join(out)
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGINT)
+        err = proc.stderr.read()
+        assert proc.wait(60) == 130, err
+        reader.join(10)
+        assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+        assert err.strip() == "lottery: interrupted; run the same command again to resume", err
+        deadline = time.time() + 15
+        while True:  # every process of the command's session is gone (workers, resource tracker)
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                break
+            assert time.time() < deadline, "processes of the sweep are still running after it ended"
+            time.sleep(0.1)
+        assert json.loads(next(tmp_path.glob("sweep_*.json")).read_text())["state"] == "interrupted"
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
 
 
 def test_cli_default_workers_follow_the_measurement(monkeypatch):

@@ -114,3 +114,29 @@ def test_two_optimizers_follow_the_schedule(tiny_data):
     Trainer(model, train, HP, optimizers=opts, progress=False, log=lambda m: None).fit()
     assert opts[1].param_groups[0]["weight_decay"] == 0.0
     assert opts[0].param_groups[0]["lr"] == pytest.approx(0.01) == opts[1].param_groups[0]["lr"]
+
+
+@pytest.mark.parametrize("steps,expected", [
+    ("13it", ["train iteration 8/13", "train iteration 13/13"]),  # 8 iterations per epoch: 1.625 epochs
+    ("2ep", ["train epoch 1/2", "train epoch 2/2"]),
+])
+def test_log_lines_count_whole_iterations_or_whole_epochs(tiny_data, steps, expected):
+    """A run that ends inside an epoch prints iterations (never ``epoch 1/1.625``); one that ends at an
+    epoch boundary prints epochs; both as whole numbers."""
+    train, test = tiny_data
+    lines: list[str] = []
+    Trainer(tiny_mlp(), train, HP.replace(training_steps=steps, milestones=("1ep",)), eval_loaders={"test": test},
+            progress=False, log=lines.append).fit()
+    assert [line.split("  ")[0] for line in lines] == expected
+
+
+def test_no_progress_bar_into_a_stream_that_is_not_a_terminal(tiny_data, capsys):
+    """progress=True draws a bar on a terminal only; into a pipe or a file (pytest's capture here) the
+    log has its lines and no bar."""
+    train, test = tiny_data
+    lines: list[str] = []
+    Trainer(tiny_mlp(), train, HP.replace(training_steps="2ep", milestones=("1ep",)), eval_loaders={"test": test},
+            progress=True, log=lines.append).fit()
+    captured = capsys.readouterr()
+    assert len(lines) == 2
+    assert captured.err == "" and captured.out == ""

@@ -457,3 +457,13 @@ def test_every_imp_level_records_the_cost_of_its_own_mask(imp_run):
         assert all(layers[n]["flops_sparse"] == expected["layers"][n]["flops_sparse"] for n in mask)
         speedups.append(result["theoretical_speedup"])
     assert speedups[0] == 1.0 and speedups == sorted(speedups)  # pruning only ever removes work
+
+
+def test_sparsest_matching_level_is_never_the_dense_level():
+    """When no pruned level matches, the answer is none, not level 0 (the dense network pruned nothing)."""
+    from lottery.pipelines.imp import sparsest_matching
+
+    levels = [{"level": 0, "density": 1.0, "test_accuracy": 0.90}, {"level": 1, "density": 0.8, "test_accuracy": 0.85}]
+    assert sparsest_matching(levels, dense_accuracy=0.90) is None
+    levels.append({"level": 2, "density": 0.64, "test_accuracy": 0.899})
+    assert sparsest_matching(levels, dense_accuracy=0.90) == {"level": 2, "density": 0.64, "test_accuracy": 0.899}

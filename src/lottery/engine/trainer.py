@@ -173,8 +173,9 @@ class Trainer:
         if self.progress:
             from tqdm.auto import tqdm
 
+            # disable=None: a bar only on a terminal; into a pipe or a file it would be noise in the log.
             bar = tqdm(total=remaining, desc=f"{self.desc} ep {epoch + 1}/{math.ceil(self.end.epochs)}",
-                       leave=False, unit="it", dynamic_ncols=True)
+                       leave=False, unit="it", dynamic_ncols=True, disable=None)
         for x, y in batches:
             self._train_step(x, y)
             if bar is not None:
@@ -255,7 +256,7 @@ class Trainer:
             cb.on_step_end(self)
 
     def _log_row(self, row: dict[str, Any], seconds: float) -> None:
-        parts = [f"{self.desc} epoch {row['epoch']:g}/{self.end.epochs:g}"]
+        parts = [f"{self.desc} {self._progress_text(row['step'])}"]
         if "train_loss" in row:
             parts.append(f"loss {row['train_loss']:.4f}")
         for split in self.eval_loaders:
@@ -267,6 +268,14 @@ class Trainer:
         parts.append(f"lr {row['lr']:.3g}")
         parts.append(f"{seconds:.1f}s")
         self.log("  ".join(parts))
+
+    def _progress_text(self, iteration: int) -> str:
+        """Whole numbers only: ``epoch 3/10`` when training ends at an epoch boundary, else
+        ``iteration 120/200`` (a fraction of an epoch, 0.4651/0.465116, says nothing to a reader)."""
+        ipe, end = self.iterations_per_epoch, self.end.iteration
+        if end % ipe == 0 and iteration % ipe == 0:
+            return f"epoch {iteration // ipe}/{end // ipe}"
+        return f"iteration {iteration}/{end}"
 
     # -- checkpoints -------------------------------------------------------------------------------
     def _save(self) -> None:

@@ -311,10 +311,12 @@ def _level_line(options: RunOptions, plan: _Plan, r: dict[str, Any], dense: dict
 
 def sparsest_matching(levels: Sequence[dict[str, Any]], dense_accuracy: float | None,
                       tolerance: float = MATCHING_TOLERANCE) -> dict[str, Any] | None:
-    """The sparsest level whose test accuracy is within ``tolerance`` of the dense network's (one seed)."""
+    """The sparsest level whose test accuracy is within ``tolerance`` of the dense network's (one seed).
+    Level 0, or any level that pruned nothing (density 1), is the dense network, not a ticket: never chosen."""
     if dense_accuracy is None:
         return None
-    ok = [r for r in levels if r.get("test_accuracy") is not None and r["test_accuracy"] >= dense_accuracy - tolerance]
+    ok = [r for r in levels if r.get("test_accuracy") is not None and r.get("density") is not None
+          and r["density"] < 1.0 and r["test_accuracy"] >= dense_accuracy - tolerance]
     if not ok:
         return None
     best = min(ok, key=lambda r: r["density"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any, Sequence
@@ -42,16 +43,6 @@ def plot_accuracy_vs_density(
         if dense_std:
             ax.axhspan(100 * (dense_accuracy - dense_std), 100 * (dense_accuracy + dense_std), color="gray", alpha=0.2)
     ax.set_xscale("log")
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
-
-    # Percent kept as plain numbers, labelled at 1, 2 and 5 of every decade (1, 2, 5, 10, 20, 50, 100):
-    # labels at powers of ten only leave most points between two far-apart values.
-    # Points within less than a decade would share one or two labels: then label 1..9 of the decade.
-    narrow = bool(all_x) and max(all_x) / min(all_x) < 10
-    ax.xaxis.set_major_locator(LogLocator(base=10, subs=tuple(float(i) for i in range(1, 10)) if narrow else (1.0, 2.0, 5.0)))
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}" if x == "density" else human_count(v)))
-    ax.xaxis.set_minor_locator(LogLocator(base=10, subs=tuple(float(i) for i in range(1, 10))))
-    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.invert_xaxis()
     ax.set_xlabel("density (% of prunable weights kept, log scale)" if x == "density" else
                   "multiply-accumulates per example (Conv and Linear weights kept, log scale)")
@@ -61,12 +52,56 @@ def plot_accuracy_vs_density(
     ax.grid(True, which="both", alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
+    _label_log_ticks(fig, ax, all_x, (lambda v: f"{v:.3g}") if x == "density" else human_count)
     path = Path(path)
     from lottery.io import save_figure
 
     save_figure(fig, path, dpi=120, bbox_inches="tight")
     save_figure(fig, path.with_suffix(".svg"), bbox_inches="tight")
     plt.close(fig)
+
+
+def _label_log_ticks(fig, ax, points: Sequence[float], fmt) -> None:
+    """Label the log x axis at every point's value first, then at 1, 2 and 5 of each decade (every 1..9
+    when the points span less than a decade) where room is left; a label that would overlap one already
+    placed is left out (its tick stays), so labels never overlap. Draws the figure once to measure them."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter
+
+    lo, hi = sorted(ax.get_xlim())
+    values: list[float] = []
+    for v in sorted(float(v) for v in points if lo <= v <= hi):
+        if not values or fmt(v) != fmt(values[-1]):  # one tick per label text
+            values.append(v)
+    narrow = bool(values) and values[-1] / values[0] < 10
+    subs = range(1, 10) if narrow else (1, 2, 5)
+    texts = {fmt(v) for v in values}
+    refs = [m * 10.0 ** e for e in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1) for m in subs]
+    refs = [r for r in refs if lo <= r <= hi and fmt(r) not in texts]
+    ticks = sorted(values + refs)
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: fmt(v)))
+    ax.xaxis.set_minor_locator(LogLocator(base=10, subs=tuple(float(i) for i in range(1, 10))))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    extent = {}
+    for loc, tick in zip(ax.xaxis.get_majorticklocs(), ax.xaxis.get_major_ticks()):
+        box = tick.label1.get_window_extent(renderer)
+        extent[float(loc)] = (box.x0, box.x1)
+    pad = 0.4 * ax.xaxis.get_major_ticks()[0].label1.get_fontsize() * fig.dpi / 72 if ticks else 0.0
+    # The extreme points first (where the curves start and end), then the other points, then the references.
+    order = ([values[0], values[-1]] if len(values) > 1 else values) + values[1:-1] + refs
+    placed: list[tuple[float, float]] = []
+    kept: list[float] = []
+    for v in order:
+        x0, x1 = extent.get(v, (None, None))
+        if x0 is None:
+            continue
+        if all(x1 + pad <= a or b + pad <= x0 for a, b in placed):
+            placed.append((x0, x1))
+            kept.append(v)
+    ax.xaxis.set_major_formatter(
+        FuncFormatter(lambda v, _: fmt(v) if any(math.isclose(v, k, rel_tol=1e-9) for k in kept) else ""))
 
 
 def plot_run_summary(out: Path, results: dict[str, Any]) -> Path:

@@ -514,10 +514,11 @@ def summarize(records: Sequence[dict[str, Any]], tolerance: float = MATCH_TOLERA
 
 
 def sparsest_matching(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per method, model and data set: the matching group with the lowest mean density."""
+    """Per method, model and data set: the matching group with the lowest mean density. A group that
+    pruned nothing (density 1: CS whose mask kept everything, a rate of 0) is no ticket, matching or not."""
     best: dict[tuple, dict[str, Any]] = {}
     for r in rows:
-        if r["method"] == "dense" or not r.get("matching") or r.get("density") is None:
+        if r["method"] == "dense" or not r.get("matching") or r.get("density") is None or r["density"] >= 1.0:
             continue
         key = (r["method"], r["model"], r["dataset"])
         if key not in best or (r["density"], -(r["test_accuracy"] or 0.0)) < (best[key]["density"], -(best[key]["test_accuracy"] or 0.0)):

@@ -36,7 +36,8 @@ from typing import Any, Callable, Sequence
 
 from lottery.errors import ConfigError, LotteryError  # noqa: F401  (LotteryError: re-exported)
 from lottery.sweep.backends import (  # noqa: F401
-    BACKENDS, _LocalBackend, _options_state, _RayBackend, _SerialBackend, _execute, import_ray, one_line,
+    BACKENDS, _LocalBackend, _options_state, _RayBackend, _SerialBackend, _execute, clean_ray_line,
+    import_ray, one_line,
 )
 from lottery.sweep.kinds import (  # noqa: F401
     GROUP_CLASSES, KINDS, JobKind, _resolve, _run_folder, available_kinds, get_kind, kind_available, register_kind,
@@ -59,6 +60,7 @@ __all__ = [
     "SweepResult",
     "available_kinds",
     "build_job",
+    "clean_ray_line",
     "default_threads_per_worker",
     "dense_reference_spec",
     "expand_grid",
@@ -92,7 +94,8 @@ def run_sweep(
 
     ``jobs``: :class:`JobSpec` (or pipeline job objects such as ``CSJob``). ``options``: a
     :class:`~lottery.experiment.RunOptions` (``out``, ``data_dir``, ``device``, ``download``; its
-    ``progress`` switches the sweep's bar; workers never draw bars, they log lines prefixed by their job).
+    ``progress`` switches the sweep's bar, drawn only when stderr is a terminal; workers never draw bars,
+    they log lines prefixed by their job).
 
     ``backend='local'``: ``workers`` spawned processes, each with ``threads_per_worker`` torch threads
     (default ``max(1, cpus // workers)``). ``backend='ray'``: each job a Ray task asking for ``num_cpus``
@@ -222,7 +225,9 @@ def run_sweep(
     else:
         runner = _SerialBackend(threads_per_worker, log)
         cap = 1
-    bar = tqdm(total=len(entries), desc=f"sweep {sweep_name}", unit="job", disable=not show, dynamic_ncols=True)
+    # disable=None: the bar only on a terminal; into a pipe or a file it would be noise among the log lines.
+    bar = tqdm(total=len(entries), desc=f"sweep {sweep_name}", unit="job", disable=None if show else True,
+               dynamic_ncols=True)
     log(f"sweep {sweep_name}: {len(entries)} jobs ({sum(e.role == 'dense-reference' for e in entries)} dense "
         f"references first), backend {backend}, {workers} at a time x {threads_per_worker} threads; "
         f"record: {record_path}")

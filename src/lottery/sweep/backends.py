@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import signal
 import sys
 import threading
 import time
@@ -24,6 +27,10 @@ _LOG_QUEUE: Any = None  # set in each local worker: log lines go back to the par
 
 def _init_local_worker(threads: int, log_queue: Any) -> None:
     global _LOG_QUEUE
+    # Ctrl-C is the parent's to handle (it stops the pool and prints one line); a worker that took it too
+    # would print its own traceback. Workers started by _LocalBackend already ignore it from birth
+    # (_no_sigint); this covers a pool started elsewhere.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _LOG_QUEUE = log_queue
     # Never block this process's exit on flushing log lines (a parent that stopped reading, or a queue
     # left locked by a worker that was killed mid-write, would otherwise hang it).
@@ -120,6 +127,22 @@ class _SerialBackend:
         pass
 
 
+@contextlib.contextmanager
+def _no_sigint():
+    """Ignore SIGINT while worker processes are started: a spawned child inherits the ignored disposition
+    (and Python keeps it), so a Ctrl-C that reaches the whole process group, as a terminal's does, stops
+    only the parent, even while a worker is still starting (importing torch). Only the main thread may
+    change signal handlers; elsewhere this does nothing, and the worker's initialiser ignores SIGINT."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 class _LocalBackend:
     """A spawn-context process pool; a pool whose worker died is replaced before the next submit."""
 
@@ -170,7 +193,8 @@ class _LocalBackend:
         self.queue = self.drain = None
 
     def submit(self, entry: "_Entry", opts: dict[str, Any]) -> Any:
-        fut = self._pool().submit(_local_task, entry.kind, entry.spec, opts, entry.label)
+        with _no_sigint():  # the pool starts its worker processes here, on demand
+            fut = self._pool().submit(_local_task, entry.kind, entry.spec, opts, entry.label)
         self.futures[fut] = entry
         return fut
 
@@ -200,7 +224,17 @@ class _LocalBackend:
 
     def close(self, cancel: bool = False) -> None:
         if self.pool is not None:
+            # Cancelled (Ctrl-C): the workers ignore SIGINT and would finish their jobs (and this process would
+            # wait for them at exit), so they are terminated; every job resumes from its last checkpoint.
+            workers = list((getattr(self.pool, "_processes", None) or {}).values()) if cancel else []
             self.pool.shutdown(wait=not cancel, cancel_futures=True)
+            for p in workers:
+                p.terminate()
+            for p in workers:
+                p.join(timeout=10)
+                if p.is_alive():
+                    p.kill()
+                    p.join(timeout=10)
             self.pool = None
         self._stop_drain()
 
@@ -215,27 +249,127 @@ def import_ray():
     return ray
 
 
+# -- Ray's log, as a person reads it -----------------------------------------------------------------
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+# Ray's prefix of a relayed worker line: "(task name pid=123)" or "(pid=123, ip=10.0.0.2)".
+_RAY_PREFIX = re.compile(r"^\((?P<name>[^()]*?)\s*pid=[^,)\s]+(?:, ip=[^)]*)?\)\s?")
+# Ray's deduplication note after a line, with its explanation the first time.
+_RAY_REPEATED = re.compile(r"\s*\[repeated \d+x across cluster\](?: \(Ray deduplicates logs by default\..*\))?")
+#: Ray's notices about itself, not about the sweep's jobs: left out of the log.
+RAY_NOISE = (
+    "Token authentication is enabled for this Ray cluster",
+    "Started a local Ray instance",
+    "View the dashboard at",
+    "Tip: use `ray status`",
+)
+
+
+def clean_ray_line(line: str) -> str | None:
+    """One line of Ray's log as a person reads it, or None for Ray's notices about itself (:data:`RAY_NOISE`).
+
+    No ANSI colour codes, no "[repeated 2x across cluster] (Ray deduplicates ...)", and one prefix: the job's ``[label]`` that
+    the task wrote, not Ray's ``(label pid=123)`` before it; a line without a label of its own (a
+    warning a library printed in the task) gets Ray's task name as its label.
+    """
+    text = _RAY_REPEATED.sub("", _ANSI.sub("", line)).rstrip()
+    if not text.strip() or any(noise in text for noise in RAY_NOISE):
+        return None
+    prefix = _RAY_PREFIX.match(text)
+    if prefix:
+        text = text[prefix.end():]
+        name = prefix.group("name").strip()
+        if name and not text.startswith("["):
+            text = f"[{name}] {text}"
+    return text
+
+
+class _RayNoiseFilter:
+    """A logging filter that drops Ray's notices about itself (the token-authentication warning of ray.init)."""
+
+    @staticmethod
+    def filter(record) -> bool:
+        return clean_ray_line(record.getMessage()) is not None
+
+
+@contextlib.contextmanager
+def _quiet_ray_init():
+    import logging
+
+    loggers = [logging.getLogger(name) for name in ("ray", "ray._private.authentication.authentication_token_setup")]
+    targets = [*loggers, *(h for lg in loggers for h in lg.handlers)]
+    for t in targets:
+        t.addFilter(_RayNoiseFilter)
+    try:
+        yield
+    finally:
+        for t in targets:
+            t.removeFilter(_RayNoiseFilter)
+
+
 class _RayBackend:
-    """One ``ray.remote`` task per job, with its CPU/GPU request; results gathered with ``ray.wait``."""
+    """One ``ray.remote`` task per job, with its CPU/GPU request; results gathered with ``ray.wait``.
+
+    A Ray this backend starts (or joins) relays the tasks' log lines to ``log`` cleaned (:func:`clean_ray_line`),
+    all of them (Ray's deduplication would drop the second job's "epoch 1/1" line); a Ray the caller
+    initialised is used as it is, its log included.
+    """
+
+    _HANDLER = "lottery_sweep_log"
 
     def __init__(self, address: str | None, num_cpus: float, num_gpus: float, threads: int, log):
         ray = import_ray()
         self.ray = ray
         self.started = False
+        self.relaying = False
+        self.log = log
         if not ray.is_initialized():
             import logging
 
-            if address:
-                ray.init(address=address, logging_level=logging.WARNING)
-            else:
-                ray.init(include_dashboard=False, logging_level=logging.WARNING)
+            with _quiet_ray_init():
+                if address:
+                    ray.init(address=address, logging_level=logging.WARNING)
+                else:
+                    ray.init(include_dashboard=False, logging_level=logging.WARNING)
             self.started = True
+            self._relay_worker_logs()
         self.remote = ray.remote(_ray_task)
         resources = ray.cluster_resources()
         self.info = {"cluster_cpus": resources.get("CPU", 0.0), "cluster_gpus": resources.get("GPU", 0.0),
                      "nodes": len(ray.nodes())}
-        self.num_cpus, self.num_gpus, self.threads, self.log = num_cpus, num_gpus, threads, log
+        self.num_cpus, self.num_gpus, self.threads = num_cpus, num_gpus, threads
         self.refs: dict[Any, _Entry] = {}
+
+    def _relay_worker_logs(self) -> None:
+        """Take the tasks' lines from Ray's dispatcher instead of Ray's printer (which colours, prefixes and
+        deduplicates them); with a Ray without that dispatcher, Ray prints them itself."""
+        try:
+            from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+        except ImportError:
+            return
+        if "ray_print_logs" not in [name for name, _ in getattr(dispatcher, "handlers", [])]:
+            return  # log_to_driver is off: nothing to relay
+        dispatcher.remove_handler("ray_print_logs")
+        dispatcher.add_handler(self._HANDLER, self._on_worker_lines)
+        self.dispatcher, self.relaying = dispatcher, True
+        self.last_line = time.monotonic()
+
+    def _on_worker_lines(self, data: dict[str, Any]) -> None:
+        try:
+            if data.get("pid") == "autoscaler":
+                return
+            source = data.get("task_name") or data.get("actor_name")
+            for line in data.get("lines", []):
+                text = clean_ray_line(line)
+                if text is None:
+                    continue
+                if data.get("pid") == "raylet":
+                    text = f"ray: {text}"
+                elif source and not text.startswith("["):
+                    text = f"[{source}] {text}"
+                self.log(text)
+            self.last_line = time.monotonic()
+        except Exception:  # never break Ray's log thread over one line
+            pass
 
     def submit(self, entry: "_Entry", opts: dict[str, Any]) -> Any:
         ref = self.remote.options(num_cpus=self.num_cpus, num_gpus=self.num_gpus, max_retries=1,
@@ -262,6 +396,15 @@ class _RayBackend:
                     self.ray.cancel(ref)
                 except Exception:
                     pass
+        if self.relaying:
+            # A task's last lines reach this process after its result: wait until no line came for half a
+            # second (2 s at most).
+            start = time.monotonic()
+            while (not cancel and time.monotonic() < start + 2.0
+                   and time.monotonic() - max(self.last_line, start) < 0.5):
+                time.sleep(0.05)
+            self.dispatcher.remove_handler(self._HANDLER)
+            self.relaying = False
         if self.started:
             self.ray.shutdown()
 
