@@ -22,9 +22,12 @@ from torch import nn
 
 from lottery.cost import add_cost
 from lottery.engine import Callback, Trainer
-from lottery.errors import ConfigError, LotteryError
+from lottery.errors import CheckpointError, ConfigError, LotteryError
 from lottery.hparams import DataHparams, Hparams, ModelHparams, TrainingHparams, hparams_hash
-from lottery.io import atomic_write_bytes, read_json, remove_if_exists, save_tensors, storage_error, write_json
+from lottery.io import (
+    atomic_write_bytes, read_json, relocated_path, remove_if_exists, safetensors_problem, save_tensors, storage_error,
+    write_json,
+)
 from lottery.step import Step
 
 
@@ -435,15 +438,84 @@ class DenseJob:
     seed: int = 0
 
 
-def reuse_finished(folder: Path, description: dict[str, Any], options: RunOptions) -> dict[str, Any] | None:
-    """Prepare a run folder (:func:`prepare_run_folder`) and return its ``results.json`` if the run has
-    already finished, else None. Every stage starts this way: a finished run is never trained again."""
-    prepare_run_folder(folder, description)
-    results_path = folder / "results.json"
+#: results.json's record of the run's weight and mask files and their sizes when the run finished,
+#: checked whenever the run is reused (never returned to callers).
+ARTEFACTS_KEY = "artefacts"
+
+# Keys of a results.json that name folders: rewritten to where the folder is now when a moved run is reused.
+_FOLDER_KEYS = ("dense_run_dir", "source_run")
+
+
+def write_results(path: Path, results: dict[str, Any]) -> None:
+    """Write a run's (or an IMP level's) results.json, last, with the size of every ``.safetensors`` file
+    of its folder (checkpoints left out), so that a deleted or damaged artefact is found when the run
+    is reused instead of being taken for a finished one (:func:`finished_results`)."""
+    folder = path.parent
+    artefacts = {f.relative_to(folder).as_posix(): f.stat().st_size for f in sorted(folder.rglob("*.safetensors"))
+                 if f.name != "checkpoint.safetensors" and not f.name.startswith(".")}
+    write_json(path, {**results, ARTEFACTS_KEY: artefacts})
+
+
+def _relocated(results: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """A results.json read where its folder is now: ``run_dir`` (``level_dir`` for an IMP level) is that
+    folder, and the folders it names are looked up relative to it (a run folder can be moved or shared)."""
+    is_level = folder.name.startswith("level_") and "level_dir" in results
+    stored_self = results.get("level_dir" if is_level else "run_dir")
+    out = dict(results)
+    for key in _FOLDER_KEYS:
+        if out.get(key):
+            out[key] = relocated_path(str(out[key]), stored_self, folder)
+    if is_level:
+        out["level_dir"] = str(folder)
+        if out.get("run_dir"):
+            out["run_dir"] = str(folder.parent)
+    elif "run_dir" in out:
+        out["run_dir"] = str(folder)
+    if isinstance(out.get("levels"), list) and not is_level:
+        out["levels"] = [_relocated(lv, folder / f"level_{lv['level']}") if isinstance(lv, dict) and "level" in lv
+                         and (folder / f"level_{lv['level']}").is_dir() else lv for lv in out["levels"]]
+    return out
+
+
+def finished_results(results_path: Path, options: RunOptions) -> dict[str, Any] | None:
+    """A finished run's (or IMP level's) results, or None when it must run (again).
+
+    Every weight or mask file its results.json lists must be there, whole: a missing one is rebuilt (the
+    results file is set aside and the run resumes from what is left), a damaged one is refused naming
+    it. Paths are those of where the folder is now."""
     if not results_path.exists():
         return None
-    log_line(options, f"{folder}: already finished, reusing its results")
-    return read_json(results_path)
+    folder = results_path.parent
+    try:
+        results = read_json(results_path)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{results_path} is unreadable ({e}); delete it and run the same command again to "
+                              "rebuild it") from None
+    artefacts = results.pop(ARTEFACTS_KEY, None) or {}
+    missing = []
+    for rel, size in artefacts.items():
+        problem = safetensors_problem(folder / rel, size)
+        if problem == "missing":
+            missing.append(rel)
+        elif problem is not None:
+            raise CheckpointError(f"{folder / rel} is damaged ({problem}); delete it and run the same command "
+                                  "again to rebuild it")
+    if missing:
+        log_line(options, f"{folder}: finished, but {', '.join(missing)} is missing: running again to rebuild it")
+        remove_if_exists(results_path)
+        return None
+    return _relocated(results, folder)
+
+
+def reuse_finished(folder: Path, description: dict[str, Any], options: RunOptions) -> dict[str, Any] | None:
+    """Check the run folder (:func:`prepare_run_folder`) and return its results if the run has already
+    finished whole (:func:`finished_results`), else None. Every stage starts this way: a finished run is
+    never trained again, and a run with a missing artefact is completed again."""
+    prepare_run_folder(folder, description)
+    done = finished_results(folder / "results.json", options)
+    if done is not None:
+        log_line(options, f"{folder}: already finished, reusing its results")
+    return done
 
 
 def copy_finished_files(source: Path, folder: Path, files: list[str], last: str, optional: tuple[str, ...] = ()) -> bool:
@@ -477,8 +549,9 @@ def train_dense(job: DenseJob, options: RunOptions, wait_for_lock: bool = False)
         remove_if_exists(folder / "checkpoint.safetensors")  # left behind when killed right after results.json
         return done
     with folder_lock(folder, wait=wait_for_lock):
-        if results_path.exists():  # finished by the process we waited for
-            return read_json(results_path)
+        finished = finished_results(results_path, options)  # finished by the process we waited for
+        if finished is not None:
+            return finished
         bundle = load_data(job.data, options)
         model = build_model(job.model, bundle, job.seed)
         train_loader, evals = make_loaders(bundle, job.training, job.seed, options)
@@ -505,6 +578,6 @@ def train_dense(job: DenseJob, options: RunOptions, wait_for_lock: bool = False)
             "run_dir": str(folder),
         }
         add_cost(results, model, None, bundle.input_shape)
-        write_json(results_path, results)
+        write_results(results_path, results)
         remove_if_exists(folder / "checkpoint.safetensors")
         return results

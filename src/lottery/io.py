@@ -211,8 +211,44 @@ def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") ->
     try:
         return load_file(str(path), device=str(device))
     except FileNotFoundError:
-        raise CheckpointError(f"{path} does not exist; delete the stage (or run) folder it belongs to, "
-                              "to compute it again") from None
+        raise CheckpointError(f"{path} does not exist; run the command that made its run folder again to "
+                              "rebuild it") from None
     except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{path} is unreadable or not a safetensors file ({e}); delete it (or its stage "
-                              "folder) to compute it again") from None
+        raise CheckpointError(f"{path} is unreadable or not a safetensors file ({e}); delete it and run the "
+                              "command that made it again to rebuild it") from None
+
+
+def safetensors_problem(path: str | os.PathLike, size: int | None = None) -> str | None:
+    """Why a safetensors file cannot be used (missing, another size than when it was written, a header
+    that does not parse), or None when it looks whole. Reads only the header."""
+    from safetensors import safe_open
+
+    p = Path(path)
+    if not p.is_file():
+        return "missing"
+    actual = p.stat().st_size
+    if size is not None and actual != size:
+        return f"{actual} bytes, {size} when it was written"
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            f.keys()
+    except (SafetensorError, OSError, ValueError) as e:
+        return f"unreadable: {e}"
+    return None
+
+
+def relocated_path(stored: str, stored_self: str | None, here: Path) -> str:
+    """Where a folder that a results.json names (``dense_run_dir``, ``source_run``) is now.
+
+    Runs store paths as they were given when the run started (often relative to that working folder), so
+    they are read from where the results.json was found: the stored path's position relative to the
+    results' own stored folder, applied to ``here``. The stored path itself is the fallback, when it exists.
+    """
+    candidates = []
+    if stored_self and Path(stored).is_absolute() == Path(stored_self).is_absolute():
+        candidates.append(Path(os.path.normpath(here / os.path.relpath(stored, stored_self))))
+    candidates.append(Path(stored))
+    for c in candidates:
+        if c.exists():
+            return str(c)
+    return stored

@@ -10,6 +10,7 @@ from lottery import masking
 from lottery.errors import ConfigError
 from lottery.experiment import (
     RunOptions, check_run_model_known, describe_run, folder_lock, log_line, reuse_finished, run_folder_name,
+    write_results,
 )
 from lottery.hparams import DataHparams, ModelHparams, TrainingHparams
 from lottery.io import load_tensors, read_json, write_json
@@ -93,7 +94,7 @@ def _run_control(source: Path, control: str, hp, options: RunOptions, callbacks)
             "epochs": (ctx.end.iteration - k.iteration) / ctx.ipe, "wall_seconds": record["wall_seconds"],
             "ticket_test_accuracy": ticket.get("test_accuracy"), "source_run": str(source), "run_dir": str(folder),
         }
-        write_json(results_path, results)
+        write_results(results_path, results)
     log_line(options, f"{control} control of level {hp.level} (density {results['density']:.4f}, seed {hp.seed}): "
                       f"test {_pct(results['test_accuracy'])}, ticket {_pct(results['ticket_test_accuracy'])}")
     return results

@@ -28,7 +28,7 @@ from lottery.errors import CheckpointError, ConfigError, LotteryError
 from lottery.experiment import (
     DenseJob, MetricsCSV, RunOptions, build_model, copy_finished_files, describe_run, folder_lock, load_data,
     log_line, make_loaders, prune_ignore, reuse_finished, rewind_point, run_folder_name, train_dense,
-    write_metrics_csv,
+    write_metrics_csv, write_results,
 )
 from lottery.hparams import DataHparams, ModelHparams, TrainingHparams
 from lottery.io import load_tensors, read_json, remove_if_exists, save_tensors, write_json
@@ -234,7 +234,7 @@ def run_cs(job: CSJob, options: RunOptions) -> dict[str, Any]:
             results["dense_test_accuracy"] = dense["test_accuracy"]
             results["dense_run_dir"] = dense["run_dir"]
         add_cost(results, model, mask, bundle.input_shape, folder / "mask.json", job.cs.density)
-        write_json(folder / "results.json", results)
+        write_results(folder / "results.json", results)
         return results
 
 

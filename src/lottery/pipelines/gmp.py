@@ -25,8 +25,8 @@ from lottery import masking
 from lottery.cost import add_cost
 from lottery.engine import Trainer
 from lottery.experiment import (
-    DenseJob, MetricsCSV, RunOptions, build_model, describe_run, folder_lock, load_data, log_line,
-    make_loaders, prune_ignore, reuse_finished, run_folder_name, train_dense,
+    DenseJob, MetricsCSV, RunOptions, build_model, describe_run, folder_lock, load_data, log_line, make_loaders,
+    prune_ignore, reuse_finished, run_folder_name, train_dense, write_results,
 )
 from lottery.hparams import DataHparams, ModelHparams, TrainingHparams
 from lottery.io import read_json, remove_if_exists, save_tensors, write_json
@@ -131,7 +131,7 @@ def run_gmp(job: GMPJob, options: RunOptions) -> dict[str, Any]:
             results["dense_test_accuracy"] = dense["test_accuracy"]
             results["dense_run_dir"] = dense["run_dir"]
         add_cost(results, model, mask, bundle.input_shape, mask_path.with_suffix(".json"), hp.density)
-        write_json(results_path, results)
+        write_results(results_path, results)
     log_line(options, f"gmp ({hp.scope}) to density {mask.density():.4f}: test "
                       f"{100 * (results['test_accuracy'] or 0):.2f}%"
                       + (f" (dense {100 * dense['test_accuracy']:.2f}%)" if dense else ""))

@@ -53,7 +53,10 @@ from typing import Any, Sequence
 
 
 from lottery.errors import CheckpointError
-from lottery.experiment import DenseJob, RunOptions, describe_run, folder_lock, log_line, prepare_run_folder, run_folder_name, train_dense, write_metrics_csv
+from lottery.experiment import (
+    DenseJob, RunOptions, describe_run, finished_results, folder_lock, log_line, prepare_run_folder, run_folder_name,
+    train_dense, write_metrics_csv, write_results,
+)
 from lottery.hparams import DataHparams, ModelHparams, TrainingHparams
 from lottery.io import load_tensors, read_json, save_tensors, write_json
 from lottery.masks import Mask
@@ -173,7 +176,7 @@ def _run_levels(job, plan: _Plan, options: RunOptions, callbacks: StageCallbacks
         for level in range(1, hp.levels + 1):
             levels.append(_level(job, plan, ctx, common, level, levels[0]))
         summary = _summary(plan, folder, common, levels, ctx)
-        write_json(folder / "results.json", summary)
+        write_results(folder / "results.json", summary)
     _finish_report(options, plan, folder, levels)
     return summary
 
@@ -181,9 +184,10 @@ def _run_levels(job, plan: _Plan, options: RunOptions, callbacks: StageCallbacks
 def _level_zero(job, plan: _Plan, ctx: _Context, common: dict[str, Any]) -> dict[str, Any]:
     ldir = ctx.folder / "level_0"
     results_path = ldir / "results.json"
-    if results_path.exists():
+    done = finished_results(results_path, ctx.options)
+    if done is not None:
         ctx.load_stage(ldir, "model")
-        return read_json(results_path)
+        return done
     ldir.mkdir(parents=True, exist_ok=True)
     rewind_path = ctx.folder / "rewind.safetensors"
     extra: dict[str, Any] = {}
@@ -221,7 +225,7 @@ def _level_zero(job, plan: _Plan, ctx: _Context, common: dict[str, Any]) -> dict
     if plan.continued:
         result.update(_accuracies(record, "continued_"))
         result["continued_epochs"] = epochs
-    write_json(results_path, result)
+    write_results(results_path, result)
     _level_line(ctx.options, plan, result, result, plan.hp.levels)
     return result
 
@@ -231,11 +235,12 @@ def _level(job, plan: _Plan, ctx: _Context, common: dict[str, Any], level: int, 
     ldir = ctx.folder / f"level_{level}"
     prev = ctx.folder / f"level_{level - 1}"
     results_path = ldir / "results.json"
-    if results_path.exists():
+    done = finished_results(results_path, ctx.options)
+    if done is not None:
         if plan.continued:
             ctx.load_stage(ldir, "continued")
         ctx.load_stage(ldir, "model")
-        return read_json(results_path)
+        return done
     ldir.mkdir(parents=True, exist_ok=True)
     # The weights this level prunes from: the previous level's trained network, or for IMP-C the
     # previous continued run (level 0's dense network at level 1).
@@ -290,7 +295,7 @@ def _level(job, plan: _Plan, ctx: _Context, common: dict[str, Any], level: int, 
     result.update(_accuracies(record))
     result["epochs"] = epochs
     result["wall_seconds"] = wall
-    write_json(results_path, result)
+    write_results(results_path, result)
     _level_line(ctx.options, plan, result, dense, hp.levels)
     return result
 

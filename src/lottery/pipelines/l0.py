@@ -37,7 +37,7 @@ from lottery.errors import CheckpointError, ConfigError
 from lottery.experiment import (
     DenseJob, MetricsCSV, RunOptions, build_model, copy_finished_files, describe_run, folder_lock, load_data,
     log_line, make_loaders, prune_ignore, reuse_finished, rewind_point, run_folder_name, train_dense,
-    write_metrics_csv,
+    write_metrics_csv, write_results,
 )
 from lottery.hparams import DataHparams, ModelHparams, TrainingHparams
 from lottery.io import load_tensors, read_json, remove_if_exists, save_tensors, write_json
@@ -186,7 +186,7 @@ def run_l0(job: L0Job, options: RunOptions) -> dict[str, Any]:
             results["dense_test_accuracy"] = dense["test_accuracy"]
             results["dense_run_dir"] = dense["run_dir"]
         add_cost(results, model, mask, bundle.input_shape, mask_path.with_suffix(".json"))
-        write_json(results_path, results)
+        write_results(results_path, results)
         return results
 
 

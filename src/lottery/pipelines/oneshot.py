@@ -8,7 +8,7 @@ from typing import Any
 
 
 from lottery.engine import evaluate
-from lottery.experiment import DenseJob, RunOptions, describe_run, folder_lock, log_line, reuse_finished, run_folder_name, train_dense
+from lottery.experiment import write_results, DenseJob, RunOptions, describe_run, folder_lock, log_line, reuse_finished, run_folder_name, train_dense
 from lottery.hparams import DataHparams, ModelHparams, TrainingHparams
 from lottery.io import load_tensors, save_tensors, write_json
 from lottery.masks import Mask
@@ -77,7 +77,7 @@ def run_one_shot(job: OneShotJob, options: RunOptions, *, callbacks: StageCallba
             "wall_seconds": (dense.get("wall_seconds") or 0.0) + wall,
             "dense_test_accuracy": dense["test_accuracy"], "dense_run_dir": dense["run_dir"], "run_dir": str(folder),
         }
-        write_json(results_path, results)
+        write_results(results_path, results)
     log_line(options, f"magnitude ({hp.scope}) to density {mask.density():.4f}: test "
                       f"{_pct(results['test_accuracy_before_finetune'])} before fine-tuning, "
                       f"{_pct(results['test_accuracy'])} after (dense {_pct(dense['test_accuracy'])})")

@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 from lottery.engine import Callback
 from lottery.errors import CheckpointError
-from lottery.experiment import RunOptions, describe_run, folder_lock, log_line, reuse_finished, run_folder_name, write_metrics_csv
+from lottery.experiment import write_results, RunOptions, describe_run, folder_lock, log_line, reuse_finished, run_folder_name, write_metrics_csv
 from lottery.hparams import DataHparams, ModelHparams, TrainingHparams
 from lottery.io import load_tensors, read_json, save_tensors, write_json
 from lottery.masks import Mask
@@ -139,7 +139,7 @@ def run_stability(job: StabilityJob, options: RunOptions, *, callbacks: StageCal
             "dense_test_accuracy": (dense.get("last") or {}).get("test_accuracy"), "rows": rows,
             "stable_below": 0.02, "run_dir": str(folder),
         }
-        write_json(results_path, results)
+        write_results(results_path, results)
         write_metrics_csv(folder / "metrics.csv", ctx.rows)
     log_line(options, f"\nstability: {folder}\n" + format_table(table_rows, STABILITY_COLUMNS))
     return results

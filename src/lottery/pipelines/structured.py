@@ -37,9 +37,10 @@ from lottery import masking
 from lottery.engine import Trainer
 from lottery.errors import CheckpointError, ConfigError
 from lottery.experiment import (
-    MetricsCSV, RunOptions, build_model, build_model_without_data, check_run_model_known, describe_run, folder_lock,
+    MetricsCSV, RunOptions, build_model, build_model_without_data, check_run_model_known, describe_run,
+    finished_results, folder_lock,
     input_normalisation, load_data, log_line, make_loaders, nominal_shape, prepare_run_folder, reuse_finished,
-    run_folder_name,
+    run_folder_name, write_results,
 )
 from lottery.export import ExportError, coupled_layers, dead_channel_params
 from lottery.hparams import DataHparams, Hparams, ModelHparams, TrainingHparams
@@ -188,13 +189,17 @@ def load_run_network(folder: str | Path, level: int | None = None) -> tuple[nn.M
     else:
         raise ConfigError(f"{folder}: cannot load the network of a {kind!r} run")
     if not weights_path.exists():
-        raise ConfigError(f"{folder} has no trained network yet ({weights_path} is missing)")
+        raise ConfigError(f"{folder} has no trained network ({weights_path} is missing): run the command that made "
+                          "it (again) to finish or rebuild it")
     model = build_model_without_data(DataHparams.from_dict(desc["data"]), ModelHparams.from_dict(desc["model"]))
     try:
         model.load_state_dict(load_tensors(weights_path))
     except RuntimeError as exc:
         raise CheckpointError(f"{weights_path} does not fit {desc['model']['model']}: {exc}") from None
-    mask = Mask.load(mask_path) if kind != "train" and mask_path.exists() else None
+    if kind != "train" and not mask_path.exists():  # never the unpruned network in place of the ticket
+        raise CheckpointError(f"{mask_path} is missing, so {folder} holds no ticket to use; run the command that "
+                              "made that run again to rebuild it")
+    mask = Mask.load(mask_path) if kind != "train" else None
     method = (desc.get("structured") or {}).get("method") or kind
     return model, mask, {"run_dir": str(folder), "kind": kind, "level": level, "method": method,
                          "model": desc["model"]["model"], "dataset": desc["data"]["dataset"], "seed": desc.get("seed"),
@@ -345,7 +350,7 @@ def run_structure(job: StructureJob, options: RunOptions, *, partition: Partitio
             "structured": hp.to_dict(), "source_run": str(src.folder), "run_dir": str(folder),
         }
         add_cost(results, model, mask, nominal_shape(src.data)[0], folder / "mask.json")
-        write_json(results_path, results)
+        write_results(results_path, results)
     log_line(options, f"{hp.method} ticket after {src.after} ({where}): density {results['density']:.4f}, "
                       f"test {_pct(results['test_accuracy'])} (source ticket {_pct(results['source_test_accuracy'])}, "
                       f"dense {_pct(results['dense_test_accuracy'])})")
@@ -377,9 +382,9 @@ def run_structured_imp(job: StructuredIMPJob, options: RunOptions, *,
         for level in range(1, job.levels + 1):
             ldir = folder / f"level_{level}"
             results_path = ldir / "results.json"
-            if results_path.exists():
+            result = finished_results(results_path, options)
+            if result is not None:
                 stage.load(ldir)
-                result = read_json(results_path)
             else:
                 ldir.mkdir(parents=True, exist_ok=True)
                 pruned = Mask.load_or_create(ldir / "pruned_mask.safetensors",
@@ -401,7 +406,7 @@ def run_structured_imp(job: StructuredIMPJob, options: RunOptions, *,
                     "wall_seconds": record.get("wall_seconds"), "level_dir": str(ldir),
                 }
                 add_cost(result, model, mask, nominal_shape(src.data)[0], ldir / "mask.json")
-                write_json(results_path, result)
+                write_results(results_path, result)
                 log_line(options, f"{hp.method} imp level {level}/{job.levels}: density {result['density']:.4f} "
                                   f"(pruned {result['pruned_density']:.4f}), test {_pct(result['test_accuracy'])} "
                                   f"(dense {_pct(dense_acc)})")
@@ -412,5 +417,5 @@ def run_structured_imp(job: StructuredIMPJob, options: RunOptions, *,
                    "dataset": src.data.dataset, "seed": src.seed, "rate": imp.rate, "scope": imp.scope,
                    "rewind": src.rewind, "dense_test_accuracy": dense_acc, "levels": levels,
                    "structured": hp.to_dict(), "source_run": str(src.folder), "run_dir": str(folder)}
-        write_json(folder / "results.json", summary)
+        write_results(folder / "results.json", summary)
     return summary

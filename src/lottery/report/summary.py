@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import statistics
 import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence
+
+from lottery.io import relocated_path
 
 
 def collect_results(out: Path, model: str | None = None, dataset: str | None = None) -> list[dict[str, Any]]:
@@ -107,21 +108,7 @@ def _recipe_fields(hparams: dict[str, Any] | None) -> dict[str, str]:
     return out
 
 
-def _relocate(stored: str, stored_self: str | None, here: Path) -> str:
-    """Where a folder that a results.json names (``dense_run_dir``, ``source_run``) is now.
-
-    Runs store paths as they were given when the run started (often relative to that working folder), so
-    they are read from where the results.json was found: the stored path's position relative to the
-    results' own stored folder, applied to ``here``. The stored path itself is the fallback, when it exists.
-    """
-    candidates = []
-    if stored_self and Path(stored).is_absolute() == Path(stored_self).is_absolute():
-        candidates.append(Path(os.path.normpath(here / os.path.relpath(stored, stored_self))))
-    candidates.append(Path(stored))
-    for c in candidates:
-        if c.exists():
-            return str(c)
-    return stored
+_relocate = relocated_path  # shared with the pipelines, which reuse moved run folders the same way
 
 
 def _cumulative_wall(folder: Path, record: dict[str, Any]) -> float | None:
