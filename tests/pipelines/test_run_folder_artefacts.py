@@ -71,7 +71,7 @@ def test_a_deleted_ticket_is_retrained(finished, tmp_path):
 def test_a_damaged_artefact_is_refused_naming_it_and_rebuilt_once_deleted(finished, tmp_path):
     out, folder = _copy(finished, tmp_path)
     data = (folder / "mask.safetensors").read_bytes()
-    original = load_tensors(folder / "mask.safetensors")
+    original = {k: v.clone() for k, v in load_tensors(folder / "mask.safetensors").items()}  # not the mapped file
     (folder / "mask.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match=r"mask.safetensors is damaged .*delete it and run the same command"):
         run_cs(JOB, _options(out))
