@@ -105,6 +105,7 @@ def latency_job(args: dict, seed: int) -> dict | None:
     from lottery import masking
     from lottery.export import export_model
     from lottery.io import write_json
+    from lottery.cost import cost_fields
     from lottery.latency import LatencySettings, format_latency_table, measure_latency
     from lottery.pipelines.structured import load_run_network
 
@@ -120,12 +121,14 @@ def latency_job(args: dict, seed: int) -> dict | None:
         return None
     variants: dict[str, torch.nn.Module] = {}
     sizes: dict[str, dict] = {}
+    masks: dict[str, object] = {}  # the weight mask of each masked network, for its FLOPs
     variants["dense"] = load_run_network(imp[0]["run_dir"], 0)[0].eval()
     for name, run in (("imp", imp[0]["run_dir"]), ("cs", cs[0]["run_dir"])):
         model, mask, _ = load_run_network(run)
         masked = load_run_network(run)[0]
         masking.attach_hard_mask(masked, mask)
         variants[f"{name} masked"] = masked.eval()
+        masks[f"{name} masked"] = mask
         if name == "imp":
             e = export_model(model, mask, "csr")
             variants["imp csr"] = e.module
@@ -142,6 +145,9 @@ def latency_job(args: dict, seed: int) -> dict | None:
                                threads=args["threads"], device="cpu")
     report = measure_latency(variants, (1, 28, 28), settings, baseline="dense")
     report["sizes"] = sizes
+    # What each variant costs to evaluate (multiply-accumulates per example): exports at their real,
+    # smaller shapes; masked networks by their kept weights (lottery.cost)
+    report["cost"] = {label: cost_fields(net, masks.get(label), (1, 28, 28)) for label, net in variants.items()}
     report["seed"] = seed
     write_json(path, report)
     print(f"\nseed {seed}\n" + format_latency_table(report))
@@ -180,15 +186,25 @@ def report(out: Path) -> None:
         m, sd = mean_std(vals)
         return f"{m:.2f}x ± {sd:.2f}"
 
+    def flops(label: str) -> str:
+        vals = [r["cost"][label]["flops_sparse"] for r in lat if label in r.get("cost", {})]
+        return f"{mean_std(vals)[0]:,.0f}" if vals else "-"
+
+    def flops_speedup(label: str) -> str:
+        """The dense network's FLOPs over this variant's (an export's own count is of its smaller shapes)."""
+        vals = [r["cost"]["dense"]["flops_sparse"] / r["cost"][label]["flops_sparse"] for r in lat
+                if label in r.get("cost", {}) and r["cost"][label]["flops_sparse"]]
+        return f"{mean_std(vals)[0]:.2f}x" if vals else "-"
+
     def params(label: str) -> str:
         vals = [r["sizes"][label]["parameters"] / r["sizes"][label]["original_parameters"] for r in lat if label in r.get("sizes", {})]
         return f"{mean_std(vals)[0]:.3f}" if vals else "-"
 
     print("Accuracy (test, mean ± sample std over seeds) and CPU latency speed-up over the dense network "
           "(median of interleaved timings, 1 thread, mean ± std over seeds)\n")
-    print("| network | mask density | exported size / dense | test acc % | Δ vs dense (points) | "
-          "speed-up batch 1 | speed-up batch 64 | seeds |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| network | mask density | exported size / dense | FLOPs/example | speed-up (FLOPs) | test acc % | "
+          "Δ vs dense (points) | speed-up batch 1 | speed-up batch 64 | seeds |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     hits = []
     for name, runs, key in rows:
         if not runs:
@@ -205,14 +221,16 @@ def report(out: Path) -> None:
             size = params(labels[0])
         for label in labels:
             tag = name if len(labels) == 1 else f"{name} ({label.split()[-1]} export)"
-            print(f"| {tag} | {dens:.4f} | {size if label == labels[0] else '-'} | {100 * a:.2f} ± {100 * asd:.2f} | "
+            print(f"| {tag} | {dens:.4f} | {size if label == labels[0] else '-'} | {flops(label)} | "
+                  f"{flops_speedup(label)} | {100 * a:.2f} ± {100 * asd:.2f} | "
                   f"{100 * (a - d_mean):+.2f} | {speed(label, '1')} | {speed(label, '64')} | {len(runs)} |")
             if key is not None and lat:
                 s64 = [r["speedup"]["64"].get(label) for r in lat if label in r["speedup"]["64"]]
                 if s64 and a >= d_mean - MATCH and mean_std(s64)[0] >= TARGET_SPEEDUP:
                     hits.append(f"{tag}: {100 * a:.2f}% vs dense {100 * d_mean:.2f}%, {mean_std(s64)[0]:.2f}x at batch 64")
     if imp and "imp csr" in (lat[0]["speedup"]["64"] if lat else {}):
-        print(f"| IMP-R ticket, CSR export of its Linear layers | - | {params('imp csr')} | - | - | "
+        print(f"| IMP-R ticket, CSR export of its Linear layers | - | {params('imp csr')} | {flops('imp csr')} | "
+              f"{flops_speedup('imp csr')} | - | - | "
               f"{speed('imp csr', '1')} | {speed('imp csr', '64')} | {len(lat)} |")
     gpu = [r["cuda"] for r in lat if "cuda" in r]
     if gpu:
