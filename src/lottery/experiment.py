@@ -438,22 +438,23 @@ class DenseJob:
     seed: int = 0
 
 
-#: results.json's record of the run's weight and mask files and their sizes when the run finished,
-#: checked whenever the run is reused (never returned to callers).
-ARTEFACTS_KEY = "artefacts"
+#: Beside each results.json: the run's weight and mask files with their sizes when it finished, checked
+#: whenever the run is reused (written just before results.json, which marks the run finished).
+ARTEFACTS_FILE = "artefacts.json"
 
 # Keys of a results.json that name folders: rewritten to where the folder is now when a moved run is reused.
 _FOLDER_KEYS = ("dense_run_dir", "source_run")
 
 
 def write_results(path: Path, results: dict[str, Any]) -> None:
-    """Write a run's (or an IMP level's) results.json, last, with the size of every ``.safetensors`` file
-    of its folder (checkpoints left out), so that a deleted or damaged artefact is found when the run
-    is reused instead of being taken for a finished one (:func:`finished_results`)."""
+    """Write a run's (or an IMP level's) results.json, last, after ``artefacts.json``: the size of every
+    ``.safetensors`` file of its folder (checkpoints left out), so that a deleted or damaged artefact is
+    found when the run is reused instead of being taken for a finished one (:func:`finished_results`)."""
     folder = path.parent
     artefacts = {f.relative_to(folder).as_posix(): f.stat().st_size for f in sorted(folder.rglob("*.safetensors"))
                  if f.name != "checkpoint.safetensors" and not f.name.startswith(".")}
-    write_json(path, {**results, ARTEFACTS_KEY: artefacts})
+    write_json(folder / ARTEFACTS_FILE, artefacts)
+    write_json(path, results)
 
 
 def _relocated(results: dict[str, Any], folder: Path) -> dict[str, Any]:
@@ -491,7 +492,10 @@ def finished_results(results_path: Path, options: RunOptions) -> dict[str, Any] 
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{results_path} is unreadable ({e}); delete it and run the same command again to "
                               "rebuild it") from None
-    artefacts = results.pop(ARTEFACTS_KEY, None) or {}
+    try:
+        artefacts = read_json(folder / ARTEFACTS_FILE)
+    except (OSError, ValueError):
+        artefacts = {}  # a run finished before lottery recorded them: taken as it is
     missing = []
     for rel, size in artefacts.items():
         problem = safetensors_problem(folder / rel, size)
