@@ -13,8 +13,17 @@ from pathlib import Path
 import pytest
 
 from lottery.errors import ConfigError, UnknownNameError
-from lottery.models import build_model, get_model_spec
+from lottery.models import build_model, get_model_spec, registry
+from lottery.models import plugins
 from lottery.models.plugins import import_model_modules, imported_model_modules
+
+
+@pytest.fixture(autouse=True)
+def _forget_user_modules(monkeypatch):
+    """What these tests import and register stays in them: later sweeps would pass the modules on to
+    their workers, and run folders would record them."""
+    monkeypatch.setattr(plugins, "_IMPORTED", [])
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
 
 
 def _model_module(folder: Path, module: str, model: str) -> Path:
