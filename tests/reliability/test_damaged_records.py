@@ -1,8 +1,8 @@
 """Damaged records: results.json, metrics.csv or hparams.json of a finished run changed outside lottery.
 
-Running the same command again refuses with one line naming the damaged file (never a traceback, never a
-number taken from a file that does not describe the run); doing what the line says rebuilds the run
-exactly. ``lottery report`` leaves such a run out with one warning line and reports the others.
+Running the same command again refuses with one line naming the damaged file (never a traceback); doing
+what the line says rebuilds the run exactly. (A results.json whose numbers disagree with its mask is refused
+the same way: tests/pipelines/test_structured_results.py.) ``lottery report`` leaves such a run out with one warning line and reports the others.
 """
 
 from __future__ import annotations
@@ -29,9 +29,6 @@ def _truncate(path: Path) -> None:
 DAMAGES = {
     # file, how, what the refusal names
     "results-truncated": ("results.json", _truncate, "results.json is unreadable"),
-    "results-not-an-object": ("results.json", lambda p: p.write_text("[1, 2]\n"), "results.json is not a results record"),
-    "results-wrong-density": ("results.json", lambda p: p.write_text(json.dumps({**json.loads(p.read_text()),
-                              "density": 0.5})), "results.json does not describe its folder's mask (density 0.5"),
     "metrics-truncated": ("metrics.csv", _truncate, "metrics.csv is damaged (line"),
     "hparams-truncated": ("hparams.json", _truncate, "hparams.json is unreadable"),
 }
@@ -80,8 +77,6 @@ def test_a_damaged_record_is_refused_in_one_line_and_rebuilt_as_told(procs, fini
     warnings = [ln for ln in report.log.splitlines() if ln.startswith("lottery: warning:") and folder.name in ln]
     if name == "metrics.csv":
         assert warnings == []  # the report reads results.json, which is whole
-    elif name == "results.json" and case.startswith("results-wrong"):
-        pass  # a results.json that parses: the report cannot tell, the run's own command refuses it (above)
     else:
         assert len(warnings) == 1 and "left out" in warnings[0], report.log[-3000:]
         other = next(f for f in folders if f != folder)
