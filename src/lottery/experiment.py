@@ -455,6 +455,10 @@ def write_results(path: Path, results: dict[str, Any]) -> None:
     problem = mask_numbers_problem(results, folder)
     if problem is not None:  # an internal invariant: a number about a mask other than the one saved
         raise LotteryError(f"refusing to write {path}: {problem}; this is a bug in lottery, please report it")
+    # Every stage below this folder has finished: a checkpoint still here is one that a run killed between a
+    # stage's outputs and the checkpoint's removal left behind (a resumed run reads the outputs, not it).
+    for stale in folder.rglob("checkpoint.safetensors"):
+        remove_if_exists(stale)
     artefacts = {f.relative_to(folder).as_posix(): f.stat().st_size for f in sorted(folder.rglob("*.safetensors"))
                  if f.name != "checkpoint.safetensors" and not f.name.startswith(".")}
     write_json(folder / ARTEFACTS_FILE, artefacts)
