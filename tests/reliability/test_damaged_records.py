@@ -72,7 +72,7 @@ def test_a_damaged_record_is_refused_in_one_line_and_rebuilt_as_told(procs, fini
     (line,) = _error_lines(again.log)
     assert needle in line and str(folder) in line, line
 
-    report = procs.run(["report", str(out)])
+    report = procs.run(["report", str(out), "--out", str(tmp_path / "report")])
     assert report.exitcode == 0 and "Traceback" not in report.log, report.log[-3000:]
     warnings = [ln for ln in report.log.splitlines() if ln.startswith("lottery: warning:") and folder.name in ln]
     if name == "metrics.csv":
