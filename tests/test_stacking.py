@@ -247,3 +247,24 @@ def test_a_stack_resumes_from_its_members_checkpoints(tmp_path):
     for a, b in zip(full, [rest[0], rest[1], alone]):
         assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-5)
         assert _metrics(Path(a["run_dir"]))[-1]["train_loss"][:7] == _metrics(Path(b["run_dir"]))[-1]["train_loss"][:7]
+
+
+def test_sweep_stacks_dense_runs_that_share_a_data_order(tmp_path):
+    from lottery.sweep import expand_grid, make_spec, run_sweep
+
+    lines: list[str] = []
+    shared = TrainingHparams(training_steps="3it", batch_size=32, eval_every="3it", data_order_seed=0)
+    specs = expand_grid(make_spec("train", data=DATA, training=shared), seeds=[0, 1, 2])
+    # Seeds of their own data order: one line, and they run as usual.
+    specs += expand_grid(make_spec("train", data=DATA, training=shared.replace(data_order_seed=None)), seeds=[0, 1])
+    result = run_sweep(specs, RunOptions(out=tmp_path, progress=False, log=lines.append), backend="serial",
+                       stack=2, log=lines.append)
+    assert not result.failures
+    stacked = [o.results.get("stack", {}).get("size") for o in result.outcomes]
+    assert stacked == [2, 2, None, None, None]  # seed 2 alone in the second stack of two: unstacked
+    assert any(line.startswith("stack: training 2 dense runs as one") for line in lines)
+    assert any(line.startswith("stack: 2 dense job(s) share their data order with no other") for line in lines)
+    # Again: every run is reused, stacked or not.
+    again = run_sweep(specs, RunOptions(out=tmp_path, progress=False, log=lines.append), backend="serial", stack=2,
+                      log=lines.append)
+    assert [o.results["run_dir"] for o in again.outcomes] == [o.results["run_dir"] for o in result.outcomes]
