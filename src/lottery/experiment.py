@@ -159,29 +159,36 @@ def prepare_run_folder(path: Path, description: dict[str, Any]) -> Path:
     return path
 
 
-def _create_run_folder(path: Path) -> bool:
-    """Create a folder that :func:`prepare_run_folder` checked; whether this call created it."""
+def _create_run_folder(path: Path) -> list[Path]:
+    """Create a folder that :func:`prepare_run_folder` checked; the folders this call created (the run
+    folder and any missing parents, such as a new ``--out``), innermost first; empty when it created
+    no run (the folder and its hparams.json were there)."""
     description = _PENDING.pop(Path(path).absolute(), None)
+    missing = [p for p in (path, *path.parents) if not p.exists()]
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise storage_error(path, e) from None
     if description is None or (path / "hparams.json").exists():
-        return False
+        return []
     from lottery.models.plugins import imported_model_modules
 
     modules = imported_model_modules()
     write_json(path / PROVENANCE_FILE, {**provenance(), **({"model_modules": modules} if modules else {})})
     write_json(path / "hparams.json", description)
-    return True
+    return missing or [path]
 
 
-def _remove_if_unused(path: Path) -> None:
-    """Remove a run folder this process created when its run failed before writing anything of its own."""
+def _remove_if_unused(created: list[Path]) -> None:
+    """Remove a run folder this process created when its run failed before writing anything of its own,
+    and the parents it created for it if they are empty."""
+    path = created[0]
     try:
         files = [p for p in path.rglob("*") if not p.is_dir()]
         if all(f.parent == path and f.name in _FOLDER_SKELETON for f in files):  # empty sub-folders allowed
             shutil.rmtree(path)
+            for parent in created[1:]:
+                parent.rmdir()  # fails (and stops) at one that is not empty: another run is using it
     except OSError:
         pass  # another process is using it, or it is already gone: leave it
 
@@ -247,7 +254,7 @@ def folder_lock(path: Path, wait: bool = False) -> Iterator[None]:
     except BaseException:
         if created:  # a run that failed before writing anything leaves no folder behind
             lock.release()
-            _remove_if_unused(path)
+            _remove_if_unused(created)
         raise
     finally:
         if lock.is_locked:
@@ -413,8 +420,8 @@ def rewind_point(rewind: str, training: TrainingHparams, search_steps: str, ipe:
     search_end = Step.parse(search_steps, ipe)
     if ticket and (k >= end or k > search_end):
         raise ConfigError(
-            f"{owner} {rewind} is not before the end of training ({training.training_steps}) and of the "
-            f"search ({search_steps}): choose an earlier rewind point"
+            f"{owner} {rewind} (--{owner.rsplit('.', 1)[-1].replace('_', '-')}) is not before the end of training "
+            f"({training.training_steps}) and of the search ({search_steps}): choose an earlier rewind point"
         )
     return k
 
@@ -451,8 +458,13 @@ def write_results(path: Path, results: dict[str, Any]) -> None:
     ``.safetensors`` file of its folder (checkpoints left out), so that a deleted or damaged artefact is
     found when the run is reused instead of being taken for a finished one (:func:`finished_results`)."""
     folder = path.parent
-    artefacts = {f.relative_to(folder).as_posix(): f.stat().st_size for f in sorted(folder.rglob("*.safetensors"))
-                 if f.name != "checkpoint.safetensors" and not f.name.startswith(".")}
+    files = [f for f in sorted(folder.rglob("*.safetensors")) if f.name != "checkpoint.safetensors"
+             and not f.name.startswith(".")]
+    for f in files:  # never record (and so vouch for) a file that was damaged while the run was stopped
+        problem = safetensors_problem(f)
+        if problem is not None:
+            raise CheckpointError(f"{f} is damaged ({problem}); delete it and run the same command again to rebuild it")
+    artefacts = {f.relative_to(folder).as_posix(): f.stat().st_size for f in files}
     write_json(folder / ARTEFACTS_FILE, artefacts)
     write_json(path, results)
 
