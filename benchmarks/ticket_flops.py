@@ -57,6 +57,10 @@ def rows(roots: list[Path]) -> list[dict]:
             net, shape = cache[key]
             cost = network_cost(net, Mask.load(folder / "mask.safetensors"), shape)
             method = r.get("method", "?")
+            if r.get("kind") == "search-imp-c":
+                method = "imp-c"
+            if method in ("imp", "imp-c") and r.get("rewind"):
+                method += f" k={r['rewind']}"  # IMP (k = 0), IMP-R and IMP-C in one folder stay apart
             point = r.get("target_density") or (f"level {r['level']}" if r.get("level") is not None else "")
             groups[(hp["model"]["model"], root.name, method, str(point))].append(
                 {"density": r["density"], "flops": cost["flops_sparse"], "dense": cost["flops_dense"],

@@ -61,7 +61,7 @@ def test_bad_input_exits_nonzero_with_one_line(tmp_path, args, needle):
     assert len(lines) == 1, proc.stderr
     assert needle in lines[0]
     # validated before anything is written: no run folder that `lottery report` would list as in progress
-    assert not list((tmp_path / "runs").rglob("hparams.json")) if (tmp_path / "runs").exists() else True
+    assert not (tmp_path / "runs").exists(), sorted((tmp_path / "runs").rglob("*"))
     assert "Traceback" not in proc.stderr
 
 

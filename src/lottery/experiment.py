@@ -160,29 +160,36 @@ def prepare_run_folder(path: Path, description: dict[str, Any]) -> Path:
     return path
 
 
-def _create_run_folder(path: Path) -> bool:
-    """Create a folder that :func:`prepare_run_folder` checked; whether this call created it."""
+def _create_run_folder(path: Path) -> list[Path]:
+    """Create a folder that :func:`prepare_run_folder` checked; the folders this call created (the run
+    folder and any missing parents, such as a new ``--out``), innermost first; empty when it created
+    no run (the folder and its hparams.json were there)."""
     description = _PENDING.pop(Path(path).absolute(), None)
+    missing = [p for p in (path, *path.parents) if not p.exists()]
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise storage_error(path, e) from None
     if description is None or (path / "hparams.json").exists():
-        return False
+        return []
     from lottery.models.plugins import imported_model_modules
 
     modules = imported_model_modules()
     write_json(path / PROVENANCE_FILE, {**provenance(), **({"model_modules": modules} if modules else {})})
     write_json(path / "hparams.json", description)
-    return True
+    return missing or [path]
 
 
-def _remove_if_unused(path: Path) -> None:
-    """Remove a run folder this process created when its run failed before writing anything of its own."""
+def _remove_if_unused(created: list[Path]) -> None:
+    """Remove a run folder this process created when its run failed before writing anything of its own,
+    and the parents it created for it if they are empty."""
+    path = created[0]
     try:
         files = [p for p in path.rglob("*") if not p.is_dir()]
         if all(f.parent == path and f.name in _FOLDER_SKELETON for f in files):  # empty sub-folders allowed
             shutil.rmtree(path)
+            for parent in created[1:]:
+                parent.rmdir()  # fails (and stops) at one that is not empty: another run is using it
     except OSError:
         pass  # another process is using it, or it is already gone: leave it
 
@@ -248,7 +255,7 @@ def folder_lock(path: Path, wait: bool = False) -> Iterator[None]:
     except BaseException:
         if created:  # a run that failed before writing anything leaves no folder behind
             lock.release()
-            _remove_if_unused(path)
+            _remove_if_unused(created)
         raise
     finally:
         if lock.is_locked:
@@ -414,8 +421,8 @@ def rewind_point(rewind: str, training: TrainingHparams, search_steps: str, ipe:
     search_end = Step.parse(search_steps, ipe)
     if ticket and (k >= end or k > search_end):
         raise ConfigError(
-            f"{owner} {rewind} is not before the end of training ({training.training_steps}) and of the "
-            f"search ({search_steps}): choose an earlier rewind point"
+            f"{owner} {rewind} (--{owner.rsplit('.', 1)[-1].replace('_', '-')}) is not before the end of training "
+            f"({training.training_steps}) and of the search ({search_steps}): choose an earlier rewind point"
         )
     return k
 
@@ -459,8 +466,13 @@ def write_results(path: Path, results: dict[str, Any]) -> None:
     # stage's outputs and the checkpoint's removal left behind (a resumed run reads the outputs, not it).
     for stale in folder.rglob("checkpoint.safetensors"):
         remove_if_exists(stale)
-    artefacts = {f.relative_to(folder).as_posix(): f.stat().st_size for f in sorted(folder.rglob("*.safetensors"))
-                 if f.name != "checkpoint.safetensors" and not f.name.startswith(".")}
+    files = [f for f in sorted(folder.rglob("*.safetensors")) if f.name != "checkpoint.safetensors"
+             and not f.name.startswith(".")]
+    for f in files:  # never record (and so vouch for) a file that was damaged while the run was stopped
+        problem = safetensors_problem(f)
+        if problem is not None:
+            raise CheckpointError(f"{f} is damaged ({problem}); delete it and run the same command again to rebuild it")
+    artefacts = {f.relative_to(folder).as_posix(): f.stat().st_size for f in files}
     write_json(folder / ARTEFACTS_FILE, artefacts)
     write_json(path, results)
 
@@ -613,32 +625,173 @@ def train_dense(job: DenseJob, options: RunOptions, wait_for_lock: bool = False)
         finished = finished_results(results_path, options)  # finished by the process we waited for
         if finished is not None:
             return finished
-        bundle = load_data(job.data, options)
-        model = build_model(job.model, bundle, job.seed)
-        train_loader, evals = make_loaders(bundle, job.training, job.seed, options)
-        trainer = Trainer(
-            model, train_loader, job.training, eval_loaders=evals, device=options.device,
-            checkpoint_path=folder / "checkpoint.safetensors", callbacks=[MetricsCSV(folder / "metrics.csv", tensorboard=options.tensorboard)],
-            progress=options.progress, desc="dense", log=options.log,
-        )
-        history = trainer.fit()
-        save_tensors(folder / "model.safetensors", model.state_dict())
-        last = final_row(history)
-        results = {
-            "kind": "train",
-            "method": "dense",
-            "model": job.model.model,
-            "dataset": job.data.dataset,
-            "seed": job.seed,
-            "test_accuracy": last.get("test_accuracy"),
-            "val_accuracy": last.get("val_accuracy"),
-            "test_loss": last.get("test_loss"),
-            "density": 1.0,
-            "epochs": trainer.step.epochs,
-            "wall_seconds": trainer.wall_seconds,
-            "run_dir": str(folder),
-        }
-        add_cost(results, model, None, bundle.input_shape)
-        write_results(results_path, results)
-        remove_if_exists(folder / "checkpoint.safetensors")
-        return results
+        return _train_dense_locked(job, folder, options)
+
+
+def _train_dense_locked(job: DenseJob, folder: Path, options: RunOptions) -> dict[str, Any]:
+    """The body of :func:`train_dense`, with the folder's lock held."""
+    bundle = load_data(job.data, options)
+    model = build_model(job.model, bundle, job.seed)
+    train_loader, evals = make_loaders(bundle, job.training, job.seed, options)
+    trainer = Trainer(
+        model, train_loader, job.training, eval_loaders=evals, device=options.device,
+        checkpoint_path=folder / "checkpoint.safetensors", callbacks=[MetricsCSV(folder / "metrics.csv", tensorboard=options.tensorboard)],
+        progress=options.progress, desc="dense", log=options.log,
+    )
+    history = trainer.fit()
+    return _finish_dense(job, folder, model, final_row(history), trainer.step.epochs, trainer.wall_seconds,
+                         bundle.input_shape)
+
+
+def _finish_dense(job: DenseJob, folder: Path, model: nn.Module, last: dict[str, Any], epochs: float,
+                  wall_seconds: float, input_shape: tuple[int, int, int],
+                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write a finished dense run's weights and results.json (last); return the results."""
+    save_tensors(folder / "model.safetensors", model.state_dict())
+    results = {
+        "kind": "train",
+        "method": "dense",
+        "model": job.model.model,
+        "dataset": job.data.dataset,
+        "seed": job.seed,
+        "test_accuracy": last.get("test_accuracy"),
+        "val_accuracy": last.get("val_accuracy"),
+        "test_loss": last.get("test_loss"),
+        "density": 1.0,
+        "epochs": epochs,
+        "wall_seconds": wall_seconds,
+        "run_dir": str(folder),
+        **(extra or {}),
+    }
+    add_cost(results, model, None, input_shape)
+    write_results(folder / "results.json", results)
+    remove_if_exists(folder / "checkpoint.safetensors")
+    return results
+
+
+# -- stacked dense training (issue 23) -------------------------------------------------------------
+def data_order_of(training: TrainingHparams, seed: int) -> int:
+    """The seed of a run's data order (and augmentation): ``data_order_seed``, else the run's seed."""
+    return training.data_order_seed if training.data_order_seed is not None else seed
+
+
+def stack_refusal(jobs: list[DenseJob]) -> str | None:
+    """Why dense ``jobs`` cannot train as one stack (one line), or None. Members must differ only in
+    their seed (the initialisation) and share one data order, which their hparams state
+    (``TrainingHparams.data_order_seed``)."""
+    first = jobs[0]
+    if any((j.data, j.model, j.training) != (first.data, first.model, first.training) for j in jobs):
+        return "the members differ in more than their seed"
+    if len({data_order_of(j.training, j.seed) for j in jobs}) > 1:
+        return ("the members do not share one data order: set TrainingHparams.data_order_seed "
+                "(--train.data_order_seed) to stack runs of different seeds")
+    if len({j.seed for j in jobs}) < len(jobs):
+        return "two members have the same seed"
+    return None
+
+
+class StackedMetricsCSV(Callback):
+    """Each member's ``metrics.csv`` (the rows an unstacked run writes), rewritten at every epoch end."""
+
+    def __init__(self, paths: list[Path], tensorboard: bool = False):
+        self.paths = paths
+        self.tensorboard = tensorboard
+
+    def _write(self, trainer) -> None:
+        for path, rows in zip(self.paths, trainer.member_histories):
+            write_metrics_csv(path, rows)
+            if self.tensorboard:
+                from lottery.tracking import write_tensorboard
+
+                write_tensorboard(path.parent, rows)
+
+    def on_epoch_end(self, trainer, epoch: int) -> None:
+        self._write(trainer)
+
+    def on_fit_end(self, trainer) -> None:
+        self._write(trainer)
+
+
+def train_dense_stacked(jobs: list[DenseJob], options: RunOptions, wait_for_lock: bool = False) -> list[dict[str, Any]]:
+    """Train dense jobs that differ only in their seed as ONE stacked network (lottery.engine.stacking),
+    writing each member's run folder exactly as :func:`train_dense` does (hparams.json, metrics.csv,
+    model.safetensors, results.json; a checkpoint per member, in the unstacked format), so resume and
+    reports do not know the difference. Finished members are reused; members checkpointed at different
+    steps, and networks the stacked path refuses (one line in the log), are trained one by one.
+    Returns each job's results, in order."""
+    from contextlib import ExitStack
+
+    from lottery.engine.stacking import StackingError, checkpoint_iteration
+
+    jobs = list(jobs)
+    if not jobs:
+        return []
+    folders = [options.out / run_folder_name("train", j.data, j.model, j.training, seed=j.seed) for j in jobs]
+    results: list[dict[str, Any] | None] = []
+    for job, folder in zip(jobs, folders):
+        desc = describe_run("train", job.seed, data=job.data, model=job.model, training=job.training)
+        done = reuse_finished(folder, desc, options)
+        if done is not None:
+            remove_if_exists(folder / "checkpoint.safetensors")
+        results.append(done)
+    pending = [i for i, r in enumerate(results) if r is None]
+    why = stack_refusal([jobs[i] for i in pending]) if len(pending) > 1 else None
+    if len(pending) <= 1 or why is not None:
+        if why is not None:
+            log_line(options, f"stacking refused: {why}; training the {len(pending)} runs one by one")
+        for i in pending:
+            results[i] = train_dense(jobs[i], options, wait_for_lock=wait_for_lock)
+        return results  # type: ignore[return-value]
+    with ExitStack() as locks:
+        for i in pending:
+            locks.enter_context(folder_lock(folders[i], wait=wait_for_lock))
+        for i in list(pending):
+            finished = finished_results(folders[i] / "results.json", options)  # by a process we waited for
+            if finished is not None:
+                results[i] = finished
+                pending.remove(i)
+        # Members resume together only from checkpoints of one step; the others train alone.
+        by_step: dict[int | None, list[int]] = {}
+        for i in pending:
+            by_step.setdefault(checkpoint_iteration(folders[i] / "checkpoint.safetensors"), []).append(i)
+        for group in by_step.values():
+            if len(group) == 1:
+                results[group[0]] = _train_dense_locked(jobs[group[0]], folders[group[0]], options)
+                continue
+            try:
+                out = _train_stack([jobs[i] for i in group], [folders[i] for i in group], options)
+            except StackingError as e:
+                log_line(options, f"stacking refused: {e}; training the {len(group)} runs one by one")
+                out = [_train_dense_locked(jobs[i], folders[i], options) for i in group]
+            for i, r in zip(group, out):
+                results[i] = r
+    return results  # type: ignore[return-value]
+
+
+def _train_stack(jobs: list[DenseJob], folders: list[Path], options: RunOptions) -> list[dict[str, Any]]:
+    """Train dense members of one stack, their folders locked; write each one's outputs."""
+    from lottery.engine.stacking import StackedTrainer, stack, unstack_state
+
+    first = jobs[0]
+    bundle = load_data(first.data, options)
+    members = [build_model(j.model, bundle, j.seed).to(options.device) for j in jobs]
+    stacked = stack(members)  # refuses (StackingError) before anything is written
+    train_loader, evals = make_loaders(bundle, first.training, first.seed, options)
+    trainer = StackedTrainer(
+        stacked, train_loader, first.training, eval_loaders=evals, device=options.device,
+        checkpoint_paths=[f / "checkpoint.safetensors" for f in folders],
+        callbacks=[StackedMetricsCSV([f / "metrics.csv" for f in folders], tensorboard=options.tensorboard)],
+        progress=options.progress, desc="dense", log=options.log,
+    )
+    trainer.fit()
+    k = len(jobs)
+    out = []
+    for i, (job, folder, member) in enumerate(zip(jobs, folders, members)):
+        member.load_state_dict(unstack_state(stacked, i))
+        out.append(_finish_dense(
+            job, folder, member, final_row(trainer.member_histories[i]), trainer.step.epochs,
+            # each member's share of the stack's time; the stack's own is beside it
+            trainer.wall_seconds / k, bundle.input_shape,
+            extra={"stack": {"size": k, "wall_seconds": trainer.wall_seconds}},
+        ))
+    return out

@@ -81,6 +81,18 @@ def test_a_damaged_artefact_is_refused_naming_it_and_rebuilt_once_deleted(finish
     assert rebuilt.keys() == original.keys() and all(torch.equal(rebuilt[k], original[k]) for k in original)
 
 
+def test_a_mask_damaged_while_an_unfinished_run_was_stopped_is_refused_not_recorded(finished, tmp_path):
+    """The run is resumed (results.json gone, as after a kill during a rebuild): the damaged mask must not
+    be taken, nor listed in artefacts.json as if whole."""
+    out, folder = _copy(finished, tmp_path)
+    (folder / "results.json").unlink()
+    data = (folder / "mask.safetensors").read_bytes()
+    (folder / "mask.safetensors").write_bytes(data[:50])
+    with pytest.raises(CheckpointError, match="mask.safetensors"):
+        run_cs(JOB, _options(out))
+    assert not (folder / "results.json").exists()
+
+
 def test_a_moved_run_folder_is_reused_where_it_is_now(finished, tmp_path):
     out, folder, results = finished
     moved = tmp_path / "elsewhere"

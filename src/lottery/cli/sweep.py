@@ -133,6 +133,10 @@ def _sweep_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-cpus", type=float, default=None, help="ray: CPUs asked per experiment (default: threads per worker)")
     g.add_argument("--num-gpus", type=float, default=0,
                    help="ray: GPUs asked per experiment; > 0 runs the experiments on cuda (default: 0)")
+    g.add_argument("--stack", type=int, default=1,
+                   help="train dense runs (train jobs, dense references) that differ only in their seed and share "
+                        "one data order (--data-order-seed) as stacked networks of at most this many, in this "
+                        "process, before the other jobs; unsupported models run unstacked (default: 1, no stacking)")
     g.add_argument("--name", default=None, help="sweep name: the record is <out>/sweep_<name>.json (default: a hash of the jobs)")
     g.add_argument("--no-report", action="store_true", help="skip the table and plots at the end")
 
@@ -286,7 +290,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     result = run_sweep(
         specs, options, workers=args.workers, backend=args.backend,
         threads_per_worker=args.threads_per_worker or args.threads, name=args.name,
-        ray_address=args.ray_address, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
+        ray_address=args.ray_address, num_cpus=args.num_cpus, num_gpus=args.num_gpus, stack=args.stack,
     )
     ok_dirs = [o.run_dir for o in result.outcomes if o.ok and o.run_dir]
     if ok_dirs and not args.no_report:

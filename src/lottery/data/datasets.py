@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from lottery.dataset_names import dataset_key
+from lottery.dataset_names import canonical_dataset_name, dataset_key
 from lottery.errors import ConfigError, UnknownNameError
 
 
@@ -209,10 +209,11 @@ def dataset_names() -> list[str]:
 
 def canonical_name(name: str) -> str:
     """Map spellings like ``FashionMNIST``, ``fashion_mnist`` or ``CIFAR-10`` to the registered name."""
-    if name in DATASETS:
-        return name
+    built_in = canonical_dataset_name(name)
+    if built_in in DATASETS:
+        return built_in
     wanted = _key(name)
-    for known in DATASETS:
+    for known in DATASETS:  # data sets added at run time (tests, users) by spelling too
         if _key(known) == wanted:
             return known
     raise UnknownNameError(f"unknown data set {name!r}; known data sets: {', '.join(dataset_names())}")

@@ -156,6 +156,17 @@ def expected_layout(spec: DatasetSpec) -> str:
     return "train/<class>/<image> and val/<class>/<image> (JPEG, PNG, ...)"
 
 
+def _first_complete(spec: DatasetSpec, places: list[Place], notes: list[str]) -> Located | None:
+    """The first of ``places`` with a complete set; what the incomplete ones lack goes to ``notes``."""
+    for place in places:
+        files, note = find_in_folder(spec, place.folder)
+        if files is not None:
+            return Located(spec, place, files)
+        if note:
+            notes.append(note)
+    return None
+
+
 def locate(
     spec: DatasetSpec,
     data_dir: str | os.PathLike | None = None,
@@ -169,15 +180,12 @@ def locate(
     A ``data_dir`` the user named is used or refused: when it (or its data-set sub-folders) holds no
     complete copy, this fails naming it rather than quietly reading another copy or downloading one."""
     places = candidate_places(spec, data_dir)
-    notes = []
+    notes: list[str] = []
     if data_dir is not None:
         named = [p for p in places if p.origin == "data_dir"]
-        for place in named:
-            files, note = find_in_folder(spec, place.folder)
-            if files is not None:
-                return Located(spec, place, files)
-            if note:
-                notes.append(note)
+        found = _first_complete(spec, named, notes)
+        if found is not None:
+            return found
         raise DataError(
             f"the data folder {data_dir} (--data-dir) holds no complete copy of {spec.name} (searched "
             + ", ".join(str(p.folder) for p in named) + ")"
@@ -185,12 +193,9 @@ def locate(
             + f". Expected files: {expected_layout(spec)}. Fix the folder, or leave out --data-dir (data_dir) to use "
             f"${ENV_DATA}, the cache ({cache_dir(spec.name)}), a system copy or a download."
         )
-    for place in places:
-        files, note = find_in_folder(spec, place.folder)
-        if files is not None:
-            return Located(spec, place, files)
-        if note:
-            notes.append(note)
+    found = _first_complete(spec, places, notes)
+    if found is not None:
+        return found
 
     base = mirror_url(mirror) or spec.base_url
     if not spec.files or not base:

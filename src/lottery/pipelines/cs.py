@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from lottery import masking
 from lottery.cost import add_cost
 from lottery.engine import Trainer, evaluate
@@ -191,8 +193,10 @@ def run_cs(job: CSJob, options: RunOptions) -> dict[str, Any]:
                 f"Ask for a density (--density 0.1) or use a smaller --s0 (now {s0:g}) or a larger --lam (now {job.cs.lam:g})"
             )
         mask_path = folder / "mask.safetensors"
-        if not mask_path.exists():
-            mask.save(mask_path)
+        saved = Mask.load_or_create(mask_path, lambda: mask)  # a damaged file is refused, naming it
+        if saved.keys() != mask.keys() or any(not torch.equal(saved[n], mask[n]) for n in mask):
+            raise CheckpointError(f"{mask_path} is not the mask of this search's final state (changed while the run "
+                                  "was stopped?): delete it and run the same command again to rebuild it")
         log_line(options, f"CS mask: density {mask.density():.4g} ({mask.num_kept()} of {mask.num_total()} weights)")
 
         if job.mode == "ticket":

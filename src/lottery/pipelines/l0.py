@@ -145,8 +145,10 @@ def run_l0(job: L0Job, options: RunOptions) -> dict[str, Any]:
         mask = l0_hard_mask(model)
         exp_density = expected_density(model)
         mask_path = folder / "mask.safetensors"
-        if not mask_path.exists():
-            mask.save(mask_path)
+        saved = Mask.load_or_create(mask_path, lambda: mask)  # a damaged file is refused, naming it
+        if saved.keys() != mask.keys() or any(not torch.equal(saved[n], mask[n]) for n in mask):
+            raise CheckpointError(f"{mask_path} is not the mask of this search's final state (changed while the run "
+                                  "was stopped?): delete it and run the same command again to rebuild it")
         log_line(options, f"L0 mask: density {mask.density():.4f} ({mask.num_kept()} of {mask.num_total()} weights; "
                           f"expected density while training {exp_density:.4f})")
 

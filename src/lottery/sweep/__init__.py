@@ -89,6 +89,7 @@ def run_sweep(
     num_gpus: float = 0,
     progress: bool | None = None,
     log: Callable[[str], None] | None = None,
+    stack: int = 1,
 ) -> SweepResult:
     """Run many experiments in parallel; return what became of each, failures included.
 
@@ -104,6 +105,12 @@ def run_sweep(
     have lottery installed), otherwise a local Ray is started (and stopped at the end); an already
     initialised Ray is used as it is. ``backend='serial'``: one job at a time in this process.
     With the local backend every worker uses ``options.device``; to spread jobs over several GPUs use Ray.
+
+    ``stack`` > 1: dense jobs (``train``, requested or dense references) that differ only in their seed and
+    share one data order (``TrainingHparams.data_order_seed``) are trained in groups of at most ``stack`` as
+    one stacked network (:func:`lottery.experiment.train_dense_stacked`), in this process and before the
+    other jobs, writing the same run folders; the others (and stacks the stacked path refuses, with one line)
+    run as usual.
     """
     from lottery.experiment import RunOptions
     from lottery.io import write_json
@@ -116,6 +123,8 @@ def run_sweep(
         raise ConfigError(f"threads_per_worker must be a positive integer, got {threads_per_worker!r}")
     if num_gpus < 0 or (num_cpus is not None and num_cpus <= 0):
         raise ConfigError("num_cpus must be positive and num_gpus non-negative")
+    if not isinstance(stack, int) or isinstance(stack, bool) or stack < 1:
+        raise ConfigError(f"stack must be a positive integer, got {stack!r}")
     if ray_address and backend != "ray":
         raise ConfigError("ray_address applies only to backend='ray'")
     if backend == "ray":
@@ -234,6 +243,8 @@ def run_sweep(
     record("running")
     cancelled = True
     try:
+        if stack > 1:
+            _run_stacks(entries, stack, options, log, finish)
         in_flight = 0
         isolated = False  # a job retried after its pool broke runs alone, so a second crash is its own
         while True:
@@ -287,3 +298,44 @@ def run_sweep(
         for o in result.failures:
             log(f"  {o.label}: {one_line(o.error)}")
     return result
+
+
+def _run_stacks(entries: list[_Entry], size: int, options, log: Callable[[str], None],
+                finish: Callable[[_Entry, dict[str, Any]], None]) -> None:
+    """Train the sweep's dense jobs that can share a stack, ``size`` at most per stack, in this process."""
+    from lottery.experiment import data_order_of, train_dense_stacked
+
+    groups: dict[Any, list[_Entry]] = {}
+    for e in entries:
+        if e.kind.name != "train" or e.status != "pending":
+            continue
+        job = build_job(e.spec, e.kind)
+        groups.setdefault((job.data, job.model, job.training, data_order_of(job.training, job.seed)), []).append(e)
+    unstackable = [g[0] for g in groups.values() if len(g) == 1]
+    if unstackable:
+        log(f"stack: {len(unstackable)} dense job(s) share their data order with no other and run unstacked "
+            "(runs of different seeds share one only with --data-order-seed)")
+    for group in groups.values():
+        for start in range(0, len(group), size):
+            chunk = group[start:start + size]
+            if len(chunk) < 2:
+                continue
+            jobs = [build_job(e.spec, e.kind) for e in chunk]
+            log(f"stack: training {len(chunk)} dense runs as one ({', '.join(e.label for e in chunk)})")
+            for e in chunk:
+                e.status = "running"
+                e.attempts += 1
+            t0 = time.perf_counter()
+            try:
+                results = train_dense_stacked(jobs, options, wait_for_lock=True)
+            except Exception as err:  # reported per member, as a worker's failure would be
+                import traceback
+
+                outcome = {"ok": False, "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(),
+                           "seconds": time.perf_counter() - t0}
+                for e in chunk:
+                    finish(e, outcome)
+                continue
+            seconds = (time.perf_counter() - t0) / len(chunk)
+            for e, r in zip(chunk, results):
+                finish(e, {"ok": True, "results": r, "seconds": seconds})
