@@ -548,3 +548,13 @@ def test_model_json_records_the_exports_flops():
     assert flops["export"] == network_cost(exported.module, None, SHAPE)["flops_sparse"]
     assert flops["dense"] == network_cost(_model("conv4"), None, SHAPE)["flops_dense"]
     assert flops["theoretical_speedup"] == pytest.approx(flops["dense"] / flops["export"]) and flops["theoretical_speedup"] > 1
+
+
+def test_a_killed_exports_temporary_file_is_removed_by_the_next_export(tmp_path):
+    model = _model("conv2")
+    mask = _channel_ticket(model, _random_mask(model, "conv2", 0.3))
+    exported = export_model(model, mask, "dense", preprocessing={"mean": MEAN, "std": STD})
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / ".model.pt.tmp-99999").write_bytes(b"half a file")  # an export killed mid-write
+    folder = save_export(tmp_path / "e", exported, portable=("torchscript",))
+    assert (folder / "model.pt").is_file() and not list(folder.glob(".model.pt.tmp-*"))
