@@ -158,12 +158,35 @@ def _fault_phase(path: Path) -> str | None:
 
 
 def _fault_kill(path: Path, phase: str) -> None:
+    _fault_sigkill(f"write {len(fault_writes)} ({phase}) of {path}")
+
+
+def _fault_sigkill(where: str) -> None:
     import signal
     import sys
 
-    sys.stderr.write(f"lottery fault injection: SIGKILL at write {len(fault_writes)} ({phase}) of {path}\n")
+    sys.stderr.write(f"lottery fault injection: SIGKILL at {where}\n")
     sys.stderr.flush()
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+#: ``LOTTERY_FAULT_KILL_AT_STEP=N[:KIND]`` makes the process SIGKILL itself at a moment that is not a write:
+#: right after its Nth training step (KIND ``train``, the default: mid-epoch, nothing saved since the last
+#: checkpoint) or during its Nth evaluation batch (``eval``: mid-evaluation), counted over every trainer
+#: and evaluation of the process. N = 0 only counts. Deterministic, unlike a kill on a timer.
+FAULT_STEP_ENV = "LOTTERY_FAULT_KILL_AT_STEP"
+fault_steps = {"train": 0, "eval": 0}  # counted so far in this process (only while FAULT_STEP_ENV is set)
+
+
+def fault_step(kind: str) -> None:
+    """Count one training step or evaluation batch; SIGKILL this process if it is the one the variable names.
+    Callers check ``FAULT_STEP_ENV in os.environ`` first (one dict lookup when it is unset)."""
+    fault_steps[kind] += 1
+    n, _, want = os.environ.get(FAULT_STEP_ENV, "").partition(":")
+    if want not in ("", "train", "eval"):
+        raise ValueError(f"{FAULT_STEP_ENV}: unknown kind {want!r}; use train or eval")
+    if (want or "train") == kind and n.isdigit() and fault_steps[kind] == int(n):
+        _fault_sigkill(f"{kind} step {n}")
 
 
 def _json_default(obj: Any) -> Any:

@@ -23,7 +23,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 SYNTH = ["--dataset", "synthetic", "--synthetic-shape", "1,8,8", "--synthetic-train-size", "300",
          "--synthetic-test-size", "100", "--val-size", "50", "--batch-size", "32", "--threads", "1",
@@ -53,6 +53,7 @@ def _child(argv: list[str], env: dict[str, str], log_path: str) -> None:
     from lottery import cli, io as lio
 
     lio.fault_writes.clear()
+    lio.fault_steps.update(train=0, eval=0)
     code = 1
     try:
         code = int(cli.main(argv) or 0)
@@ -64,8 +65,9 @@ def _child(argv: list[str], env: dict[str, str], log_path: str) -> None:
         traceback.print_exc()
         code = 99
     finally:
-        if "LOTTERY_FAULT_REPORT" in env:  # how many writes this run counted (N=0: count only)
-            Path(env["LOTTERY_FAULT_REPORT"]).write_text(json.dumps(lio.fault_writes))
+        if "LOTTERY_FAULT_REPORT" in env:  # the writes and steps this run counted (N=0: count only)
+            Path(env["LOTTERY_FAULT_REPORT"]).write_text(json.dumps({"writes": lio.fault_writes,
+                                                                      "steps": lio.fault_steps}))
         sys.stdout.flush()
         sys.stderr.flush()
     os._exit(code)
@@ -74,10 +76,10 @@ def _child(argv: list[str], env: dict[str, str], log_path: str) -> None:
 @dataclass
 class Outcome:
     argv: list[str]
-    exitcode: int | None  # -9: killed by SIGKILL (by us after a delay, or by the write fault hook)
+    exitcode: int | None  # -9: killed by SIGKILL (by us, or by itself: the write or step fault hook)
     seconds: float
     log: str
-    killed_by: str  # "timer", "write", "" (ran to its end)
+    killed_by: str  # "timer", "condition", "fault" (it killed itself: a write or step hook), "" (ran to its end)
     first_output: float | None = None  # seconds from the start to its first output
 
     @property
@@ -99,9 +101,12 @@ class CLIProcesses:
         os.environ.setdefault("OMP_NUM_THREADS", "1")
 
     def run(self, argv: Sequence[str], *, env: dict[str, str] | None = None, kill_after: float | None = None,
-            kill_after_output: float | None = None, timeout: float = 240.0) -> Outcome:
+            kill_after_output: float | None = None, kill_when: Callable[[str], bool] | None = None,
+            timeout: float = 240.0) -> Outcome:
         """Run to the end, or SIGKILL it ``kill_after`` seconds after the start, or ``kill_after_output``
-        seconds after it first printed something (its work has begun: start-up is over), if still running."""
+        seconds after it first printed something (its work has begun: start-up is over), or as soon as
+        ``kill_when(its output so far)`` is true (asked whenever the output grew), if still running. Only this
+        process is killed: processes it started (a sweep's workers) live on."""
         self.count += 1
         log_path = self.logs / f"run_{self.count:03d}.log"
         p = self.ctx.Process(target=_child, args=(list(argv), dict(env or {}), str(log_path)))
@@ -110,6 +115,7 @@ class CLIProcesses:
         kill_at = t0 + kill_after if kill_after is not None else None
         first_output = None
         killed_by = ""
+        seen = 0
         while True:
             p.join(0.005)
             now = time.perf_counter()
@@ -119,9 +125,14 @@ class CLIProcesses:
                 first_output = now - t0
                 if kill_after_output is not None:
                     kill_at = now + kill_after_output
-            if kill_at is not None and now >= kill_at:
+            fire = kill_at is not None and now >= kill_at
+            if not fire and kill_when is not None and log_path.exists() and log_path.stat().st_size > seen:
+                text = log_path.read_text(errors="replace")
+                seen = len(text.encode(errors="replace"))
+                fire = kill_when(text)
+            if fire:
                 os.kill(p.pid, signal.SIGKILL)
-                killed_by = "timer"
+                killed_by = "condition" if kill_when is not None else "timer"
                 p.join()
                 break
             if now - t0 > timeout:
@@ -131,7 +142,7 @@ class CLIProcesses:
         seconds = time.perf_counter() - t0
         log = log_path.read_text() if log_path.exists() else ""
         if p.exitcode == -signal.SIGKILL and not killed_by:
-            killed_by = "write"
+            killed_by = "fault"
         return Outcome(list(argv), p.exitcode, seconds, log, killed_by, first_output)
 
 
@@ -139,6 +150,7 @@ def start_cli_subprocess(argv: Sequence[str], cwd: Path) -> subprocess.Popen:
     """``python -m lottery ...`` as a real, separately started interpreter (for the reference runs)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "MPLBACKEND": "Agg"}
     env.pop("LOTTERY_FAULT_KILL_AT_WRITE", None)
+    env.pop("LOTTERY_FAULT_KILL_AT_STEP", None)
     return subprocess.Popen([sys.executable, "-m", "lottery", *argv], cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 

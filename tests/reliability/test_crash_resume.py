@@ -152,7 +152,7 @@ def test_sigkill_anywhere_then_resume_equals_uninterrupted(tmp_path, procs, meth
             o = procs.run([*argv, "--out", str(out)], env={FAULT_ENV: spec})
             assert o.exitcode != 0, (f"kill #{i + 1} ({spec}) did not fire: the run finished first; the write "
                                      f"order changed, adjust SCHEDULE\n{o.log[-2000:]}")
-            assert o.killed_by == "write", f"kill #{i + 1} ({spec}): the run failed instead\n{o.log[-3000:]}"
+            assert o.killed_by == "fault", f"kill #{i + 1} ({spec}): the run failed instead\n{o.log[-3000:]}"
             line = [ln for ln in o.log.splitlines() if ln.startswith("lottery fault injection")][-1]
             moments.append(line.split("SIGKILL at ")[1].replace(str(out) + "/", ""))
             tmp_left = max(tmp_left, fk.check_files_whole(out, context=o.log[-2000:])["tmp"])

@@ -97,7 +97,7 @@ def _count_writes(procs, argv: list[str], ref: Path) -> list[str]:
     counted = ref.parent / f"{ref.name}_writes.json"
     o = procs.run([*argv, "--out", str(ref)], env={FAULT_ENV: "0", "LOTTERY_FAULT_REPORT": str(counted)})
     assert o.exitcode == 0, o.log[-3000:]
-    written = [str(Path(p).relative_to(ref)) for p in json.loads(counted.read_text()) if Path(p).is_relative_to(ref)]
+    written = [str(Path(p).relative_to(ref)) for p in json.loads(counted.read_text())["writes"] if Path(p).is_relative_to(ref)]
     counted.unlink()
     return written
 

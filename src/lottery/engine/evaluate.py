@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from typing import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lottery.io import FAULT_STEP_ENV, fault_step
 
 
 @torch.no_grad()
@@ -25,6 +28,8 @@ def evaluate(model: nn.Module, loader: Iterable, device: str | torch.device = "c
     count = 0
     try:
         for x, y in loader:
+            if FAULT_STEP_ENV in os.environ:  # crash tests (lottery.io): SIGKILL in the Nth evaluation batch
+                fault_step("eval")
             x = x.to(device, non_blocking=True)
             y = y.to(device, non_blocking=True)
             logits = model(x)

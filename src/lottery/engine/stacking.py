@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -38,6 +39,7 @@ from lottery.engine.checkpoint import load_checkpoint, save_checkpoint
 from lottery.engine.trainer import Trainer, make_optimizer
 from lottery.errors import CheckpointError, ConfigError, NumericalError
 from lottery.hparams import TrainingHparams
+from lottery.io import FAULT_STEP_ENV, fault_step
 
 
 class StackingError(ConfigError):
@@ -335,6 +337,8 @@ def evaluate_stacked(model: StackedModel, loader, device: str | torch.device = "
     count = 0
     try:
         for x, y in loader:
+            if FAULT_STEP_ENV in os.environ:  # crash tests (lottery.io): SIGKILL in the Nth evaluation batch
+                fault_step("eval")
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             logits = model(x).float()  # (B, K, C)
             b, k, c = logits.shape

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -25,6 +26,7 @@ from lottery.engine.schedule import LRSchedule
 from lottery.step import Step
 from lottery.errors import CheckpointError, ConfigError, NumericalError
 from lottery.hparams import TrainingHparams
+from lottery.io import FAULT_STEP_ENV, fault_step
 
 
 def make_optimizer(
@@ -178,6 +180,8 @@ class Trainer:
                        leave=False, unit="it", dynamic_ncols=True, disable=None)
         for x, y in batches:
             self._train_step(x, y)
+            if FAULT_STEP_ENV in os.environ:  # crash tests (lottery.io): SIGKILL after the Nth step
+                fault_step("train")
             if bar is not None:
                 bar.update(1)
             if self.iteration % self.eval_interval == 0 or self.iteration == self.end.iteration:
