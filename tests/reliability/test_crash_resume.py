@@ -9,8 +9,11 @@ forkserver (see faultkit) so that ~60 process starts cost seconds, not minutes. 
   between a model and its ``results.json``, before a stale checkpoint is removed ...). Each restart
   continues from what the previous one left, so one run folder sees a whole chain of kills; the chain is
   deterministic, so every kill in it must fire (a run that finishes instead fails the test).
-* after a delay (a second folder): SIGKILL 5-15% of an uninterrupted run's working time after each
-  restart's first output, wherever the run happens to be (mid-epoch, mid-evaluation, plotting ...).
+* at moments that are not writes (a second folder): after the Nth training step of the restarted process
+  (mid-epoch: nothing saved since the last checkpoint) or in its Nth evaluation batch (mid-evaluation:
+  ``LOTTERY_FAULT_KILL_AT_STEP``, a hook in the trainer and ``evaluate``), in every stage of the search.
+  These were kills on a timer, retried when the machine's speed let a run end first; counted steps land
+  at the same moment on any machine.
 
 After every kill every file a reader could take for a result must be whole (JSON parses, safetensors
 load, CSV rows complete); at the end masks, weights, accuracies and metrics must equal the reference's
@@ -29,7 +32,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 import faultkit as fk  # noqa: E402
 
-from lottery.io import FAULT_ENV  # noqa: E402
+from lottery.io import FAULT_ENV, FAULT_STEP_ENV  # noqa: E402
 
 ARGS = {
     "cs": ["search", "cs", *fk.SYNTH, "--epochs", "3", "--rounds", "2", "--rewind", "2it"],
@@ -82,14 +85,28 @@ SCHEDULE = {
     ],
 }
 
-# Timer kills: SIGKILL a fraction of W after a restarted run's first output (start-up over, its work
-# begun), W being the time from first output to the end of an uninterrupted (forked) run. Small fractions:
-# several kills land before a run gets to its end, however fast the machine; at most TIMER_KILLS. The
-# timer chain trains on more examples, so that a random moment falls in training more often than in
-# start-up or plotting; its reference is an uninterrupted forked run of the same command.
-TIMER_EXTRA = ["--synthetic-train-size", "2000"]
-TIMER_FRACTIONS = (0.05, 0.1, 0.15, 0.075, 0.125)
-TIMER_KILLS = 12
+# Kills that are not at writes, one per restart: N:train = SIGKILL after the Nth training step of that
+# process, N:eval = in its Nth evaluation batch (an evaluation is one batch of val, then one of test; the
+# even ones are mid-evaluation). A restart counts from where it resumed (1 epoch = 8 steps; a ticket's
+# first epoch is 6, from its rewind point at 2it). Annotated with where each lands.
+STEP_SCHEDULE = {
+    "cs": [
+        "13:train",   # dense, epoch 2 step 5 (epoch 1 checkpointed)
+        "6:eval",     # resumed at dense epoch 1, finished it; round 0, epoch 1's evaluation, after val
+        "7:eval",     # round 0 again from its start: its three epochs, then the evaluation that ends the round
+        "10:train",   # round 0 resumed after its last epoch, finished; round 1, epoch 2 step 2
+        "20:train",   # round 1 resumed at epoch 1, finished; the ticket, epoch 1 step 4
+        "4:eval",     # the ticket again from its start: epoch 2's evaluation, after val
+    ],
+    "imp": [
+        "11:train",   # level 0, epoch 2 step 3
+        "6:eval",     # level 0 resumed at epoch 1, finished; level 1, epoch 1's evaluation, after val
+        "17:train",   # level 1 again from its start: epoch 3 step 3
+        "12:train",   # level 1 resumed at epoch 2, finished; level 2, epoch 1 step 4
+        "4:eval",     # level 2 again from its start: epoch 2's evaluation, after val
+        "9:train",    # level 2 resumed at epoch 2: epoch 3 step 1
+    ],
+}
 
 
 @pytest.fixture(scope="module")
@@ -161,64 +178,40 @@ def test_sigkill_anywhere_then_resume_equals_uninterrupted(tmp_path, procs, meth
         checkpoint_kills = [m for m in moments if "checkpoint" in m and ("mid" in m or "before-rename" in m)]
         assert len(moments) == len(SCHEDULE[method]) and len(checkpoint_kills) >= 3, moments
 
-        # The reference subprocess ran beside chain 1; it must be over before chain 2 times a run (a run
-        # timed while it still ran would be slow, and delays taken from it would let a later, faster run
-        # finish before enough kills landed).
+        # -- chain 2: kills at counted training steps and evaluation batches, another folder ------------------
+        out2 = tmp_path / "killed_at_steps"
+        step_moments = []
+        for i, spec in enumerate(STEP_SCHEDULE[method]):
+            o = procs.run([*argv, "--out", str(out2)], env={FAULT_STEP_ENV: spec})
+            assert o.exitcode != 0, (f"step kill #{i + 1} ({spec}) did not fire: the run finished first; adjust "
+                                     f"STEP_SCHEDULE\n{o.log[-2000:]}")
+            assert o.killed_by == "fault", f"step kill #{i + 1} ({spec}): the run failed instead\n{o.log[-3000:]}"
+            said = [ln.strip()[:90] for ln in o.log.splitlines() if ln.strip()]
+            step_moments.append(f"{said[-1].split(' at ')[-1]}, after: {said[-2] if len(said) > 1 else '-'}")
+            fk.check_files_whole(out2, context=o.log[-2000:])
+        final2 = procs.run([*argv, "--out", str(out2)])
+        assert final2.exitcode == 0, final2.log[-3000:]
         ref_log, _ = reference.communicate(timeout=300)
         assert reference.returncode == 0, ref_log[-3000:]
-
-        # -- chain 2: kills after delays, another folder ---------------------------------------------------
-        # An uninterrupted forked run first: its reference, and its duration sets the delays.
-        argv2 = [*argv, *TIMER_EXTRA]
-        out0 = tmp_path / "timer_reference"
-        full = procs.run([*argv2, "--out", str(out0)])
-        assert full.exitcode == 0, full.log[-3000:]
-        work = full.seconds - full.first_output
-        # This machine's speed varies (other tenants): if a chain ends before 3 kills landed, it starts
-        # again in a fresh folder with delays half as long (at most twice). Every chain that ran is checked.
-        timer_kills, timer_moments, chains = [], [], []
-        for attempt in range(3):
-            out2 = tmp_path / f"killed_on_timer_{attempt}"
-            chains.append(out2)
-            timer_kills, timer_moments = [], []
-            scale = 0.5 ** attempt
-            for i in range(TIMER_KILLS):
-                delay = work * TIMER_FRACTIONS[i % len(TIMER_FRACTIONS)] * scale
-                o = procs.run([*argv2, "--out", str(out2)], kill_after_output=delay)
-                if o.exitcode == 0:
-                    break
-                assert o.killed_by == "timer", f"the run failed instead of being killed\n{o.log[-3000:]}"
-                timer_kills.append(delay)
-                said = [ln.strip()[:90] for ln in o.log.splitlines() if ln.strip()]
-                timer_moments.append(f"{delay:.2f}s after its first output: {said[-1] if said else '-'}")
-                fk.check_files_whole(out2, context=f"killed after {delay:.2f} s:\n{o.log[-2000:]}")
-            else:
-                final2 = procs.run([*argv2, "--out", str(out2)])
-                assert final2.exitcode == 0, final2.log[-3000:]
-            if len(timer_kills) >= 3:
-                break
-        assert len(timer_kills) >= 3, f"only {len(timer_kills)} timer kills landed before the run ended"
     finally:
         if reference.poll() is None:
             reference.kill()
             reference.wait()
 
     n1 = _compare_folders(tmp_path / "ref", out, method)
-    n2 = sum(_compare_folders(out0, chain, method) for chain in chains)
+    n2 = _compare_folders(tmp_path / "ref", out2, method)
     fk.check_files_whole(out)
-    for chain in chains:
-        fk.check_files_whole(chain)
+    fk.check_files_whole(out2)
     # The temporary files of killed checkpoint writes (each as large as a checkpoint) are gone: the next
     # holder of the folder's lock removes them. Those of other writes (small; some written outside the
     # lock) may stay, and are never read.
-    temps = [p for root in (out, *chains) for p in root.rglob("*") if fk.is_temp(p)]
+    temps = [p for root in (out, out2) for p in root.rglob("*") if fk.is_temp(p)]
     assert [p for p in temps if "checkpoint.safetensors" in p.name] == []
-    total = len(moments) + len(timer_kills)
+    total = len(moments) + len(step_moments)
     report = {"method": method, "write_kills": len(moments), "checkpoint_write_kills": len(checkpoint_kills),
-              "timer_kills": len(timer_kills), "total_kills": total, "files_compared": n1 + n2,
-              "temp_files_seen_after_a_kill": tmp_left,
-              "temp_files_left_at_the_end": len(temps), "moments": moments, "timer_moments": timer_moments, "uninterrupted_seconds": round(full.seconds, 3),
-              "uninterrupted_work_seconds": round(work, 3)}
+              "step_kills": len(step_moments), "total_kills": total, "files_compared": n1 + n2,
+              "temp_files_seen_after_a_kill": tmp_left, "temp_files_left_at_the_end": len(temps),
+              "moments": moments, "step_moments": step_moments}
     print(json.dumps(report, indent=1))
     (Path(os.environ.get("LOTTERY_RELIABILITY_REPORT", tmp_path)) / f"crash_{method}.json").write_text(
         json.dumps(report, indent=1))
