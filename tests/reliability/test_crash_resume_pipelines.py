@@ -29,7 +29,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 import faultkit as fk  # noqa: E402
 
-from lottery.io import FAULT_ENV, FAULT_PHASES  # noqa: E402
+from lottery.io import FAULT_ENV, FAULT_PHASES, FAULT_STEP_ENV  # noqa: E402
 
 TRAIN = [*fk.SYNTH, "--epochs", "2"]
 ARGS = {
@@ -92,30 +92,44 @@ def compare(ref: Path, got: Path) -> int:
     return len(want)
 
 
-def _count_writes(procs, argv: list[str], ref: Path) -> list[str]:
-    """Run ``argv`` uninterrupted into ``ref`` (the reference); the paths it wrote, relative to ``ref``."""
+def _count_writes(procs, argv: list[str], ref: Path) -> tuple[list[str], dict[str, int]]:
+    """Run ``argv`` uninterrupted into ``ref`` (the reference); the paths it wrote, relative to ``ref``, and
+    the training steps and evaluation batches it ran (in this process: not a sweep's workers)."""
     counted = ref.parent / f"{ref.name}_writes.json"
-    o = procs.run([*argv, "--out", str(ref)], env={FAULT_ENV: "0", "LOTTERY_FAULT_REPORT": str(counted)})
+    o = procs.run([*argv, "--out", str(ref)],
+                  env={FAULT_ENV: "0", FAULT_STEP_ENV: "0", "LOTTERY_FAULT_REPORT": str(counted)})
     assert o.exitcode == 0, o.log[-3000:]
-    written = [str(Path(p).relative_to(ref)) for p in json.loads(counted.read_text())["writes"] if Path(p).is_relative_to(ref)]
+    report = json.loads(counted.read_text())
+    written = [str(Path(p).relative_to(ref)) for p in report["writes"] if Path(p).is_relative_to(ref)]
     counted.unlink()
-    return written
+    return written, report["steps"]
 
 
-def kill_chain(procs, argv: list[str], out: Path, specs: list[str], *, sweep: bool = False) -> dict:
-    """Restart ``argv`` in ``out`` once per spec, each killed at its write; then once to its end."""
+def kill_chain(procs, argv: list[str], out: Path, kills: list, *, sweep: bool = False) -> dict:
+    """Restart ``argv`` in ``out`` once per kill, then once to its end. A kill is a write spec (``FAULT_ENV``) or
+    the keyword arguments of ``procs.run`` (``env={FAULT_STEP_ENV: ...}``; ``kill_when``: the test kills it)."""
     moments, worker_kills, parent_kills = [], 0, 0
-    for i, spec in enumerate(specs):
-        o = procs.run([*argv, "--out", str(out)], env={FAULT_ENV: spec})
+    for i, kill in enumerate(kills):
+        run_kw = {"env": {FAULT_ENV: kill}} if isinstance(kill, str) else dict(kill)
+        spec = kill if isinstance(kill, str) else next(iter(run_kw.get("env", {}).values()), "when its log said so")
+        o = procs.run([*argv, "--out", str(out)], **run_kw)
         fired = [ln for ln in o.log.splitlines() if ln.startswith("lottery fault injection")]
-        assert fired and o.exitcode != 0, f"kill {i + 1} ({spec}) did not fire: the run finished first\n{o.log[-2000:]}"
+        assert (fired or o.killed_by == "condition") and o.exitcode != 0, \
+            f"kill {i + 1} ({spec}) did not fire: the run finished first\n{o.log[-2000:]}"
         assert "Traceback" not in o.log, o.log[-3000:]
         if o.killed:
             parent_kills += 1
         else:  # a sweep's worker was killed: the parent said which job failed and ended
             assert sweep and "failed" in o.log, o.log[-3000:]
             worker_kills += len(fired)
-        moments.append(spec.replace(str(out) + "/", ""))
+        if isinstance(kill, str):
+            moments.append(spec.replace(str(out) + "/", ""))
+        else:  # not at a write: what the run had said last before it
+            lines = o.log.splitlines()
+            upto = next((j for j, ln in enumerate(lines) if ln.startswith("lottery fault")), len(lines))
+            said = [ln.strip()[:100] for ln in lines[:upto] if ln.strip()]
+            moments.append(f"{fired[-1].split(' at ')[-1] if fired else 'killed by the test'}, after: "
+                           f"{said[-1] if said else '-'}")
         fk.check_files_whole(out, context=o.log[-2000:])
     final = procs.run([*argv, "--out", str(out)])
     assert final.exitcode == 0, final.log[-3000:]
@@ -126,13 +140,35 @@ def kill_chain(procs, argv: list[str], out: Path, specs: list[str], *, sweep: bo
             "moments": moments}
 
 
-def write_point_chain(procs, argv: list[str], ref: Path, out: Path) -> dict:
+def write_point_chain(procs, argv: list[str], ref: Path, out: Path, *, step_chain: bool = True) -> dict:
     """The reference run in ``ref``; then in ``out`` restart i killed at the first write of the i-th distinct
-    file the reference wrote, phases cycling; compared with the reference at the end."""
-    targets = list(dict.fromkeys(_count_writes(procs, argv, ref)))
+    file the reference wrote, phases cycling; compared with the reference at the end. Then, in ``out``
+    + ``_steps``, kills at moments that are not writes (:func:`step_kills`), compared likewise (unless
+    ``step_chain`` is false: a command that neither trains nor evaluates)."""
+    written, steps = _count_writes(procs, argv, ref)
+    targets = list(dict.fromkeys(written))
     specs = [f"1:{FAULT_PHASES[i % len(FAULT_PHASES)]}:{out / t}" for i, t in enumerate(targets)]
     report = kill_chain(procs, argv, out, specs)
-    return {**report, "files_compared": compare(ref, out)}
+    report["files_compared"] = compare(ref, out)
+    if not step_chain:
+        return report
+    out_steps = out.with_name(out.name + "_steps")
+    report["steps"] = {**kill_chain(procs, argv, out_steps, step_kills(steps)), "reference_counts": steps,
+                       "files_compared": compare(ref, out_steps)}
+    return report
+
+
+def step_kills(steps: dict[str, int]) -> list[dict]:
+    """Three kills at moments that are not writes, deterministic (no timing: ``FAULT_STEP_ENV`` counts this
+    process's training steps and evaluation batches), from the reference's counts: after the training step a
+    quarter of the way through the run (mid-epoch: nothing saved since the last checkpoint), in the evaluation
+    batch half-way through the run's evaluations (mid-evaluation, further on: the restart redid the steps since
+    the last checkpoint), and a few steps into the next restart (mid-epoch, resumed from a checkpoint). Every
+    kill must land before the run's end (the chain is deterministic)."""
+    s, e = steps["train"], steps["eval"]
+    assert s >= 12 and e >= 4, steps
+    return [{"env": {FAULT_STEP_ENV: f"{s // 4 + 1}:train"}}, {"env": {FAULT_STEP_ENV: f"{e // 2 + 1}:eval"}},
+            {"env": {FAULT_STEP_ENV: f"{s // 8 + 2}:train"}}]
 
 
 def _report(name: str, report: dict, tmp_path: Path) -> None:
@@ -158,9 +194,11 @@ def test_kill_at_every_write_point_then_resume(procs, tmp_path, name):
 
 @pytest.mark.slow
 def test_sweep_parent_and_workers_killed_at_every_write_point(procs, tmp_path):
-    """The sweep's two jobs run in two workers, each counting its own writes: a spec naming a run folder's
-    file (``/metrics.csv``) kills both workers at their first such write; one naming the record kills the
-    parent (at the start, and once more after jobs have finished, with the workers running)."""
+    """The sweep's two jobs run in two workers, each counting its own writes and evaluation batches: a spec
+    naming a run folder's file (``/results.json``) kills both workers at their first such write, a step spec
+    in their second evaluation batch; one naming the record kills the parent (at the start, and once more
+    after jobs have finished, with the workers running). A job whose worker died is retried once alone, in a
+    fresh worker, which the same spec kills again."""
     argv = ARGS["sweep"]
     ref = tmp_path / "ref"
     _count_writes(procs, argv, ref)
@@ -170,12 +208,16 @@ def test_sweep_parent_and_workers_killed_at_every_write_point(procs, tmp_path):
     # Each worker process start imports torch (seconds on a busy machine): a few kills, not one per file.
     assert {"hparams.json", "metrics.csv", "model.safetensors", "results.json"} <= set(names), names
     specs = ["1:mid:sweep_",                           # the parent, writing its first record: no job started
-             "1:after-rename:/metrics.csv",            # both workers, epoch 1 recorded
+             # Not at a write: both workers in their second evaluation batch (epoch 1's test split, before its
+             # checkpoint); the pool breaks, each job is retried alone in a fresh worker and killed there again.
+             # (A worker killed right after a write of metrics.csv, as here before, costs as many worker starts:
+             # that write point is killed in the L0, GMP and refill chains, whose trainer a worker runs.)
+             {"env": {FAULT_STEP_ENV: "2:eval"}},
              "3:after-rename:sweep_",                  # the parent, its workers running
              "1:mid:/results.json"]                    # both workers, their results half written
     report = kill_chain(procs, argv, tmp_path / "killed", specs, sweep=True)
     report["files_compared"] = compare(ref, tmp_path / "killed")
-    assert report["worker_kills"] >= 4 and report["parent_kills"] == 2, report
+    assert report["worker_kills"] >= 6 and report["parent_kills"] == 2, report
     _report("sweep", report, tmp_path)
 
 
@@ -199,5 +241,5 @@ def test_structured_kill_at_every_write_point_then_resume(procs, imp_source, tmp
     if method == "refill":  # the export of that ticket, killed at each of its writes
         ref_run, run = fk.one_folder(ref, "structure-"), fk.one_folder(out, "structure-")
         exp = write_point_chain(procs, ["export", str(run), "--to", "dense"], ref_run / "export-dense-ref",
-                                run / "export-dense")
+                                run / "export-dense", step_chain=False)
         _report("export", exp, tmp_path)
