@@ -10,7 +10,9 @@ half-written, complete-but-not-renamed and renamed-nothing-after. Every kill mus
 finishes instead fails the test): the chain is deterministic, no timing involved. After every kill every
 file on disk must be whole; after a last, uninterrupted restart every result file must equal the
 reference's (safetensors tensor for tensor, JSON without paths and wall times, metrics.csv without times)
-and nothing may be left that the reference does not have.
+and nothing may be left that the reference does not have. L0, GMP and refill then get a second folder killed at
+moments that are not writes (:func:`step_kills`: after a counted training step or in a counted evaluation
+batch, ``LOTTERY_FAULT_KILL_AT_STEP``), from the reference's counts; deterministic too.
 
 In a sweep the variable reaches the pool's workers, so a write of a run folder kills the worker that
 writes it (the sweep reports that job failed, and the next run resumes it) and a write of the sweep's
@@ -22,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -65,7 +68,8 @@ def _strip(obj):
     if isinstance(obj, dict):
         return {k: _strip(v) for k, v in obj.items()
                 if not (k.endswith("_dir") or "wall" in k or "second" in k or k in ("source_run", "record", "started",
-                                                                                     "finished", "updated"))}
+                                                                                     "finished", "updated", "git_dirty",
+                                                                                     "git_commit"))}
     if isinstance(obj, list):
         return [_strip(v) for v in obj]
     return obj
@@ -109,6 +113,7 @@ def kill_chain(procs, argv: list[str], out: Path, kills: list, *, sweep: bool = 
     """Restart ``argv`` in ``out`` once per kill, then once to its end. A kill is a write spec (``FAULT_ENV``) or
     the keyword arguments of ``procs.run`` (``env={FAULT_STEP_ENV: ...}``; ``kill_when``: the test kills it)."""
     moments, worker_kills, parent_kills = [], 0, 0
+    t0 = time.perf_counter()
     for i, kill in enumerate(kills):
         run_kw = {"env": {FAULT_ENV: kill}} if isinstance(kill, str) else dict(kill)
         spec = kill if isinstance(kill, str) else next(iter(run_kw.get("env", {}).values()), "when its log said so")
@@ -137,7 +142,7 @@ def kill_chain(procs, argv: list[str], out: Path, kills: list, *, sweep: bool = 
     temps = [p for p in out.rglob("*") if fk.is_temp(p) and "checkpoint.safetensors" in p.name]
     assert temps == [], f"killed checkpoint writes left {temps}"
     return {"kills": parent_kills + worker_kills, "worker_kills": worker_kills, "parent_kills": parent_kills,
-            "moments": moments}
+            "moments": moments, "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def write_point_chain(procs, argv: list[str], ref: Path, out: Path, *, step_chain: bool = True) -> dict:
