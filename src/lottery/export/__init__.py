@@ -74,11 +74,12 @@ __all__ = [
     "max_output_difference",
     "preprocessing_record",
     "save_export",
+    "semi_structured",
 ]
 from lottery.export._base import EXPORT_KINDS, FORMAT, FORMAT_VERSION, RTOL, ExportError
 from lottery.export.graph import SUPPORTED, coupled_layers, dead_channel_params, describe  # noqa: F401
 from lottery.export.layers import (  # noqa: F401  (public names)
-    BlockConv2d, BlockLinear, CSRLinear, Normalize, _fill, build_network,
+    BlockConv2d, BlockLinear, CSRLinear, Normalize, _fill, build_network, semi_structured,
 )
 from lottery.export.portable import PORTABLE_FORMATS, write_portable  # noqa: F401
 from lottery.export.transform import _shrink, _to_blocks, _to_csr, blocks_from_mask  # noqa: F401
