@@ -27,9 +27,9 @@ Three exports (``export_model(model, mask, to=...)``):
 * ``blocks``: after the surgery, each masked layer keeps its dense blocks; blocks are the groups of rows
   with identical kept columns (for a regroup ticket, exactly its blocks). A layer runs either *packed*
   (blocks of similar width zero-padded into a few buckets: one gather of the input, one ``bmm`` per
-  bucket, or one grouped convolution per bucket for channel blocks, one gather of the output rows) or as
-  the per-block loop; by default each layer times both on the first input of each shape and keeps the
-  faster (``BlockLinear.path``, ``BlockConv2d.path``: ``auto``, ``packed``, ``loop``). A conv layer does
+  bucket, or one grouped convolution per bucket for channel blocks, in ``channels_last``, one gather of
+  the output rows; the default) or as the per-block loop (``BlockLinear.path``, ``BlockConv2d.path``:
+  ``packed``, ``loop``, or ``auto``: each layer times both on its first input of a shape). A conv layer does
   im2col (``unfold``) once for element blocks; when every block of a conv is made of whole input channels
   (regroup with ``columns='channel'``), its blocks are small dense convs over their input channels (no
   im2col: the CPU's conv kernels do the product).

@@ -72,10 +72,13 @@ class _BlockBase(nn.Module):
     convolution) per bucket and one gather of its output rows. Padding is exact: a padded column reads an
     input column with a zero weight, a padded row is dropped (rows of no block read a zero row). The
     packed copy is rebuilt on the first forward pass, after ``load_state_dict`` and by ``_fill``; call
-    :meth:`pack` after changing the block tensors in place. The other path is the per-block loop (one
-    product per block). Neither wins everywhere on a CPU (benchmarks/block_speed.py: the grouped
-    convolution wins at batch 1, the loop sometimes at batch 64), so ``path='auto'`` (the default) times
-    both on the first input of each shape and keeps the faster; ``'packed'`` and ``'loop'`` force one."""
+    :meth:`pack` after changing the block tensors in place. Channel blocks of a conv run in
+    ``channels_last`` (oneDNN's grouped convolutions and the max-pool after them were several times faster
+    so), their gathers as column gathers of ``(n h w) x C`` matrices. ``path`` chooses: ``'packed'`` (the
+    default), ``'loop'`` (the old path, one product per block in a Python loop: the reference, and the
+    only path when a row is in two blocks) or ``'auto'``, which times both on the first input of each shape
+    and keeps the faster per layer; per layer only, so it misses what a layout costs the next ops, and
+    it was slower than ``'packed'`` on Conv-4 (benchmarks/block_speed.py)."""
 
     PAD_RATIO = 1.25  # a bucket's blocks are at least 1/PAD_RATIO as wide as its widest one
     AUTOTUNE_CALLS = 3  # path='auto': timed calls of each path on a new input shape
@@ -88,7 +91,7 @@ class _BlockBase(nn.Module):
             self.register_buffer(f"rows_{i}", torch.zeros(r, dtype=torch.int64))
             self.register_buffer(f"cols_{i}", torch.zeros(c, dtype=torch.int64))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
-        self.path = "auto"
+        self.path = "packed"
         self._choice: dict[tuple, bool] = {}  # input (shape, device, dtype) -> packed path faster (path='auto')
         self._forced: bool | None = None  # set while timing one path
         self._packable = True  # False when a row is in two blocks (only the loop path sums them)
@@ -232,7 +235,15 @@ class BlockLinear(_BlockBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._forced if self._forced is not None else self._use_packed(x):
-            y = self._run_packed(x.t()).t()
+            # examples in the middle: bmm((blocks, n, c), W^T) was 10x faster at n = 1 than bmm(W, (blocks, c, n))
+            n = x.shape[0]
+            parts = []
+            for j, (b, r, c) in enumerate(self._buckets):
+                g = x.index_select(1, getattr(self, f"_pk_in{j}")).view(n, b, c).transpose(0, 1)
+                parts.append(torch.bmm(g, getattr(self, f"_pk_w{j}").transpose(1, 2)).transpose(0, 1).reshape(n, b * r))
+            if self._zero_row:
+                parts.append(x.new_zeros(n, 1))
+            y = (parts[0] if len(parts) == 1 else torch.cat(parts, 1)).index_select(1, self._pk_out)
         else:
             parts = [x.index_select(1, c) @ w.t() for w, c in zip(self.weights, self._index("cols"))]
             y = self._scatter(parts, x, (x.shape[0], self.out_features))
@@ -272,16 +283,20 @@ class BlockConv2d(_BlockBase):
         wo = (w + 2 * self.padding[1] - self.dilation[1] * (self.kernel[1] - 1) - 1) // self.stride[1] + 1
         fast = self._forced if self._forced is not None else self._use_packed(x)
         if self.unit == "channel":
-            if fast:
+            if fast:  # in channels_last (NHWC memory), the gathers as column gathers of (n h w) x C matrices
+                xl = x.permute(0, 2, 3, 1).reshape(n * h * w, x.shape[1])
                 parts = []
-                for j, (b, _, _) in enumerate(self._buckets):
-                    g = x.index_select(1, getattr(self, f"_pk_in{j}")).contiguous(memory_format=torch.channels_last)
-                    parts.append(F.conv2d(g, getattr(self, f"_pk_w{j}"), None, self.stride, self.padding,
-                                          self.dilation, b))
+                for j, (b, _, c) in enumerate(self._buckets):
+                    g = xl.index_select(1, getattr(self, f"_pk_in{j}")).view(n, h, w, b * c).permute(0, 3, 1, 2)
+                    y = F.conv2d(g, getattr(self, f"_pk_w{j}"), None, self.stride, self.padding, self.dilation, b)
+                    parts.append(y.permute(0, 2, 3, 1).reshape(n * ho * wo, -1))
                 if self._zero_row:
-                    parts.append(x.new_zeros(n, 1, ho, wo))
+                    parts.append(x.new_zeros(n * ho * wo, 1))
                 y = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
                 y = y.index_select(1, self._pk_out)
+                if self.bias is not None:
+                    y += self.bias
+                return y.view(n, ho, wo, self.out_features).permute(0, 3, 1, 2)
             else:
                 parts = [F.conv2d(x.index_select(1, c), wt, None, self.stride, self.padding, self.dilation)
                          for wt, c in zip(self.weights, self._index("cols"))]
