@@ -77,8 +77,8 @@ class _BlockBase(nn.Module):
     so), their gathers as column gathers of ``(n h w) x C`` matrices. ``path`` chooses: ``'packed'`` (the
     default), ``'loop'`` (the old path, one product per block in a Python loop: the reference, and the
     only path when a row is in two blocks) or ``'auto'``, which times both on the first input of each shape
-    and keeps the faster per layer; per layer only, so it misses what a layout costs the next ops, and
-    it was slower than ``'packed'`` on Conv-4 (benchmarks/block_speed.py)."""
+    and keeps the faster per layer; per layer only, so it misses what a layout costs the next ops (on
+    Conv-4 it measured sometimes faster, sometimes slower than ``'packed'``: benchmarks/RESULTS.md)."""
 
     PAD_RATIO = 1.25  # a bucket's blocks are at least 1/PAD_RATIO as wide as its widest one
     AUTOTUNE_CALLS = 3  # path='auto': timed calls of each path on a new input shape
