@@ -645,3 +645,13 @@ def test_block_export_of_a_residual_network_on_either_path(path):
         m.path = path
     x = torch.randn(5, *SHAPE)
     _close(_masked_outputs(model, x), exported.module(x))
+
+
+def test_a_killed_exports_temporary_file_is_removed_by_the_next_export(tmp_path):
+    model = _model("conv2")
+    mask = _channel_ticket(model, _random_mask(model, "conv2", 0.3))
+    exported = export_model(model, mask, "dense", preprocessing={"mean": MEAN, "std": STD})
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / ".model.pt.tmp-99999").write_bytes(b"half a file")  # an export killed mid-write
+    folder = save_export(tmp_path / "e", exported, portable=("torchscript",))
+    assert (folder / "model.pt").is_file() and not list(folder.glob(".model.pt.tmp-*"))

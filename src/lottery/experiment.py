@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import functools
 import io
+import math
 import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -458,6 +459,13 @@ def write_results(path: Path, results: dict[str, Any]) -> None:
     ``.safetensors`` file of its folder (checkpoints left out), so that a deleted or damaged artefact is
     found when the run is reused instead of being taken for a finished one (:func:`finished_results`)."""
     folder = path.parent
+    problem = mask_numbers_problem(results, folder)
+    if problem is not None:  # an internal invariant: a number about a mask other than the one saved
+        raise LotteryError(f"refusing to write {path}: {problem}; this is a bug in lottery, please report it")
+    # Every stage below this folder has finished: a checkpoint still here is one that a run killed between a
+    # stage's outputs and the checkpoint's removal left behind (a resumed run reads the outputs, not it).
+    for stale in folder.rglob("checkpoint.safetensors"):
+        remove_if_exists(stale)
     files = [f for f in sorted(folder.rglob("*.safetensors")) if f.name != "checkpoint.safetensors"
              and not f.name.startswith(".")]
     for f in files:  # never record (and so vouch for) a file that was damaged while the run was stopped
@@ -467,6 +475,42 @@ def write_results(path: Path, results: dict[str, Any]) -> None:
     artefacts = {f.relative_to(folder).as_posix(): f.stat().st_size for f in files}
     write_json(folder / ARTEFACTS_FILE, artefacts)
     write_json(path, results)
+
+
+#: Numbers of a results.json that describe the mask beside it (``mask.safetensors``).
+MASK_NUMBERS = ("density", "kept_weights", "prunable_weights")
+
+
+def mask_numbers_problem(results: dict[str, Any], folder: Path) -> str | None:
+    """Where ``results``' density, kept and prunable weights differ from what ``folder/mask.safetensors``
+    holds (None when they agree, or when the results or the folder have none of them). A number is
+    never reported without being checked against the artefact it describes."""
+    path = folder / "mask.safetensors"
+    if not all(k in results for k in MASK_NUMBERS) or not path.is_file():
+        return None
+    from lottery.masks import Mask
+
+    mask = Mask.load(path)
+    actual = {"density": mask.density(), "kept_weights": mask.num_kept(), "prunable_weights": mask.num_total()}
+    wrong = [f"{k} {results[k]!r} where {path.name} holds {actual[k]!r}" for k in MASK_NUMBERS
+             if not (isinstance(results[k], (int, float)) and not isinstance(results[k], bool)
+                     and math.isclose(results[k], actual[k], rel_tol=1e-12, abs_tol=0.0))]
+    return "; ".join(wrong) or None
+
+
+def metrics_csv_problem(path: Path) -> str | None:
+    """Why a metrics.csv is not whole (no header, a row of another width than the header, not text), or
+    None. lottery writes it atomically, so a damaged one was changed by something else."""
+    try:
+        rows = list(csv.reader(io.StringIO(path.read_bytes().decode("utf-8"))))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        return f"unreadable: {' '.join(str(e).split())}"
+    if not rows or not rows[0]:
+        return "no header"
+    bad = [i + 1 for i, r in enumerate(rows) if len(r) != len(rows[0])]
+    if bad:
+        return f"line {bad[0]} has {len(rows[bad[0] - 1])} fields, the header {len(rows[0])}"
+    return None
 
 
 def _relocated(results: dict[str, Any], folder: Path) -> dict[str, Any]:
@@ -516,6 +560,19 @@ def finished_results(results_path: Path, options: RunOptions) -> dict[str, Any] 
         elif problem is not None:
             raise CheckpointError(f"{folder / rel} is damaged ({problem}); delete it and run the same command "
                                   "again to rebuild it")
+    if not isinstance(results, dict):
+        raise CheckpointError(f"{results_path} is not a results record (a JSON {type(results).__name__}); delete it "
+                              "and run the same command again to rebuild it")
+    metrics = folder / "metrics.csv"
+    problem = metrics_csv_problem(metrics) if metrics.is_file() else None
+    if problem is not None:
+        raise CheckpointError(f"{metrics} is damaged ({problem}); delete it and {results_path.name} beside it and run "
+                              "the same command again to rebuild them")
+    if not missing:
+        problem = mask_numbers_problem(results, folder)
+        if problem is not None:
+            raise CheckpointError(f"{results_path} does not describe its folder's mask ({problem}); delete it and run "
+                                  "the same command again to rebuild it")
     if missing:
         log_line(options, f"{folder}: finished, but {', '.join(missing)} is missing: running again to rebuild it")
         remove_if_exists(results_path)

@@ -68,6 +68,8 @@ def write_portable(folder: str | Path, fmt: str, module: nn.Module, inputs: torc
     folder = Path(folder)
     final = folder / PORTABLE_FORMATS[fmt]
     tmp = folder / f".{final.name}.tmp-{os.getpid()}"
+    for stale in folder.glob(f".{final.name}.tmp-*"):  # left by an export that was killed while writing
+        stale.unlink(missing_ok=True)
     module = module.cpu().eval()
     try:
         with torch.no_grad():

@@ -265,6 +265,18 @@ def _gather(paths: Sequence[Path]) -> tuple[list[dict[str, Any]], list[str], lis
         if not isinstance(raw, dict):
             damaged.append(f"{f} (not a JSON object)")
             return None
+        hp_file = next((p / "hparams.json" for p in [f.parent, *list(f.parent.parents)[:2]]
+                        if (p / "hparams.json").is_file()), None)
+        if hp_file is not None:  # the run's settings: without them it would be grouped with other runs
+            try:
+                hp = _read_json(hp_file)
+                problem = None if isinstance(hp, dict) else "not a JSON object"
+            except (OSError, ValueError) as e:
+                problem = " ".join(str(e).split())
+            if problem is not None:
+                _warn(f"{f.parent} is left out: its {hp_file} cannot be read ({problem}), so its settings are "
+                      "unknown; restore that file or run the experiment again in another --out")
+                return None
         return _load_record(f, raw)
 
     for f in files:

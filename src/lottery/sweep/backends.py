@@ -239,6 +239,31 @@ class _LocalBackend:
         self._stop_drain()
 
 
+_RAY_CHECK = ("check that `ray start --head` is running there (`ray status` on that node), that HOST:PORT is its "
+              "GCS address (port 6379 unless --port said otherwise; ray://HOST:10001 from outside the cluster) and "
+              "that no firewall blocks the port")
+
+
+def probe_ray_address(address: str, timeout: float = 3.0) -> None:
+    """Fail at once, in one line, when nothing listens at ``address`` (``HOST:PORT`` or ``ray://HOST:PORT``).
+
+    Why: ``ray.init(address=...)`` with no cluster there retries for about 20 s, then raises a long traceback.
+    ``auto`` and other forms without a port are left to Ray."""
+    import socket
+
+    target = address[len("ray://"):] if address.startswith("ray://") else address
+    host, sep, port = target.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return
+    host = host.strip("[]")  # [::1]:6379
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as e:
+        reason = "timed out" if isinstance(e, socket.timeout) else (e.strerror or type(e).__name__)
+        raise LotteryError(f"no Ray cluster answers at --ray-address {address} ({reason}); {_RAY_CHECK}") from None
+
+
 def import_ray():
     try:
         import ray
@@ -325,11 +350,18 @@ class _RayBackend:
         if not ray.is_initialized():
             import logging
 
+            if address:
+                probe_ray_address(address)
             with _quiet_ray_init():
-                if address:
-                    ray.init(address=address, logging_level=logging.WARNING)
-                else:
-                    ray.init(include_dashboard=False, logging_level=logging.WARNING)
+                try:
+                    if address:
+                        ray.init(address=address, logging_level=logging.WARNING)
+                    else:
+                        ray.init(include_dashboard=False, logging_level=logging.WARNING)
+                except (ConnectionError, TimeoutError, RuntimeError, ValueError) as e:
+                    where = f"the Ray cluster at {address}" if address else "a local Ray"
+                    raise LotteryError(f"could not start or join {where}: {type(e).__name__}: {one_line(e)[:300]}"
+                                       + (f"; {_RAY_CHECK}" if address else "")) from None
             self.started = True
             self._relay_worker_logs()
         self.remote = ray.remote(_ray_task)

@@ -1,0 +1,203 @@
+"""SIGKILL at every write point of L0, GMP, a structured ticket (refill; refill+ and regroup at three), export and
+``lottery sweep`` (its parent and its workers), then resume; compare with an uninterrupted run bit for bit.
+
+test_crash_resume.py does this for CS and IMP with a hand-written schedule. Here the schedule is derived:
+an uninterrupted run (forked, like the killed ones: faultkit) counts its atomic writes
+(``LOTTERY_FAULT_KILL_AT_WRITE=0``); that run is the reference. Then, in one folder, restart i is SIGKILLed
+at the first write of the i-th distinct file the reference wrote (checkpoints, metrics.csv, masks, weights,
+history.json, artefacts.json, results.json, plots, the sweep's record ...), the phase cycling through
+half-written, complete-but-not-renamed and renamed-nothing-after. Every kill must land (a restart that
+finishes instead fails the test): the chain is deterministic, no timing involved. After every kill every
+file on disk must be whole; after a last, uninterrupted restart every result file must equal the
+reference's (safetensors tensor for tensor, JSON without paths and wall times, metrics.csv without times)
+and nothing may be left that the reference does not have.
+
+In a sweep the variable reaches the pool's workers, so a write of a run folder kills the worker that
+writes it (the sweep reports that job failed, and the next run resumes it) and a write of the sweep's
+record kills the parent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+import faultkit as fk  # noqa: E402
+
+from lottery.io import FAULT_ENV, FAULT_PHASES  # noqa: E402
+
+TRAIN = [*fk.SYNTH, "--epochs", "2"]
+ARGS = {
+    "l0": ["search", "l0", *TRAIN, "--rewind", "2it", "--no-dense"],
+    "gmp": ["prune", "gmp", *TRAIN, "--density", "0.3", "--prune-start", "2it", "--prune-end", "1ep", "--prune-every", "4it",
+            "--no-dense"],
+    "sweep": ["sweep", "train", *TRAIN, "--seeds", "0,1", "--workers", "2", "--threads-per-worker", "1", "--no-report",
+              "--no-progress"],
+}
+STRUCTURED = {"refill": ["structure", "refill"], "refill+": ["structure", "refill+", "--fillback-rate", "0.5"],
+              "regroup": ["structure", "regroup", "--partitioner", "metis", "--parts", "4"]}
+
+
+@pytest.fixture(scope="module")
+def procs(tmp_path_factory):
+    p = fk.CLIProcesses(tmp_path_factory.mktemp("logs"))
+    yield p
+    import multiprocessing.forkserver as mf
+
+    mf._forkserver._stop()
+
+
+@pytest.fixture(scope="module")
+def imp_source(procs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("imp_source")
+    o = procs.run(["search", "imp", *fk.SYNTH, "--model", "conv2", "--epochs", "2", "--levels", "1", "--rewind", "1it",
+                   "--out", str(out)])
+    assert o.exitcode == 0, o.log[-3000:]
+    return fk.one_folder(out, "search-imp_")
+
+
+def _strip(obj):
+    if isinstance(obj, dict):
+        return {k: _strip(v) for k, v in obj.items()
+                if not (k.endswith("_dir") or "wall" in k or "second" in k or k in ("source_run", "record", "started",
+                                                                                     "finished", "updated"))}
+    if isinstance(obj, list):
+        return [_strip(v) for v in obj]
+    return obj
+
+
+def _result_files(root: Path) -> list[Path]:
+    return sorted(p.relative_to(root) for p in root.rglob("*")
+                  if p.is_file() and not fk.is_temp(p) and p.name not in (".lock",) and p.suffix not in (".png", ".svg")
+                  and not p.name.startswith("sweep_") and p.suffix != ".pt")
+
+
+def compare(ref: Path, got: Path) -> int:
+    """Every result file of ``ref`` equals ``got``'s, and ``got`` has none more; the number compared."""
+    want, have = _result_files(ref), _result_files(got)
+    assert have == want, f"files differ: missing {sorted(set(want) - set(have))}, extra {sorted(set(have) - set(want))}"
+    for rel in want:
+        a, b = ref / rel, got / rel
+        if rel.suffix == ".safetensors":
+            assert fk.tensors_equal(a, b) == [], f"{rel} differs from the uninterrupted run"
+        elif rel.suffix == ".json":
+            assert _strip(json.loads(b.read_text())) == _strip(json.loads(a.read_text())), rel
+        elif rel.suffix == ".csv":
+            assert fk.metrics_without_time(b) == fk.metrics_without_time(a), rel
+    return len(want)
+
+
+def _count_writes(procs, argv: list[str], ref: Path) -> list[str]:
+    """Run ``argv`` uninterrupted into ``ref`` (the reference); the paths it wrote, relative to ``ref``."""
+    counted = ref.parent / f"{ref.name}_writes.json"
+    o = procs.run([*argv, "--out", str(ref)], env={FAULT_ENV: "0", "LOTTERY_FAULT_REPORT": str(counted)})
+    assert o.exitcode == 0, o.log[-3000:]
+    written = [str(Path(p).relative_to(ref)) for p in json.loads(counted.read_text()) if Path(p).is_relative_to(ref)]
+    counted.unlink()
+    return written
+
+
+def kill_chain(procs, argv: list[str], out: Path, specs: list[str], *, sweep: bool = False) -> dict:
+    """Restart ``argv`` in ``out`` once per spec, each killed at its write; then once to its end."""
+    moments, worker_kills, parent_kills = [], 0, 0
+    for i, spec in enumerate(specs):
+        o = procs.run([*argv, "--out", str(out)], env={FAULT_ENV: spec})
+        fired = [ln for ln in o.log.splitlines() if ln.startswith("lottery fault injection")]
+        assert fired and o.exitcode != 0, f"kill {i + 1} ({spec}) did not fire: the run finished first\n{o.log[-2000:]}"
+        assert "Traceback" not in o.log, o.log[-3000:]
+        if o.killed:
+            parent_kills += 1
+        else:  # a sweep's worker was killed: the parent said which job failed and ended
+            assert sweep and "failed" in o.log, o.log[-3000:]
+            worker_kills += len(fired)
+        moments.append(spec.replace(str(out) + "/", ""))
+        fk.check_files_whole(out, context=o.log[-2000:])
+    final = procs.run([*argv, "--out", str(out)])
+    assert final.exitcode == 0, final.log[-3000:]
+    fk.check_files_whole(out)
+    temps = [p for p in out.rglob("*") if fk.is_temp(p) and "checkpoint.safetensors" in p.name]
+    assert temps == [], f"killed checkpoint writes left {temps}"
+    return {"kills": parent_kills + worker_kills, "worker_kills": worker_kills, "parent_kills": parent_kills,
+            "moments": moments}
+
+
+def write_point_chain(procs, argv: list[str], ref: Path, out: Path) -> dict:
+    """The reference run in ``ref``; then in ``out`` restart i killed at the first write of the i-th distinct
+    file the reference wrote, phases cycling; compared with the reference at the end."""
+    targets = list(dict.fromkeys(_count_writes(procs, argv, ref)))
+    specs = [f"1:{FAULT_PHASES[i % len(FAULT_PHASES)]}:{out / t}" for i, t in enumerate(targets)]
+    report = kill_chain(procs, argv, out, specs)
+    return {**report, "files_compared": compare(ref, out)}
+
+
+def _report(name: str, report: dict, tmp_path: Path) -> None:
+    report = {"pipeline": name, **report}
+    print(json.dumps(report, indent=1))
+    (Path(os.environ.get("LOTTERY_RELIABILITY_REPORT", tmp_path)) / f"crash_{name}.json").write_text(
+        json.dumps(report, indent=1))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["l0", "gmp"])
+def test_kill_at_every_write_point_then_resume(procs, tmp_path, name):
+    report = write_point_chain(procs, ARGS[name], tmp_path / "ref", tmp_path / "killed")
+    assert report["kills"] >= 8, report
+    # Killed right after the stage's last output, before its checkpoint is removed: the finished run must
+    # not keep that checkpoint (it did, for GMP and the structured tickets).
+    last = "1:after-rename:/history.json" if name == "gmp" else "1:after-rename:ticket/model.safetensors"
+    extra = kill_chain(procs, ARGS[name], tmp_path / "killed_late", [last])
+    compare(tmp_path / "ref", tmp_path / "killed_late")
+    report["kills"] += extra["kills"]
+    _report(name, report, tmp_path)
+
+
+@pytest.mark.slow
+def test_sweep_parent_and_workers_killed_at_every_write_point(procs, tmp_path):
+    """The sweep's two jobs run in two workers, each counting its own writes: a spec naming a run folder's
+    file (``/metrics.csv``) kills both workers at their first such write; one naming the record kills the
+    parent (at the start, and once more after jobs have finished, with the workers running)."""
+    argv = ARGS["sweep"]
+    ref = tmp_path / "ref"
+    _count_writes(procs, argv, ref)
+    in_runs = sorted((p for p in ref.glob("train_*/**/*") if p.is_file() and not fk.is_temp(p) and p.name != ".lock"),
+                     key=lambda p: p.stat().st_mtime_ns)
+    names = list(dict.fromkeys(str(p.relative_to(p.parents[len(p.relative_to(ref).parts) - 2])) for p in in_runs))
+    # Each worker process start imports torch (seconds on a busy machine): a few kills, not one per file.
+    assert {"hparams.json", "metrics.csv", "model.safetensors", "results.json"} <= set(names), names
+    specs = ["1:mid:sweep_",                           # the parent, writing its first record: no job started
+             "1:after-rename:/metrics.csv",            # both workers, epoch 1 recorded
+             "3:after-rename:sweep_",                  # the parent, its workers running
+             "1:mid:/results.json"]                    # both workers, their results half written
+    report = kill_chain(procs, argv, tmp_path / "killed", specs, sweep=True)
+    report["files_compared"] = compare(ref, tmp_path / "killed")
+    assert report["worker_kills"] >= 4 and report["parent_kills"] == 2, report
+    _report("sweep", report, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", list(STRUCTURED))
+def test_structured_kill_at_every_write_point_then_resume(procs, imp_source, tmp_path, method):
+    """refill at every write point, then its export at every write point; refill+ and regroup run the same
+    job code (only the mask function differs), so they get a short chain: the mask half written, the
+    ticket's weights renamed with nothing after them, results.json complete but not renamed."""
+    argv = [*STRUCTURED[method], str(imp_source), "--no-progress"]
+    ref, out = tmp_path / "ref", tmp_path / "killed"
+    if method == "refill":
+        report = write_point_chain(procs, argv, ref, out)
+        assert report["kills"] >= 8, report
+    else:
+        _count_writes(procs, argv, ref)
+        report = kill_chain(procs, argv, out, ["1:mid:/mask.safetensors", "1:after-rename:/model.safetensors",
+                                               "1:before-rename:/results.json"])
+        report["files_compared"] = compare(ref, out)
+    _report(f"structure-{method}", report, tmp_path)
+    if method == "refill":  # the export of that ticket, killed at each of its writes
+        ref_run, run = fk.one_folder(ref, "structure-"), fk.one_folder(out, "structure-")
+        exp = write_point_chain(procs, ["export", str(run), "--to", "dense"], ref_run / "export-dense-ref",
+                                run / "export-dense")
+        _report("export", exp, tmp_path)
