@@ -78,8 +78,11 @@ def cs_job(args: dict, seed: int):
     from lottery.pipelines.cs import CSJob, run_cs
 
     data, model, training = recipe(args)
+    # The recipe of this benchmark's tables (before CS's default changed on 2026-12-02): logits on the
+    # weights' optimizer group by SGD, beta annealed per iteration to 200.
     hp = CSHparams(s0=args["cs_s0"], lam=args["cs_lam"], rounds=args["cs_rounds"], rewind=args["rewind"],
-                   temperature_schedule="iteration", mask_lr=args["cs_mask_lr"])
+                   temperature_schedule="iteration", mask_lr=args["cs_mask_lr"], mask_optimizer="sgd",
+                   beta_final=200.0)
     return run_cs(CSJob(data, model, training, hp, seed=seed, dense_reference=False),
                   RunOptions(out=args["out"], progress=False, data_dir=args["data_dir"], device=args["device"]))
 
@@ -160,6 +163,60 @@ def latency_job(args: dict, seed: int) -> dict | None:
         write_json(path, report)
         print(format_latency_table(gpu))
     return report
+
+
+def flops_job(args: dict, seed: int) -> dict | None:
+    """FLOPs per example of every variant of this seed without training the structured tickets: their
+    masks (and so their exports' shapes) depend only on the source ticket's mask and weights, not on the
+    retraining. For the tables of runs whose folders were not kept, once the sources are rerun."""
+    from lottery import masking
+    from lottery.cost import cost_fields
+    from lottery.experiment import build_model_without_data
+    from lottery.export import export_model
+    from lottery.methods.structured import StructuredHparams
+    from lottery.pipelines.structured import read_source, structured_mask
+
+    out = Path(args["out"])
+    imp, cs = _finished(out, "search-imp_", seed), _finished(out, "search-cs_", seed)
+    if not imp or not cs:
+        print(f"seed {seed}: source runs missing")
+        return None
+    shape = (1, 28, 28)
+    found: dict[str, dict] = {"seed": seed, "accuracy": {}, "flops": {}, "channels": {}}
+    for after, run in (("imp", imp[0]["run_dir"]), ("cs", cs[0]["run_dir"])):
+        src = read_source(run)
+        model = build_model_without_data(src.data, src.model)
+        model.load_state_dict(masking.to_plain_state_dict(src.weights, apply_masks=False))
+        if after == "imp":
+            found["flops"]["dense"] = cost_fields(model, None, shape)["flops_sparse"]
+        found["flops"][f"{after} masked"] = cost_fields(model, src.mask, shape)["flops_sparse"]
+        found["accuracy"][f"{after} ticket"] = src.info.get("source_test_accuracy")
+        for method in METHODS:
+            hp = StructuredHparams(method=method, fillback_rate=args["fillback"], columns=args["regroup_columns"])
+            mask = structured_mask(model, src.mask, src.weights, hp)
+            for kind in (("dense", "blocks") if method == "regroup" else ("dense",)):
+                label = f"{after} {method} {'channels' if kind == 'dense' else 'blocks'}"
+                found["flops"][label] = cost_fields(export_model(model, mask, kind, check_inputs=2).module, None,
+                                                    shape)["flops_sparse"]
+            found["channels"][f"{after} {method}"] = {n: int(m.reshape(m.shape[0], -1).any(1).sum())
+                                                      for n, m in mask.items()}
+    return found
+
+
+def flops_report(found: list[dict]) -> None:
+    print(f"machine: {machine()}\n")
+    for key in ("imp ticket", "cs ticket"):
+        a, sd = mean_std([f["accuracy"][key] for f in found if f["accuracy"].get(key) is not None])
+        print(f"{key}: test accuracy {100 * a:.2f} ± {100 * sd:.2f} over {len(found)} seeds")
+    print("\n| variant | FLOPs/example (mean over seeds) | speed-up (FLOPs) over dense |")
+    print("|---|---|---|")
+    for label in found[0]["flops"]:
+        vals = [f["flops"][label] for f in found]
+        ratio = [f["flops"]["dense"] / f["flops"][label] for f in found]
+        print(f"| {label} | {mean_std(vals)[0]:,.0f} | {mean_std(ratio)[0]:.2f}x |")
+    print("\nrows kept per layer (per seed):")
+    for f in found:
+        print(f"seed {f['seed']}: " + "; ".join(f"{k}: {list(v.values())}" for k, v in f["channels"].items()))
 
 
 def report(out: Path) -> None:
@@ -288,6 +345,9 @@ def main() -> None:
     ap.add_argument("--threads-per-worker", type=int, default=1, help="torch CPU threads of each training worker")
     ap.add_argument("--redo-latency", action="store_true")
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--flops-only", action="store_true",
+                    help="train the source tickets only and count every variant's FLOPs (no structured retraining, "
+                         "no timing)")
     args = ap.parse_args()
     out = Path(args.out)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -298,6 +358,9 @@ def main() -> None:
     if not args.report_only:
         sources = run_parallel(_source_job, [(cfg, kind, s) for s in seeds for kind in ("imp", "cs")], args.workers,
                                args.threads_per_worker)
+        if args.flops_only:
+            flops_report([f for f in (flops_job(cfg, s) for s in seeds) if f is not None])
+            return
         jobs = [(cfg, r["run_dir"], m) for r in sources for m in METHODS]
         run_parallel(structure_job, jobs, args.workers, args.threads_per_worker)
         for s in seeds:  # one process at a time: nothing else of ours runs during a timing

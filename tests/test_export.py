@@ -550,6 +550,103 @@ def test_model_json_records_the_exports_flops():
     assert flops["theoretical_speedup"] == pytest.approx(flops["dense"] / flops["export"]) and flops["theoretical_speedup"] > 1
 
 
+# ============================================================================ packed block layers (issue 22)
+
+
+def _blocky(out: int, cols: int, unit: int, seed: int) -> torch.Tensor:
+    """A mask whose rows come in groups of identical kept columns of different widths (several buckets),
+    with one row of no block; columns in units of ``unit`` (a conv's kh*kw for channel blocks)."""
+    g = torch.Generator().manual_seed(seed)
+    m = torch.zeros(out, cols, dtype=torch.bool)
+    units = cols // unit
+    for r0, width in zip(range(0, out - 1, 3), (1, units, max(1, units // 3), max(1, units // 2), 2, units - 1)):
+        keep = torch.randperm(units, generator=g)[:width]
+        m[r0:min(r0 + 3, out - 1), (keep.unsqueeze(1) * unit + torch.arange(unit)).reshape(-1)] = True
+    return m
+
+
+def _block_layer(layer, w2: torch.Tensor, m: torch.Tensor, kernel_shape=None):
+    blocks = blocks_from_mask(m)
+    with torch.no_grad():
+        for i, (r, c) in enumerate(blocks):
+            wb = w2[r][:, c]
+            if kernel_shape is not None:  # channel blocks: r x channels x kh x kw
+                k = kernel_shape[0] * kernel_shape[1]
+                wb = w2.view(w2.shape[0], -1, *kernel_shape)[r][:, torch.tensor(c[::k]) // k]
+                c = [x // k for x in c[::k]]
+            layer.weights[i].copy_(wb)
+            getattr(layer, f"rows_{i}").copy_(torch.tensor(r))
+            getattr(layer, f"cols_{i}").copy_(torch.tensor(c))
+        if layer.bias is not None:
+            layer.bias.copy_(torch.linspace(-1, 1, layer.out_features))
+    return blocks
+
+
+@pytest.mark.parametrize("path", ["packed", "loop", "auto"])
+@pytest.mark.parametrize("kind", ["linear", "conv-element", "conv-channel"])
+def test_packed_block_layers_equal_the_masked_layer(kind, path):
+    torch.manual_seed(0)
+    if kind == "linear":
+        w, unit = torch.randn(17, 30), 1
+    else:
+        w, unit = torch.randn(17, 5, 3, 3), (9 if kind == "conv-channel" else 1)
+    m = _blocky(17, w[0].numel(), unit, seed=1)
+    wm = (w.reshape(17, -1) * m).reshape_as(w)
+    sizes = [[len(r), len(c) // unit] for r, c in blocks_from_mask(m)]
+    if kind == "linear":
+        layer = BlockLinear(30, 17, sizes)
+        x = torch.randn(4, 30)
+        want = F.linear(x, wm, torch.linspace(-1, 1, 17))
+    else:
+        layer = BlockConv2d(5, 17, 3, 2, 1, 1, sizes, unit="channel" if unit > 1 else "element")
+        x = torch.randn(4, 5, 9, 9)
+        want = F.conv2d(x, wm, torch.linspace(-1, 1, 17), stride=2, padding=1)
+    _block_layer(layer, w.reshape(17, -1), m, (3, 3) if unit > 1 else None)
+    layer.path = path
+    assert len(layer._buckets if layer._packed else (layer.pack() or layer._buckets)) >= 2  # several widths
+    assert layer._zero_row  # row 16 is in no block
+    assert layer.padded_weights_per_position() >= layer.weights_per_position()
+    with torch.no_grad():
+        _close(want, layer(x))
+        _close(want[:1], layer(x[:1]))  # another shape: 'auto' times both paths again
+    if path == "auto":
+        assert len(layer._choice) == 2
+
+
+def test_packed_blocks_follow_changed_and_loaded_tensors():
+    torch.manual_seed(0)
+    w = torch.randn(8, 12)
+    m = _blocky(8, 12, 1, seed=2)
+    layer = BlockLinear(12, 8, [[len(r), len(c)] for r, c in blocks_from_mask(m)])
+    _block_layer(layer, w, m)
+    layer.path = "packed"
+    x = torch.randn(3, 12)
+    with torch.no_grad():
+        first = layer(x)
+        layer.weights[0].mul_(2)
+        assert torch.equal(layer(x), first)  # the packed copy is stale until pack() ...
+        layer.pack()
+        assert not torch.equal(layer(x), first)  # ... which rebuilds it
+        other = BlockLinear(12, 8, [[len(r), len(c)] for r, c in blocks_from_mask(m)])
+        other.path = "packed"
+        other.load_state_dict(layer.state_dict())  # load_state_dict repacks
+        assert torch.equal(other(x), layer(x))
+
+
+@pytest.mark.parametrize("path", ["packed", "loop"])
+def test_block_export_of_a_residual_network_on_either_path(path):
+    model = _user_net(seed=2)
+    mask = _user_mask(model, 0.35, seed=2)
+    masking.attach_hard_mask(model, mask)
+    exported = export_model(model, mask, "blocks", input_shape=SHAPE)
+    blocks = [m for m in exported.module.modules() if isinstance(m, (BlockConv2d, BlockLinear))]
+    assert blocks and any(isinstance(m, BlockConv2d) for m in blocks)
+    for m in blocks:
+        m.path = path
+    x = torch.randn(5, *SHAPE)
+    _close(_masked_outputs(model, x), exported.module(x))
+
+
 def test_a_killed_exports_temporary_file_is_removed_by_the_next_export(tmp_path):
     model = _model("conv2")
     mask = _channel_ticket(model, _random_mask(model, "conv2", 0.3))

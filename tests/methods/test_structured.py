@@ -298,6 +298,32 @@ def test_structure_inside_the_imp_loop(tiny_runs):
     assert again["levels"] == s["levels"]
 
 
+def test_nm_tickets_after_imp_after_cs_and_inside_the_imp_loop(tiny_runs):
+    from lottery.io import load_tensors
+    from lottery.methods.nm import nm_prune, satisfies_nm
+    from lottery.pipelines.structured import StructuredIMPJob, StructureJob, run_structure, run_structured_imp
+
+    out, options, imp_dir, cs_dir = tiny_runs
+    hp = StructuredHparams(method="nm", nm="2:4")
+    r = run_structure(StructureJob(imp_dir, hp), options)
+    mask = Mask.load(Path(r["run_dir"]) / "mask.safetensors")
+    src = Mask.load(imp_dir / "level_1" / "mask.safetensors")
+    assert satisfies_nm(mask, 2, 4) and mask == nm_prune(src, load_tensors(imp_dir / "level_1" / "model.safetensors"))
+    assert "structure-nm_" in r["run_dir"]
+
+    c = run_structure(StructureJob(cs_dir, hp, after="cs"), options)
+    cs_mask = Mask.load(Path(c["run_dir"]) / "mask.safetensors")
+    raw = load_tensors(cs_dir / "round_0" / "state.safetensors")
+    logits = {n: raw[n + "_mask_logits"] for n in cs_mask}
+    assert satisfies_nm(cs_mask, 2, 4)
+    assert cs_mask == nm_prune(Mask.load(cs_dir / "mask.safetensors"), {}, 2, 4, scores=logits), "the logits decide"
+
+    s = run_structured_imp(StructuredIMPJob(imp_dir, hp, levels=2), options)  # N:M as IMP's granularity
+    for lv in s["levels"]:
+        assert satisfies_nm(Mask.load(Path(lv["level_dir"]) / "mask.safetensors"), 2, 4)
+    assert s["levels"][1]["density"] < s["levels"][0]["density"] <= 0.5
+
+
 # ============================================================================ command line
 
 

@@ -33,15 +33,17 @@ def register(top_sub, common_flags: Callable[[argparse.ArgumentParser], None] | 
     from lottery.methods.structured import StructuredHparams
 
     structure = top_sub.add_parser(
-        "structure", help="structured tickets (refill, refill+, regroup) from a CS or IMP run",
+        "structure", help="structured tickets (refill, refill+, regroup, nm) from a CS or IMP run",
         description="Turn the mask of a CS ticket search or of an IMP level into a channel-wise (refill, "
-                    "refill+) or group-wise (regroup) mask and retrain it from the run's rewind point "
+                    "refill+), group-wise (regroup) or N:M (nm) mask and retrain it from the run's rewind point "
                     "(Chen et al. 2022, SLT). The result is a run folder of its own with results.json.")
     sub = structure.add_subparsers(dest="structure_method", metavar="METHOD", parser_class=OneLineErrorParser)
     sub.required = True
     for method, short in (("refill", "keep whole channels: the layer's budget, by L1 norm of trained weights"),
                           ("refill+", "refill plus a fill-back fraction of the dropped channels"),
-                          ("regroup", "hypergraph-partition rows into dense blocks")):
+                          ("regroup", "hypergraph-partition rows into dense blocks"),
+                          ("nm", "N:M sparsity (--nm 2:4): at most N kept in every M consecutive input weights, "
+                                 "by |w| (after IMP) or by the mask logits (after CS)")):
         p = sub.add_parser(method, help=short, description=short)
         p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a CS ticket search or an IMP run folder")
         p.add_argument("--level", type=int, default=None, help="IMP level to structure (default: the last finished)")

@@ -24,11 +24,15 @@ Three exports (``export_model(model, mask, to=...)``):
   freely. Structured tickets get such exactly-dead channels because the pipeline trains them with
   :func:`dead_channel_params` (the bias and BatchNorm of a channel the mask removes are pruned too).
   The network's outputs are always kept.
-* ``blocks``: after the surgery, each masked layer runs as one matrix product per dense block; blocks are
-  the groups of rows with identical kept columns (for a regroup ticket, exactly its blocks). A conv layer
-  does im2col (``unfold``) once, then ``W_block @ patches[:, cols]`` per block; when every block of a
-  conv is made of whole input channels (regroup with ``columns='channel'``), each block is instead a
-  small dense conv over its input channels (no im2col: the CPU's conv kernels do the product).
+* ``blocks``: after the surgery, each masked layer keeps its dense blocks; blocks are the groups of rows
+  with identical kept columns (for a regroup ticket, exactly its blocks). A layer runs either *packed*
+  (blocks of similar width zero-padded into a few buckets: one gather of the input, one ``bmm`` per
+  bucket, or one grouped convolution per bucket for channel blocks, in ``channels_last``, one gather of
+  the output rows; the default) or as the per-block loop (``BlockLinear.path``, ``BlockConv2d.path``:
+  ``packed``, ``loop``, or ``auto``: each layer times both on its first input of a shape). A conv layer does
+  im2col (``unfold``) once for element blocks; when every block of a conv is made of whole input channels
+  (regroup with ``columns='channel'``), its blocks are small dense convs over their input channels (no
+  im2col: the CPU's conv kernels do the product).
 * ``csr``: after the surgery, each masked Linear layer keeps its weights as a ``torch.sparse_csr`` matrix.
 
 Every export is checked against the masked network on random inputs (with preprocessing, uniform pixels
@@ -70,11 +74,12 @@ __all__ = [
     "max_output_difference",
     "preprocessing_record",
     "save_export",
+    "semi_structured",
 ]
 from lottery.export._base import EXPORT_KINDS, FORMAT, FORMAT_VERSION, RTOL, ExportError
 from lottery.export.graph import SUPPORTED, coupled_layers, dead_channel_params, describe  # noqa: F401
 from lottery.export.layers import (  # noqa: F401  (public names)
-    BlockConv2d, BlockLinear, CSRLinear, Normalize, _fill, build_network,
+    BlockConv2d, BlockLinear, CSRLinear, Normalize, _fill, build_network, semi_structured,
 )
 from lottery.export.portable import PORTABLE_FORMATS, write_portable  # noqa: F401
 from lottery.export.transform import _shrink, _to_blocks, _to_csr, blocks_from_mask  # noqa: F401

@@ -3,6 +3,7 @@ building that network from its ops."""
 
 from __future__ import annotations
 
+import time
 import warnings
 from typing import Any, Mapping
 
@@ -58,7 +59,30 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std
 
 
+def _repack(module: "_BlockBase", _keys) -> None:
+    module.pack()
+
+
 class _BlockBase(nn.Module):
+    """The blocks of a layer: ``weights[b]`` (``r x c``, or ``r x c x kh x kw`` for channel blocks of a conv)
+    with the output rows ``rows_b`` and input columns ``cols_b`` it connects. These per-block tensors are
+    what is stored and loaded. The forward pass can run a *packed* copy of them (:meth:`pack`): blocks of
+    similar width are grouped into a few buckets and zero-padded to one shape per bucket (``PAD_RATIO``),
+    so that a layer runs as one gather of its input, one batched matrix product (or one grouped
+    convolution) per bucket and one gather of its output rows. Padding is exact: a padded column reads an
+    input column with a zero weight, a padded row is dropped (rows of no block read a zero row). The
+    packed copy is rebuilt on the first forward pass, after ``load_state_dict`` and by ``_fill``; call
+    :meth:`pack` after changing the block tensors in place. Channel blocks of a conv run in
+    ``channels_last`` (oneDNN's grouped convolutions and the max-pool after them were several times faster
+    so), their gathers as column gathers of ``(n h w) x C`` matrices. ``path`` chooses: ``'packed'`` (the
+    default), ``'loop'`` (the old path, one product per block in a Python loop: the reference, and the
+    only path when a row is in two blocks) or ``'auto'``, which times both on the first input of each shape
+    and keeps the faster per layer; per layer only, so it misses what a layout costs the next ops (on
+    Conv-4 it measured sometimes faster, sometimes slower than ``'packed'``: benchmarks/RESULTS.md)."""
+
+    PAD_RATIO = 1.25  # a bucket's blocks are at least 1/PAD_RATIO as wide as its widest one
+    AUTOTUNE_CALLS = 3  # path='auto': timed calls of each path on a new input shape
+
     def __init__(self, out_features: int, blocks: list[list[int]], bias: bool, kernel: tuple[int, ...] = ()):
         super().__init__()
         self.out_features = out_features
@@ -67,13 +91,95 @@ class _BlockBase(nn.Module):
             self.register_buffer(f"rows_{i}", torch.zeros(r, dtype=torch.int64))
             self.register_buffer(f"cols_{i}", torch.zeros(c, dtype=torch.int64))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.path = "packed"
+        self._choice: dict[tuple, bool] = {}  # input (shape, device, dtype) -> packed path faster (path='auto')
+        self._forced: bool | None = None  # set while timing one path
+        self._packable = True  # False when a row is in two blocks (only the loop path sums them)
+        self._packed = False
+        self._buckets: list[tuple[int, int, int]] = []  # (blocks, rows, columns) of each bucket
+        self._zero_row = False
+        self.register_load_state_dict_post_hook(_repack)
 
     def _index(self, kind: str) -> list[torch.Tensor]:
         return [getattr(self, f"{kind}_{i}") for i in range(len(self.weights))]
 
     def weights_per_position(self) -> int:
-        """Multiply-accumulates per output position (lottery.cost): the blocks' weights."""
+        """Multiply-accumulates per output position (lottery.cost): the blocks' weights (not the padding)."""
         return int(sum(w.numel() for w in self.weights))
+
+    def padded_weights_per_position(self) -> int:
+        """Multiply-accumulates per output position that the packed layout computes (padding included)."""
+        if not self._packed:
+            self.pack()
+        return int(sum(b * r * c for b, r, c in self._buckets)) * self._kernel_size()
+
+    def _kernel_size(self) -> int:
+        return 1
+
+    def _set(self, name: str, t: torch.Tensor) -> None:
+        if name in self._buffers:
+            self._buffers[name] = t
+        else:
+            self.register_buffer(name, t, persistent=False)
+
+    @torch.no_grad()
+    def pack(self) -> None:
+        """Build the packed layout from the per-block tensors (see the class)."""
+        for name in [n for n in self._buffers if n.startswith("_pk_")]:
+            del self._buffers[name]
+        self._buckets, self._zero_row, self._packed, self._packable = [], False, True, True
+        self._choice = {}
+        rows, cols = self._index("rows"), self._index("cols")
+        out_index = torch.full((self.out_features,), -1, dtype=torch.int64)
+        order = sorted(range(len(self.weights)), key=lambda b: (-int(cols[b].numel()), b))
+        buckets: list[list[int]] = []
+        for b in order:
+            if buckets and cols[b].numel() * self.PAD_RATIO >= cols[buckets[-1][0]].numel():
+                buckets[-1].append(b)
+            else:
+                buckets.append([b])
+        pos = 0
+        for j, members in enumerate(buckets):
+            r_max = max(int(rows[b].numel()) for b in members)
+            c_max = max(int(cols[b].numel()) for b in members)
+            like = self.weights[members[0]]
+            w = like.new_zeros(len(members), r_max, c_max, *like.shape[2:])
+            idx = torch.zeros(len(members), c_max, dtype=torch.int64, device=like.device)
+            for i, b in enumerate(members):
+                r, c = int(rows[b].numel()), int(cols[b].numel())
+                w[i, :r, :c] = self.weights[b].detach()
+                idx[i, :c] = cols[b]
+                idx[i, c:] = cols[b][0] if c else 0
+                where = rows[b].cpu()
+                if bool((out_index[where] >= 0).any()):  # a row in two blocks: only the loop path sums them
+                    self._packable = False
+                out_index[where] = pos + i * r_max + torch.arange(r)
+            pos += len(members) * r_max
+            self._set(f"_pk_w{j}", self._packed_weight(w))
+            self._set(f"_pk_in{j}", idx.reshape(-1))
+            self._buckets.append((len(members), r_max, c_max))
+        if bool((out_index < 0).any()):
+            out_index[out_index < 0] = pos  # one zero row after the buckets' rows
+            self._zero_row = True
+        device = self.bias.device if self.bias is not None else (self.weights[0].device if len(self.weights) else None)
+        self._set("_pk_out", out_index.to(device) if device is not None else out_index)
+
+    def _packed_weight(self, w: torch.Tensor) -> torch.Tensor:
+        return w  # blocks x rows x columns: one bmm per bucket
+
+    def _run_packed(self, cols_first: torch.Tensor) -> torch.Tensor:
+        """``cols_first``: the input with its columns on dim 0 (``columns x ...``, any strides: the gather
+        copies); returns the output rows as ``out_features x M`` (M: the other dims' product): per bucket one
+        gather and one bmm, then one gather of the rows."""
+        m = cols_first[0].numel()
+        parts = []
+        for j, (b, r, c) in enumerate(self._buckets):
+            g = cols_first.index_select(0, getattr(self, f"_pk_in{j}")).reshape(b, c, m)
+            parts.append(torch.bmm(getattr(self, f"_pk_w{j}"), g).view(b * r, m))
+        if self._zero_row:
+            parts.append(cols_first.new_zeros(1, m))
+        y = parts[0] if len(parts) == 1 else torch.cat(parts, 0)
+        return y.index_select(0, self._pk_out)
 
     def _scatter(self, parts: list[torch.Tensor], like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         """Output rows of the blocks into an output of ``shape`` (rows on dim 1); rows of no block are 0."""
@@ -81,6 +187,43 @@ class _BlockBase(nn.Module):
         if parts:
             y.index_copy_(1, torch.cat(self._index("rows")), torch.cat(parts, 1))
         return y
+
+    def _use_packed(self, x: torch.Tensor) -> bool:
+        """Whether this call runs the packed layout: ``path`` ``'packed'`` or ``'loop'`` decides; ``'auto'``
+        times both (one untimed and ``AUTOTUNE_CALLS`` timed calls each) on the first input of each
+        shape, device and dtype, and keeps the faster one for that shape (as ``cudnn.benchmark`` does);
+        while tracing (TorchScript, ONNX) the kept choice or the packed path is used."""
+        if not self._packed:
+            self.pack()
+        if not self._packable or len(self.weights) == 0 or self.path == "loop":
+            return False
+        if self.path == "packed":
+            return True
+        key = (tuple(x.shape), str(x.device), x.dtype)
+        choice = self._choice.get(key)
+        if choice is None:
+            if torch.jit.is_tracing() or torch.jit.is_scripting():
+                return True
+            times = {}
+            try:
+                with torch.no_grad():
+                    for packed in (True, False):
+                        self._forced = packed
+                        self(x)
+                        runs = []
+                        for _ in range(self.AUTOTUNE_CALLS):
+                            if x.is_cuda:
+                                torch.cuda.synchronize(x.device)
+                            t0 = time.perf_counter()
+                            self(x)
+                            if x.is_cuda:
+                                torch.cuda.synchronize(x.device)
+                            runs.append(time.perf_counter() - t0)
+                        times[packed] = sorted(runs)[len(runs) // 2]
+            finally:
+                self._forced = None
+            choice = self._choice[key] = times[True] <= times[False]
+        return choice
 
 
 class BlockLinear(_BlockBase):
@@ -91,16 +234,29 @@ class BlockLinear(_BlockBase):
         self.in_features = in_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        parts = [x.index_select(1, c) @ w.t() for w, c in zip(self.weights, self._index("cols"))]
-        y = self._scatter(parts, x, (x.shape[0], self.out_features))
+        if self._forced if self._forced is not None else self._use_packed(x):
+            # examples in the middle: bmm((blocks, n, c), W^T) was 10x faster at n = 1 than bmm(W, (blocks, c, n))
+            n = x.shape[0]
+            parts = []
+            for j, (b, r, c) in enumerate(self._buckets):
+                g = x.index_select(1, getattr(self, f"_pk_in{j}")).view(n, b, c).transpose(0, 1)
+                parts.append(torch.bmm(g, getattr(self, f"_pk_w{j}").transpose(1, 2)).transpose(0, 1).reshape(n, b * r))
+            if self._zero_row:
+                parts.append(x.new_zeros(n, 1))
+            y = (parts[0] if len(parts) == 1 else torch.cat(parts, 1)).index_select(1, self._pk_out)
+        else:
+            parts = [x.index_select(1, c) @ w.t() for w, c in zip(self.weights, self._index("cols"))]
+            y = self._scatter(parts, x, (x.shape[0], self.out_features))
         return y + self.bias if self.bias is not None else y
 
 
 class BlockConv2d(_BlockBase):
-    """A conv as dense blocks. ``unit='element'``: blocks of its im2col matrix; one ``unfold``, then
-    ``W_b @ patches[:, cols_b]`` per block (columns index ``C_in x kh x kw`` in the order of
-    ``weight.reshape(C_out, -1)``). ``unit='channel'``: each block is a small dense conv of its rows over
-    its input channels ``cols_b`` (weights ``r x c x kh x kw``), run with the ordinary conv kernels."""
+    """A conv as dense blocks. ``unit='element'``: blocks of its im2col matrix (columns index
+    ``C_in x kh x kw`` in the order of ``weight.reshape(C_out, -1)``): one ``unfold``, then per bucket one
+    gather of the patch rows and one ``bmm`` (the loop path: ``W_b @ patches[:, cols_b]`` per block).
+    ``unit='channel'``: each block is a small dense conv of its rows over its input channels ``cols_b``
+    (weights ``r x c x kh x kw``); a bucket of such blocks runs as one grouped convolution (one group per
+    block) over the gathered input channels, with the ordinary conv kernels."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel, stride, padding, dilation,
                  blocks: list[list[int]], bias: bool = True, unit: str = "element"):
@@ -112,21 +268,49 @@ class BlockConv2d(_BlockBase):
         self.in_channels = in_channels
         self.kernel, self.stride, self.padding, self.dilation = (tuple(_pair(v)) for v in (kernel, stride, padding, dilation))
 
+    def _kernel_size(self) -> int:
+        return self.kernel[0] * self.kernel[1] if self.unit == "channel" else 1
+
+    def _packed_weight(self, w: torch.Tensor) -> torch.Tensor:
+        if self.unit == "channel":  # blocks x rows x channels x kh x kw -> (blocks * rows) x channels x kh x kw
+            # channels_last: oneDNN's grouped convolutions were 1.3-2x faster so (benchmarks/block_speed.py)
+            return w.reshape(w.shape[0] * w.shape[1], *w.shape[2:]).contiguous(memory_format=torch.channels_last)
+        return w
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, _, h, w = x.shape
         ho = (h + 2 * self.padding[0] - self.dilation[0] * (self.kernel[0] - 1) - 1) // self.stride[0] + 1
         wo = (w + 2 * self.padding[1] - self.dilation[1] * (self.kernel[1] - 1) - 1) // self.stride[1] + 1
+        fast = self._forced if self._forced is not None else self._use_packed(x)
         if self.unit == "channel":
-            parts = [F.conv2d(x.index_select(1, c), wt, None, self.stride, self.padding, self.dilation)
-                     for wt, c in zip(self.weights, self._index("cols"))]
-            y = self._scatter(parts, x, (n, self.out_features, ho, wo))
+            if fast:  # in channels_last (NHWC memory), the gathers as column gathers of (n h w) x C matrices
+                xl = x.permute(0, 2, 3, 1).reshape(n * h * w, x.shape[1])
+                parts = []
+                for j, (b, _, c) in enumerate(self._buckets):
+                    g = xl.index_select(1, getattr(self, f"_pk_in{j}")).view(n, h, w, b * c).permute(0, 3, 1, 2)
+                    y = F.conv2d(g, getattr(self, f"_pk_w{j}"), None, self.stride, self.padding, self.dilation, b)
+                    parts.append(y.permute(0, 2, 3, 1).reshape(n * ho * wo, -1))
+                if self._zero_row:
+                    parts.append(x.new_zeros(n * ho * wo, 1))
+                y = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+                y = y.index_select(1, self._pk_out)
+                if self.bias is not None:
+                    y += self.bias
+                return y.view(n, ho, wo, self.out_features).permute(0, 3, 1, 2)
+            else:
+                parts = [F.conv2d(x.index_select(1, c), wt, None, self.stride, self.padding, self.dilation)
+                         for wt, c in zip(self.weights, self._index("cols"))]
+                y = self._scatter(parts, x, (n, self.out_features, ho, wo))
             return y + self.bias.view(1, -1, 1, 1) if self.bias is not None else y
         patches = F.unfold(x, self.kernel, self.dilation, self.padding, self.stride)  # n x K x L
-        parts = [torch.matmul(wt, patches.index_select(1, c)) for wt, c in zip(self.weights, self._index("cols"))]
-        y = self._scatter(parts, x, (n, self.out_features, ho * wo))
+        if fast:  # gathered as K x n x L, so that each bucket is one large bmm over every example and position
+            y = self._run_packed(patches.transpose(0, 1)).view(self.out_features, n, ho * wo).transpose(0, 1)
+        else:
+            parts = [torch.matmul(wt, patches.index_select(1, c)) for wt, c in zip(self.weights, self._index("cols"))]
+            y = self._scatter(parts, x, (n, self.out_features, ho * wo))
         if self.bias is not None:
             y = y + self.bias.view(1, -1, 1)
-        return y.view(n, self.out_features, ho, wo)
+        return y.reshape(n, self.out_features, ho, wo)
 
 
 class CSRLinear(nn.Module):
@@ -233,3 +417,42 @@ def _fill(net: nn.Sequential, ops: list[dict[str, Any]], state: Mapping[str, tor
             target.values.copy_(state[f"{name}.values"])
         if op.get("bias"):
             target.bias.copy_(state[f"{name}.bias"])
+        if kind.endswith("_blocks"):
+            target.pack()
+
+
+def semi_structured(module: nn.Module, log=print) -> tuple[nn.Module, list[str]]:
+    """Run the 2:4 Linear layers of ``module`` with ``torch.sparse.to_sparse_semi_structured`` (NVIDIA's
+    sparse tensor cores) where that can work: a CUDA module on a GPU of compute capability 8.0 or more, a
+    weight whose every group of 4 consecutive inputs keeps at most 2 non-zeros and whose shape the kernel
+    takes (both sides multiples of 64). Elsewhere the layers stay the dense masked layers, said in one
+    line through ``log``. Returns the module (changed in place) and the names of the converted layers.
+
+    Not yet run on a GPU (issue 22: no GPU was lent when this was written); only the fallback is tested."""
+    linears = [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Linear)]
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    reason = None
+    if device.type != "cuda":
+        reason = f"the module is on {device.type}, not a CUDA GPU"
+    elif torch.cuda.get_device_capability(device) < (8, 0):
+        reason = f"GPU compute capability {torch.cuda.get_device_capability(device)} < (8, 0)"
+    elif not hasattr(torch.sparse, "to_sparse_semi_structured"):
+        reason = "this torch has no torch.sparse.to_sparse_semi_structured"
+    if reason is not None:
+        log(f"semi-structured 2:4 kernels not used ({reason}): the N:M layers run as dense masked layers")
+        return module, []
+    converted = []
+    for name, lin in linears:
+        w = lin.weight.detach()
+        out_f, in_f = w.shape
+        if out_f % 64 or in_f % 64 or bool((w.reshape(out_f, -1, 4).ne(0).sum(2) > 2).any()):
+            continue
+        try:
+            lin.weight = nn.Parameter(torch.sparse.to_sparse_semi_structured(w), requires_grad=False)
+        except (RuntimeError, TypeError, ValueError) as exc:  # dtype or shape the kernel refuses
+            log(f"{name}: semi-structured conversion refused ({str(exc).splitlines()[0]}); stays dense")
+            continue
+        converted.append(name)
+    if not converted:
+        log("semi-structured 2:4 kernels not used: no Linear layer is 2:4 with sides that are multiples of 64")
+    return module, converted

@@ -1,4 +1,5 @@
-"""Structured tickets (SLT, Chen et al. 2022; docs/methods.md): turn an unstructured mask into channels or blocks.
+"""Structured tickets (SLT, Chen et al. 2022; docs/methods.md): turn an unstructured mask into channels or blocks
+(or N:M groups: :mod:`lottery.methods.nm`).
 
 Every function here is pure: ``Mask`` + trained weights -> ``Mask``. Each layer is seen as the matrix
 ``C_out x (C_in * kh * kw)`` (a Linear layer as ``out x in``): a *row* is an output channel or neuron.
@@ -54,6 +55,7 @@ import torch
 from lottery.errors import ConfigError, LotteryError
 from lottery.hparams import Hparams
 from lottery.masks import Mask
+from lottery.methods.nm import LOGITS_SUFFIX, nm_prune, parse_nm
 
 __all__ = [
     "METHODS",
@@ -71,7 +73,7 @@ __all__ = [
     "structure",
 ]
 
-METHODS = ("refill", "refill+", "regroup")
+METHODS = ("refill", "refill+", "regroup", "nm")
 SCORES = ("l1", "count")
 PARTITIONERS = ("kahypar", "metis")
 
@@ -95,6 +97,7 @@ class StructuredHparams(Hparams):
     columns: str = "element"  # regroup: element (im2col columns, the paper's) or channel (whole input channels)
     imbalance: float = 0.05  # regroup: allowed part-size imbalance of the partitioner
     seed: int = 0  # regroup: partitioner seed
+    nm: str = "2:4"  # nm: at most N of every M consecutive input weights kept (lottery.methods.nm)
 
     _prefix = "structured"
     _help = {
@@ -109,6 +112,7 @@ class StructuredHparams(Hparams):
         "columns": "regroup: block columns are im2col elements (element, the paper's) or whole input channels (channel)",
         "imbalance": "regroup: allowed imbalance of part sizes",
         "seed": "regroup: partitioner seed",
+        "nm": "nm: N:M sparsity, at most N kept in every group of M consecutive input weights (e.g. 2:4)",
     }
 
     def __post_init__(self) -> None:
@@ -116,6 +120,9 @@ class StructuredHparams(Hparams):
         self._choice("score", SCORES)
         self._choice("partitioner", PARTITIONERS)
         self._choice("columns", ("element", "channel"))
+        if not isinstance(self.nm, str):
+            raise ConfigError(f"StructuredHparams.nm must be a string N:M, e.g. '2:4', got {self.nm!r}")
+        parse_nm(self.nm)
         r = self.fillback_rate
         if not isinstance(r, (int, float)) or isinstance(r, bool) or not (0 <= r <= 1):
             raise ConfigError(f"StructuredHparams.fillback_rate must be in [0, 1], got {r!r}")
@@ -137,7 +144,9 @@ class StructuredHparams(Hparams):
         refill with another regroup setting is the same run)."""
         d = StructuredHparams()
         if self.method == "regroup":
-            return self.replace(score=d.score, fillback_rate=d.fillback_rate)
+            return self.replace(score=d.score, fillback_rate=d.fillback_rate, nm=d.nm)
+        if self.method == "nm":
+            return StructuredHparams(method="nm", nm=self.nm)
         keep = {"method": self.method, "score": self.score}
         if self.method == "refill+":
             keep["fillback_rate"] = self.fillback_rate
@@ -519,12 +528,19 @@ def regroup(mask: Mask, weights: Mapping[str, torch.Tensor] | None = None,
 
 def structure(mask: Mask, weights: Mapping[str, torch.Tensor] | None, hp: StructuredHparams, *,
               groups: Iterable[Sequence[str]] = (), partition: PartitionFn | None = None) -> Mask:
-    """Dispatch on ``hp.method``: refill, refill+ (with ``hp.fillback_rate``) or regroup.
+    """Dispatch on ``hp.method``: refill, refill+ (with ``hp.fillback_rate``), regroup or nm (N:M, ``hp.nm``:
+    the largest ``|w|`` of each group, or the largest CS mask logits when ``weights`` holds
+    ``<name>_mask_logits`` for every masked layer, as a CS search's state does; :mod:`lottery.methods.nm`).
 
     ``groups`` (refill only) couples layers that must keep the same output channels (residual stages;
     :func:`lottery.export.coupled_layers` finds them for the supported models).
     """
     if hp.method == "regroup":
         return regroup(mask, weights, hp, partition)
+    if hp.method == "nm":
+        if weights is None:
+            raise ConfigError("nm needs the trained weights (or, for a CS ticket, its mask logits)")
+        logits = {n: weights[n + LOGITS_SUFFIX] for n in mask if n + LOGITS_SUFFIX in weights}
+        return nm_prune(mask, weights, *parse_nm(hp.nm), scores=logits if len(logits) == len(mask) else None)
     rate = hp.fillback_rate if hp.method == "refill+" else 0.0
     return refill(mask, weights, score=hp.score, fillback_rate=rate, groups=groups)

@@ -6,7 +6,7 @@ an IMP / IMP-C run (``level_<L>/mask.safetensors``, ``level_<L>/model.safetensor
 state). The structured mask is retrained from the rewind point k to the end, like the source's tickets.
 Folder layout (each file marks a finished stage)::
 
-    structure-<refill|refill-plus|regroup>_<model>_<dataset>_s<seed>_<hash>/
+    structure-<refill|refill-plus|regroup|nm>_<model>_<dataset>_s<seed>_<hash>/
       hparams.json            data/model/training of the source, the structured hparams, the source run
       mask.safetensors/.json  the structured mask over the prunable weights
       channel_mask.safetensors  bias/BatchNorm entries of the channels the mask removes (trained at 0)
@@ -48,13 +48,14 @@ from lottery.io import load_tensors, read_json, remove_if_exists, save_tensors, 
 from lottery.masks import Mask
 from lottery.methods.cs import CSHparams, EnforceMaskCallback
 from lottery.methods.imp import IMPHparams, derived_seed, magnitude_prune
+from lottery.methods.nm import LOGITS_SUFFIX
 from lottery.methods.structured import PartitionFn, StructuredHparams, structure
 from lottery.step import Step
 
 __all__ = ["StructureJob", "StructuredIMPJob", "load_run_network", "read_source", "run_structure",
            "run_structured_imp", "structured_mask"]
 
-_SLUG = {"refill": "refill", "refill+": "refill-plus", "regroup": "regroup"}
+_SLUG = {"refill": "refill", "refill+": "refill-plus", "regroup": "regroup", "nm": "nm"}
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,10 @@ def read_source(folder: str | Path, after: str | None = None, level: int | None 
         if not mask_path.exists() or not state_path.exists():
             raise ConfigError(f"the CS search in {folder} has not finished (no {mask_path.name} or {state_path})")
         # The search's final weights are raw (not multiplied by the mask): refill scores only kept entries.
-        weights = masking.to_plain_state_dict(load_tensors(state_path), apply_masks=False)
+        raw = load_tensors(state_path)
+        weights = masking.to_plain_state_dict(raw, apply_masks=False)
+        # nm ranks a CS ticket's weights by their mask logits (the learned scores), kept beside the weights
+        weights.update({k: v for k, v in raw.items() if k.endswith(LOGITS_SUFFIX)})
         results = _read_optional(folder / "results.json")
         info = {"source_test_accuracy": results.get("test_accuracy"),
                 "dense_test_accuracy": results.get("dense_test_accuracy"),
