@@ -370,8 +370,13 @@ def test_ctrl_c_on_a_local_sweep_prints_one_line_and_leaves_no_process(tmp_path,
     argv = [sys.executable, "-m", "lottery", "sweep", "train", *SYNTH_FLAGS, "--synthetic-train-size", "3000",
             "--epochs", "100", "--seeds", "0,1,2,3", "--workers", "2", "--threads-per-worker", "1",
             "--no-progress", "--no-report", "--out", str(tmp_path)]
+    # The command starts as from a terminal, with Ctrl-C's default action, whatever this test process has
+    # inherited or been left with (a child inherits an ignored SIGINT, and Python keeps it ignored). One
+    # full-suite run on a loaded machine saw the sweep exit 0 after the Ctrl-C, which that would explain;
+    # it did not happen again with the test run alone.
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     out: list[str] = []
     running = threading.Event()
 
