@@ -169,10 +169,14 @@ def flops_job(args: dict, seed: int) -> dict | None:
     """FLOPs per example of every variant of this seed without training the structured tickets: their
     masks (and so their exports' shapes) depend only on the source ticket's mask and weights, not on the
     retraining. For the tables of runs whose folders were not kept, once the sources are rerun."""
+    import copy
+
+    import torch
+
     from lottery import masking
     from lottery.cost import cost_fields
     from lottery.experiment import build_model_without_data
-    from lottery.export import export_model
+    from lottery.export import dead_channel_params, export_model
     from lottery.methods.structured import StructuredHparams
     from lottery.pipelines.structured import read_source, structured_mask
 
@@ -194,9 +198,15 @@ def flops_job(args: dict, seed: int) -> dict | None:
         for method in METHODS:
             hp = StructuredHparams(method=method, fillback_rate=args["fillback"], columns=args["regroup_columns"])
             mask = structured_mask(model, src.mask, src.weights, hp)
+            # As the structured retraining holds them: the bias (and BatchNorm) of every removed row at 0,
+            # so that the row outputs exactly 0 and the channel export drops it.
+            ticket = copy.deepcopy(model)
+            with torch.no_grad():
+                for name, keep in dead_channel_params(ticket, mask).items():
+                    ticket.get_parameter(name)[~keep] = 0.0
             for kind in (("dense", "blocks") if method == "regroup" else ("dense",)):
                 label = f"{after} {method} {'channels' if kind == 'dense' else 'blocks'}"
-                found["flops"][label] = cost_fields(export_model(model, mask, kind, check_inputs=2).module, None,
+                found["flops"][label] = cost_fields(export_model(ticket, mask, kind, check_inputs=2).module, None,
                                                     shape)["flops_sparse"]
             found["channels"][f"{after} {method}"] = {n: int(m.reshape(m.shape[0], -1).any(1).sum())
                                                       for n, m in mask.items()}
