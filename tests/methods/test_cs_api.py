@@ -397,3 +397,8 @@ def test_restart_lr_schedule_refuses_what_it_cannot_rewind():
     opt.add_param_group({"params": [nn.Parameter(torch.zeros(2))]})
     with pytest.raises(ConfigError, match="2 parameter groups"):
         restart_lr_schedule(scheduler)
+
+
+def test_reset_optimizer_state_refuses_what_is_not_an_optimizer():
+    with pytest.raises(ConfigError, match="takes a torch.optim.Optimizer, got NoneType"):
+        reset_optimizer_state(None)

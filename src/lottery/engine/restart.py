@@ -20,6 +20,8 @@ def reset_optimizer_state(optimizer: torch.optim.Optimizer, params: Iterable[tor
     counts) for ``params`` (default: every parameter it optimizes), so that its next step is the step of
     a freshly built optimizer. Parameter groups, learning rates and weight decay are kept. Returns the
     number of parameters whose state was dropped."""
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ConfigError(f"reset_optimizer_state takes a torch.optim.Optimizer, got {type(optimizer).__name__}")
     if params is None:
         targets = [p for group in optimizer.param_groups for p in group["params"]]
     else:
