@@ -109,15 +109,6 @@ STEP_SCHEDULE = {
 }
 
 
-@pytest.fixture(scope="module")
-def procs(tmp_path_factory):
-    p = fk.CLIProcesses(tmp_path_factory.mktemp("logs"))
-    yield p
-    import multiprocessing.forkserver as mf
-
-    mf._forkserver._stop()
-
-
 def _strip(obj):
     """Results without what legitimately differs between two run folders: paths and wall times."""
     if isinstance(obj, dict):

@@ -47,15 +47,6 @@ STRUCTURED = {"refill": ["structure", "refill"], "refill+": ["structure", "refil
 
 
 @pytest.fixture(scope="module")
-def procs(tmp_path_factory):
-    p = fk.CLIProcesses(tmp_path_factory.mktemp("logs"))
-    yield p
-    import multiprocessing.forkserver as mf
-
-    mf._forkserver._stop()
-
-
-@pytest.fixture(scope="module")
 def imp_source(procs, tmp_path_factory):
     out = tmp_path_factory.mktemp("imp_source")
     o = procs.run(["search", "imp", *fk.SYNTH, "--model", "conv2", "--epochs", "2", "--levels", "1", "--rewind", "1it",

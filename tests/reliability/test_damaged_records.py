@@ -35,15 +35,6 @@ DAMAGES = {
 
 
 @pytest.fixture(scope="module")
-def procs(tmp_path_factory):
-    p = fk.CLIProcesses(tmp_path_factory.mktemp("logs"))
-    yield p
-    import multiprocessing.forkserver as mf
-
-    mf._forkserver._stop()
-
-
-@pytest.fixture(scope="module")
 def finished(procs, tmp_path_factory):
     """Two finished CS searches (seeds 0 and 1) in one --out."""
     out = tmp_path_factory.mktemp("runs")
