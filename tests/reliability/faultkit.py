@@ -220,3 +220,22 @@ def tensors_equal(a: Path, b: Path) -> list[str]:
 def metrics_without_time(path: Path) -> list[dict[str, str]]:
     rows = list(csv.DictReader(io.StringIO(Path(path).read_text())))
     return [{k: v for k, v in r.items() if "second" not in k and "time" not in k} for r in rows]
+
+
+def _procs_fixture():
+    import pytest
+
+    @pytest.fixture(scope="module")
+    def procs(tmp_path_factory):
+        """One CLIProcesses per test module (a forkserver with lottery and torch imported once), shared by
+        the SIGKILL test modules: ``from faultkit import procs``."""
+        p = CLIProcesses(tmp_path_factory.mktemp("logs"))
+        yield p
+        import multiprocessing.forkserver as mf
+
+        mf._forkserver._stop()
+
+    return procs
+
+
+procs = _procs_fixture()

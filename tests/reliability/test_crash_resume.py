@@ -31,6 +31,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 import faultkit as fk  # noqa: E402
+from faultkit import procs  # noqa: E402,F401  (the shared fixture)
 
 from lottery.io import FAULT_ENV, FAULT_STEP_ENV  # noqa: E402
 

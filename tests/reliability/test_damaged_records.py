@@ -17,6 +17,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 import faultkit as fk  # noqa: E402
+from faultkit import procs  # noqa: E402,F401  (the shared fixture)
 
 CS = ["search", "cs", *fk.SYNTH, "--epochs", "1", "--rounds", "1", "--rewind", "2it", "--density", "0.3", "--no-dense"]
 
