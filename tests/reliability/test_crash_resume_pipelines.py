@@ -10,7 +10,7 @@ half-written, complete-but-not-renamed and renamed-nothing-after. Every kill mus
 finishes instead fails the test): the chain is deterministic, no timing involved. After every kill every
 file on disk must be whole; after a last, uninterrupted restart every result file must equal the
 reference's (safetensors tensor for tensor, JSON without paths and wall times, metrics.csv without times)
-and nothing may be left that the reference does not have. L0, GMP and refill then get a second folder killed at
+and nothing may be left that the reference does not have. L0, GMP and the three structured methods then get a second folder killed at
 moments that are not writes (:func:`step_kills`: after a counted training step or in a counted evaluation
 batch, ``LOTTERY_FAULT_KILL_AT_STEP``), from the reference's counts; deterministic too.
 
@@ -147,12 +147,16 @@ def write_point_chain(procs, argv: list[str], ref: Path, out: Path, *, step_chai
     specs = [f"1:{FAULT_PHASES[i % len(FAULT_PHASES)]}:{out / t}" for i, t in enumerate(targets)]
     report = kill_chain(procs, argv, out, specs)
     report["files_compared"] = compare(ref, out)
-    if not step_chain:
-        return report
-    out_steps = out.with_name(out.name + "_steps")
-    report["steps"] = {**kill_chain(procs, argv, out_steps, step_kills(steps)), "reference_counts": steps,
-                       "files_compared": compare(ref, out_steps)}
+    if step_chain:
+        report["steps"] = step_chain_report(procs, argv, ref, out.with_name(out.name + "_steps"), steps)
     return report
+
+
+def step_chain_report(procs, argv: list[str], ref: Path, out: Path, steps: dict[str, int]) -> dict:
+    """In ``out``, the kills of :func:`step_kills` (moments that are not writes, from the reference's counts),
+    then a last restart; compared with the reference in ``ref``."""
+    return {**kill_chain(procs, argv, out, step_kills(steps)), "reference_counts": steps,
+            "files_compared": compare(ref, out)}
 
 
 def step_kills(steps: dict[str, int]) -> list[dict]:
@@ -223,17 +227,21 @@ def test_sweep_parent_and_workers_killed_at_every_write_point(procs, tmp_path):
 def test_structured_kill_at_every_write_point_then_resume(procs, imp_source, tmp_path, method):
     """refill at every write point, then its export at every write point; refill+ and regroup run the same
     job code (only the mask function differs), so they get a short chain: the mask half written, the
-    ticket's weights renamed with nothing after them, results.json complete but not renamed."""
+    ticket's weights renamed with nothing after them, results.json complete but not renamed. All three then
+    get the three kills mid-retraining of :func:`step_kills`, in a folder of their own."""
     argv = [*STRUCTURED[method], str(imp_source), "--no-progress"]
     ref, out = tmp_path / "ref", tmp_path / "killed"
     if method == "refill":
         report = write_point_chain(procs, argv, ref, out)
         assert report["kills"] >= 8, report
     else:
-        _count_writes(procs, argv, ref)
+        _, steps = _count_writes(procs, argv, ref)
         report = kill_chain(procs, argv, out, ["1:mid:/mask.safetensors", "1:after-rename:/model.safetensors",
                                                "1:before-rename:/results.json"])
         report["files_compared"] = compare(ref, out)
+        # Mid-retraining (after a counted step, in a counted evaluation batch), as refill's step chain.
+        report["steps"] = step_chain_report(procs, argv, ref, tmp_path / "killed_steps", steps)
+        assert report["steps"]["kills"] == 3, report
     _report(f"structure-{method}", report, tmp_path)
     if method == "refill":  # the export of that ticket, killed at each of its writes
         ref_run, run = fk.one_folder(ref, "structure-"), fk.one_folder(out, "structure-")
