@@ -16,7 +16,8 @@ batch, ``LOTTERY_FAULT_KILL_AT_STEP``), from the reference's counts; determinist
 
 In a sweep the variable reaches the pool's workers, so a write of a run folder kills the worker that
 writes it (the sweep reports that job failed, and the next run resumes it) and a write of the sweep's
-record kills the parent.
+record kills the parent. The parent is also killed by the test while its workers are in their jobs; every
+process a sweep started must end with it, killed or not (orphaned workers used to live on forever).
 """
 
 from __future__ import annotations
@@ -109,7 +110,9 @@ def kill_chain(procs, argv: list[str], out: Path, kills: list, *, sweep: bool = 
     for i, kill in enumerate(kills):
         run_kw = {"env": {FAULT_ENV: kill}} if isinstance(kill, str) else dict(kill)
         spec = kill if isinstance(kill, str) else next(iter(run_kw.get("env", {}).values()), "when its log said so")
-        o = procs.run([*argv, "--out", str(out)], **run_kw)
+        o = procs.run([*argv, "--out", str(out)], watch_children=sweep, **run_kw)
+        if sweep:
+            _no_orphans(o, f"kill {i + 1} ({spec})")
         fired = [ln for ln in o.log.splitlines() if ln.startswith("lottery fault injection")]
         assert (fired or o.killed_by == "condition") and o.exitcode != 0, \
             f"kill {i + 1} ({spec}) did not fire: the run finished first\n{o.log[-2000:]}"
@@ -128,13 +131,25 @@ def kill_chain(procs, argv: list[str], out: Path, kills: list, *, sweep: bool = 
             moments.append(f"{fired[-1].split(' at ')[-1] if fired else 'killed by the test'}, after: "
                            f"{said[-1] if said else '-'}")
         fk.check_files_whole(out, context=o.log[-2000:])
-    final = procs.run([*argv, "--out", str(out)])
+    final = procs.run([*argv, "--out", str(out)], watch_children=sweep)
     assert final.exitcode == 0, final.log[-3000:]
+    if sweep:
+        _no_orphans(final, "the last run")
     fk.check_files_whole(out)
     temps = [p for p in out.rglob("*") if fk.is_temp(p) and "checkpoint.safetensors" in p.name]
     assert temps == [], f"killed checkpoint writes left {temps}"
     return {"kills": parent_kills + worker_kills, "worker_kills": worker_kills, "parent_kills": parent_kills,
             "moments": moments, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def _no_orphans(o: "fk.Outcome", what: str, within: float = 20.0) -> None:
+    """The processes a sweep started (its pool's workers, their resource tracker) end with it, even when it was
+    killed: a worker orphaned by a killed sweep stops at once (it waited for its next job forever)."""
+    left = fk.still_running(o.children, within)
+    for pid in left:  # not left to run on after the test
+        os.kill(pid, 9)
+    assert left == [], (f"{what}: processes {left} the sweep started still run {within} s after it ended "
+                        f"(exit {o.exitcode}, killed by {o.killed_by or 'nobody'})\n{o.log[-2000:]}")
 
 
 def write_point_chain(procs, argv: list[str], ref: Path, out: Path, *, step_chain: bool = True) -> dict:
@@ -199,7 +214,8 @@ def test_sweep_parent_and_workers_killed_at_every_write_point(procs, tmp_path):
     naming a run folder's file (``/results.json``) kills both workers at their first such write, a step spec
     in their second evaluation batch; one naming the record kills the parent (at the start, and once more
     after jobs have finished, with the workers running). A job whose worker died is retried once alone, in a
-    fresh worker, which the same spec kills again."""
+    fresh worker, which the same spec kills again. Then, in another folder, the parent is killed by the test
+    while its workers are in their jobs."""
     argv = ARGS["sweep"]
     ref = tmp_path / "ref"
     _count_writes(procs, argv, ref)
@@ -219,6 +235,14 @@ def test_sweep_parent_and_workers_killed_at_every_write_point(procs, tmp_path):
     report = kill_chain(procs, argv, tmp_path / "killed", specs, sweep=True)
     report["files_compared"] = compare(ref, tmp_path / "killed")
     assert report["worker_kills"] >= 6 and report["parent_kills"] == 2, report
+    # The parent killed while both workers are in their jobs (the first "epoch 1/2" line of one of them):
+    # the orphaned workers stop at once (before, each finished its job, then waited for another forever;
+    # kill_chain checks that every process the sweep started ends), and the next run resumes their jobs.
+    orphaned = kill_chain(procs, argv, tmp_path / "orphaned", [{"kill_when": lambda log: "dense epoch 1/" in log}],
+                          sweep=True)
+    assert orphaned["parent_kills"] == 1, orphaned
+    orphaned["files_compared"] = compare(ref, tmp_path / "orphaned")
+    report["orphaned"] = orphaned
     _report("sweep", report, tmp_path)
 
 
