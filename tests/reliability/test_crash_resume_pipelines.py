@@ -1,5 +1,6 @@
-"""SIGKILL at every write point of L0, GMP, a structured ticket (refill; refill+ and regroup at three), export and
-``lottery sweep`` (its parent and its workers), then resume; compare with an uninterrupted run bit for bit.
+"""SIGKILL at every write point of L0, GMP, a structured ticket (refill; refill+ and regroup at three), export
+(its TorchScript copy included) and ``lottery sweep`` (its parent and its workers), then resume; compare with
+an uninterrupted run bit for bit.
 
 test_crash_resume.py does this for CS and IMP with a hand-written schedule. Here the schedule is derived:
 an uninterrupted run (forked, like the killed ones: faultkit) counts its atomic writes
@@ -9,10 +10,11 @@ history.json, artefacts.json, results.json, plots, the sweep's record ...), the 
 half-written, complete-but-not-renamed and renamed-nothing-after. Every kill must land (a restart that
 finishes instead fails the test): the chain is deterministic, no timing involved. After every kill every
 file on disk must be whole; after a last, uninterrupted restart every result file must equal the
-reference's (safetensors tensor for tensor, JSON without paths and wall times, metrics.csv without times)
-and nothing may be left that the reference does not have. L0, GMP and the three structured methods then get a second folder killed at
-moments that are not writes (:func:`step_kills`: after a counted training step or in a counted evaluation
-batch, ``LOTTERY_FAULT_KILL_AT_STEP``), from the reference's counts; deterministic too.
+reference's (safetensors tensor for tensor, JSON without paths and wall times, metrics.csv without times,
+an export's TorchScript file by its code and tensors) and nothing may be left that the reference does not
+have. L0, GMP and the three structured methods then get a second folder killed at moments that are not
+writes (:func:`step_kills`: after a counted training step or in a counted evaluation batch,
+``LOTTERY_FAULT_KILL_AT_STEP``), from the reference's counts; deterministic too.
 
 In a sweep the variable reaches the pool's workers, so a write of a run folder kills the worker that
 writes it (the sweep reports that job failed, and the next run resumes it) and a write of the sweep's
@@ -71,7 +73,7 @@ def _strip(obj):
 def _result_files(root: Path) -> list[Path]:
     return sorted(p.relative_to(root) for p in root.rglob("*")
                   if p.is_file() and not fk.is_temp(p) and p.name not in (".lock",) and p.suffix not in (".png", ".svg")
-                  and not p.name.startswith("sweep_") and p.suffix != ".pt")
+                  and not p.name.startswith("sweep_"))
 
 
 def compare(ref: Path, got: Path) -> int:
@@ -86,7 +88,23 @@ def compare(ref: Path, got: Path) -> int:
             assert _strip(json.loads(b.read_text())) == _strip(json.loads(a.read_text())), rel
         elif rel.suffix == ".csv":
             assert fk.metrics_without_time(b) == fk.metrics_without_time(a), rel
+        elif rel.suffix == ".pt":  # TorchScript: its zip holds a random serialization id: not bit for bit
+            assert _torchscript_content(b) == _torchscript_content(a), f"{rel} differs from the uninterrupted run"
     return len(want)
+
+
+def _torchscript_content(path: Path) -> tuple:
+    """What a TorchScript file computes: its code and its tensors, bit for bit."""
+    import re
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit's notice
+        m = torch.jit.load(str(path))
+    code = [re.sub(r"___torch_mangle_\d+", "", sub.code) for sub in m.modules()]
+    return code, [(k, v.dtype, tuple(v.shape), v.flatten().tolist()) for k, v in m.state_dict().items()]
 
 
 def _count_writes(procs, argv: list[str], ref: Path) -> tuple[list[str], dict[str, int]]:
