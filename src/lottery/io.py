@@ -165,6 +165,7 @@ def fault_phase(path: str | os.PathLike) -> str | None:
 
 
 def fault_kill(path: str | os.PathLike, phase: str) -> None:
+    """SIGKILL this process at ``phase`` of its write of ``path`` (after :func:`fault_phase` named that phase)."""
     _fault_kill(Path(path), phase)
 
 

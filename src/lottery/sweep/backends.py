@@ -58,7 +58,7 @@ def _exit_with_parent(parent: int, poll: float = 0.2) -> None:
     Why: a pool worker whose sweep was SIGKILLed finished its job, then waited for the next one forever (its
     pool's queue never closes: the workers hold its other end), an orphan holding its memory and the
     sweep's output pipe; and while it still ran a job, the sweep started again found that run folder locked
-    and failed the job. Ending at once, as a killed process, is safe: writes are atomic, the folder's lock
+    (a job that does not wait for a lock failed). Ending at once, as a killed process, is safe: writes are atomic, the folder's lock
     goes with the process, and the job resumes from its last checkpoint when the sweep runs again."""
     while os.getppid() == parent:
         time.sleep(poll)
