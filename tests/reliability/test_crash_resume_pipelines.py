@@ -49,7 +49,9 @@ ARGS = {
 # --stack 2: both dense jobs train as one stacked network in the sweep's own process (no worker).
 ARGS["sweep-stack"] = [*ARGS["sweep"], "--stack", "2", "--data-order-seed", "0"]
 STRUCTURED = {"refill": ["structure", "refill"], "refill+": ["structure", "refill+", "--fillback-rate", "0.5"],
-              "regroup": ["structure", "regroup", "--partitioner", "metis", "--parts", "4"]}
+              # --coverage 1.0: blocks no larger than the kept weights, so the ticket stays sparse (at the default
+              # 1.5 the blocks of a 0.8-dense source cover every weight and the ticket would be dense)
+              "regroup": ["structure", "regroup", "--partitioner", "metis", "--parts", "4", "--coverage", "1.0"]}
 
 
 @pytest.fixture(scope="module")
@@ -360,6 +362,8 @@ def test_structured_kill_at_every_write_point_then_resume(procs, imp_source, tmp
         report["steps"] = step_chain_report(procs, argv, ref, tmp_path / "killed_steps", steps)
         assert report["steps"]["kills"] == 3, report
     _report(f"structure-{method}", report, tmp_path)
+    ticket = json.loads((fk.one_folder(ref, "structure-") / "results.json").read_text())
+    assert 0 < ticket["density"] < 1, ticket["density"]  # a ticket that really prunes, not the dense network
     if method == "refill":  # the export of that ticket, killed at each of its writes
         ref_run, run = fk.one_folder(ref, "structure-"), fk.one_folder(out, "structure-")
         exp = write_point_chain(procs, ["export", str(run), "--to", "dense"], ref_run / "export-dense-ref",
