@@ -139,7 +139,10 @@ def _export_accuracy(args: dict, module, seed: int) -> float:
 
 
 def _finished(out: Path, prefix: str, seed: int | None = None) -> list[dict]:
-    return [r for _, r in read_results(out, f"{prefix}*/results.json") if seed is None or r.get("seed") == seed]
+    # run_dir: the folder found here (results.json records the path the run was made at, which is stale in
+    # a copied folder, e.g. sources copied from an earlier benchmark's --out)
+    return [{**r, "run_dir": str(folder)} for folder, r in read_results(out, f"{prefix}*/results.json")
+            if seed is None or r.get("seed") == seed]
 
 
 def latency_job(args: dict, seed: int) -> dict | None:
