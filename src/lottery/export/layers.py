@@ -160,7 +160,7 @@ class _BlockBase(nn.Module):
             like = self.weights[members[0]]
             w = like.new_zeros(len(members), r_max, c_max, *like.shape[2:])
             idx = torch.zeros(len(members), c_max, dtype=torch.int64)
-            bucket_bias = torch.zeros(len(members), r_max)
+            bucket_bias = torch.zeros(len(members), r_max, dtype=like.dtype)
             for i, b in enumerate(members):
                 r, c = int(rows[b].numel()), int(cols[b].numel())
                 w[i, :r, :c] = self.weights[b].detach()
@@ -185,8 +185,8 @@ class _BlockBase(nn.Module):
         if bool(missing.any()):  # rows of no block: constant rows (their bias, or 0) after the buckets' rows
             k = int(missing.sum())
             out_index[missing] = pos + torch.arange(k)
-            self._set("_pk_const", (bias[missing] if bias is not None else torch.zeros(k)).to(self.weights[0].device
-                                                                                            if len(self.weights) else "cpu"))
+            like = self.weights[0] if len(self.weights) else torch.zeros(())
+            self._set("_pk_const", (bias[missing] if bias is not None else torch.zeros(k)).to(like.device, like.dtype))
             self._zero_row = True
             pos += k
         self._packed_rows = pos
