@@ -22,8 +22,12 @@ CS 3 rounds of 2 epochs). Every run is a lottery run folder: a killed benchmark 
     python benchmarks/nm_fashion.py --seeds 0,1,2 --workers 2
     python benchmarks/nm_fashion.py --report-only
 
-Measured cost (see the report's wall seconds): per seed about 4 CPU-minutes for LeNet (10 epochs) and 7 for
-Conv-4 narrow, so about 17-20 minutes for 3 seeds on 2 workers.
+Cost, estimated from the epoch times of benchmarks/RESULTS.md on an idle machine (LeNet about 3.3 s per
+epoch, Conv-4 narrow about 18 s): per seed about 70 LeNet epochs (4-6 CPU-minutes) and 24 Conv-4 narrow
+epochs (7-8 CPU-minutes), so about 20 minutes for 3 seeds on 2 workers. Measured on 2026-12-02 on the
+2-core machine at load average 6-9 (other work running): one seed of Conv-4 narrow in 16 minutes and one
+of LeNet at ``--lenet-epochs 2`` in 2.5 minutes (2 workers); the report's last column gives each run's
+wall seconds.
 """
 
 from __future__ import annotations
