@@ -69,8 +69,10 @@ class _BlockBase(nn.Module):
     what is stored and loaded. The forward pass can run a *packed* copy of them (:meth:`pack`): blocks of
     similar width are grouped into a few buckets and zero-padded to one shape per bucket (``PAD_RATIO``),
     so that a layer runs as one gather of its input, one batched matrix product (or one grouped
-    convolution) per bucket and one gather of its output rows. Padding is exact: a padded column reads an
-    input column with a zero weight, a padded row is dropped (rows of no block read a zero row). The
+    convolution) per bucket, bias included, and one gather of its output rows, which :func:`link_blocks`
+    removes when the next layer is a block layer too (it reads the rows where the products wrote them).
+    Padding is exact: a padded column reads an input column with a zero weight, a padded row is dropped
+    or never read (rows of no block read constant rows: their bias, or 0). The
     packed copy is rebuilt on the first forward pass, after ``load_state_dict`` and by ``_fill``; call
     :meth:`pack` after changing the block tensors in place. Channel blocks of a conv run in
     ``channels_last`` (oneDNN's grouped convolutions and the max-pool after them were several times faster
