@@ -657,11 +657,13 @@ def test_a_killed_exports_temporary_file_is_removed_by_the_next_export(tmp_path)
     assert (folder / "model.pt").is_file() and not list(folder.glob(".model.pt.tmp-*"))
 
 
-def _linked_chain(seed: int):
+def _linked_chain(seed: int, second: str = "channel"):
     """A network of block layers linked by link_blocks (conv -> conv through ReLU and max-pool, conv ->
     flatten -> Linear, Linear -> Linear) whose masks have blocks of several widths (padding rows in the
     packed output), rows of no block (with a bias: constant channels) and a row in no block of the last
-    layer; and the same network as plain masked layers."""
+    layer; and the same network as plain masked layers. ``second``: the unit of the second conv's blocks
+    (``element``: it reads the first conv's packed output through im2col columns, and is not linked to
+    the Linear after it)."""
     from lottery.export.layers import _ConvBN
 
     torch.manual_seed(seed)
@@ -675,10 +677,11 @@ def _linked_chain(seed: int):
             m[0:3, 0], m[3:6], m[6, 1] = True, True, True
             m = m.reshape(8, 27)
         wm = (w.reshape(cout, -1) * m).reshape_as(w)
-        unit = 9 if kind == "conv" else 1
+        unit = 9 if kind == "conv" and not (i == 1 and second == "element") else 1
         sizes = [[len(r), len(c) // unit] for r, c in blocks_from_mask(m)]
-        layer = BlockConv2d(cin, cout, 3, 1, 1, 1, sizes, unit="channel") if kind == "conv" else BlockLinear(cin, cout, sizes)
-        _block_layer(layer, w.reshape(cout, -1), m, (3, 3) if kind == "conv" else None)
+        layer = (BlockConv2d(cin, cout, 3, 1, 1, 1, sizes, unit="channel" if unit == 9 else "element") if kind == "conv"
+                 else BlockLinear(cin, cout, sizes))
+        _block_layer(layer, w.reshape(cout, -1), m, (3, 3) if unit == 9 else None)
         ref = nn.Conv2d(cin, cout, 3, padding=1) if kind == "conv" else nn.Linear(cin, cout)
         with torch.no_grad():
             ref.weight.copy_(wm)
@@ -691,12 +694,15 @@ def _linked_chain(seed: int):
     return net, ref
 
 
-@pytest.mark.parametrize("paths", ["packed", "loop-in-the-middle", "auto"])
+@pytest.mark.parametrize("paths", ["packed", "loop-in-the-middle", "auto", "packed-element-second"])
 def test_linked_block_layers_skip_the_output_gather_and_equal_the_masked_network(paths):
     from lottery.export import link_blocks
 
-    net, ref = _linked_chain(seed=3)
-    assert link_blocks(net) == [(0, 3), (3, 7), (7, 9)]  # conv->conv, conv->flatten->linear, linear->linear
+    second = "element" if paths.endswith("element-second") else "channel"
+    paths = paths.replace("-element-second", "")
+    net, ref = _linked_chain(seed=3, second=second)
+    # conv->conv, conv->flatten->linear (not from element blocks), linear->linear
+    assert link_blocks(net) == ([(0, 3), (3, 7), (7, 9)] if second == "channel" else [(0, 3), (7, 9)])
     layers = [m for m in net.modules() if isinstance(m, (BlockConv2d, BlockLinear))]
     for i, layer in enumerate(layers):
         layer.path = "loop" if paths == "loop-in-the-middle" and i == 1 else paths
@@ -712,7 +718,7 @@ def test_linked_block_layers_skip_the_output_gather_and_equal_the_masked_network
     assert first.shape[1] == (layers[0]._packed_rows if emitting else layers[0].out_features)
     assert layers[0]._packed_rows > layers[0].out_features and layers[0]._zero_row
     # load_state_dict repacks both ends of a link
-    net2, _ = _linked_chain(seed=4)
+    net2, _ = _linked_chain(seed=4, second=second)
     link_blocks(net2)
     for layer in (m for m in net2.modules() if isinstance(m, (BlockConv2d, BlockLinear))):
         layer.path = "packed"
