@@ -42,14 +42,14 @@ def control_job(source: str, level: int, seed: int, out: str):
                             RunOptions(out=out, progress=False))
 
 
-def stability_job(seed: int, out: str, preset: str = "fashion_lenet"):
+def stability_job(seed: int, out: str, preset: str = "fashion_lenet", points=STABILITY_POINTS):
     from lottery.experiment import RunOptions
     from lottery.methods.stability import StabilityHparams
     from lottery.pipelines.imp import StabilityJob, run_stability
     from lottery.presets import get_preset
 
     p = get_preset(preset)
-    hp = StabilityHparams(rewind_points=STABILITY_POINTS, copy_seeds=(101 + seed, 201 + seed))
+    hp = StabilityHparams(rewind_points=tuple(points), copy_seeds=(101 + seed, 201 + seed))
     return run_stability(StabilityJob(p.data, p.model, p.training, hp, seed=seed), RunOptions(out=out, progress=False))
 
 
@@ -57,7 +57,8 @@ def _finished(out: Path, prefix: str) -> list[dict]:
     return [r for _, r in read_results(out, f"{prefix}*/results.json")]
 
 
-def report(out: Path, levels: int, rewind: str = "1ep", control_levels=CONTROL_LEVELS) -> None:
+def report(out: Path, levels: int, rewind: str = "1ep", control_levels=CONTROL_LEVELS,
+           points=STABILITY_POINTS) -> None:
     print(f"machine: {machine()}\n")
     series = {
         "IMP k=0": [r for r in _finished(out, "search-imp_") if r.get("rewind") in ("0it", None) and r.get("method") == "imp"],
@@ -86,7 +87,7 @@ def report(out: Path, levels: int, rewind: str = "1ep", control_levels=CONTROL_L
     if stab:
         print("\n| k | instability % (mean ± std) | L2 distance to dense (mean) | seeds |")
         print("|---|---|---|---|")
-        for k in STABILITY_POINTS:
+        for k in points:
             rows = [p for r in stab for p in r.get("rows", []) if p.get("rewind") == k]
             if rows:
                 i, isd = mean_std([p["instability"] for p in rows])
@@ -104,6 +105,8 @@ def main() -> None:
     ap.add_argument("--control-levels", default=",".join(map(str, CONTROL_LEVELS)),
                     help="IMP-R levels whose masks' per-layer counts the random controls copy")
     ap.add_argument("--out", default="benchmarks/out/imp_lenet_fashion")
+    ap.add_argument("--stability-points", default=",".join(STABILITY_POINTS),
+                    help="rewind points k of the dense network's instability analysis")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: imp0,impr,stability,controls,impc")
     args = ap.parse_args()
@@ -111,6 +114,7 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     skip = set(args.skip.split(",")) - {""}
     control_levels = [int(v) for v in args.control_levels.split(",") if v]
+    points = [p.strip() for p in args.stability_points.split(",") if p.strip()]
     if not args.report_only:
         first = []
         if "impr" not in skip:
@@ -119,7 +123,7 @@ def main() -> None:
             first += [("rewind", "0it", args.levels, s, str(out), args.preset) for s in seeds]
         done = run_parallel(imp_job, first, args.workers)
         if "stability" not in skip:
-            run_parallel(stability_job, [(s, str(out), args.preset) for s in seeds], args.workers)
+            run_parallel(stability_job, [(s, str(out), args.preset, points) for s in seeds], args.workers)
         if "controls" not in skip:
             sources = [r["run_dir"] for r in done if r.get("rewind") == args.rewind]
             run_parallel(control_job, [(src, lv, 1, str(out)) for src in sources for lv in control_levels],
@@ -127,7 +131,7 @@ def main() -> None:
         if "impc" not in skip:
             run_parallel(imp_job, [("continue", args.rewind, args.levels, s, str(out), args.preset) for s in seeds],
                          args.workers)
-    report(out, args.levels, args.rewind, control_levels)
+    report(out, args.levels, args.rewind, control_levels, points)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from lottery.cli import main
 from lottery.presets import PRESETS, get_preset
 
 SHAPES = {"cifar10_resnet20": "3,32,32", "cifar10_vgg16": "3,32,32", "imagenet_resnet50": "3,224,224",
-          "fashion_conv4_narrow": "1,28,28"}
+          "fashion_conv4_narrow": "1,28,28", "fashion_resnet20": "1,28,28"}
 CPU_PRESETS_RUN_ELSEWHERE = {"fashion_lenet"}  # tests/test_cli.py and the README's `make run` train it on real data
 
 
@@ -74,6 +74,23 @@ def test_narrow_conv_preset_cs_and_imp_smoke(tmp_path):
     assert hparams["model"]["model"] == "conv4" and hparams["model"]["width"] == 0.125
     mask = json.loads((cs_dir / "mask.json").read_text())
     assert "features.0.weight" in mask["layers"] and "fc.weight" not in mask["layers"]
+    (imp_dir,) = tmp_path.glob("search-imp_*")
+    assert json.loads((imp_dir / "level_1" / "results.json").read_text())["density"] == pytest.approx(0.8, abs=1e-3)
+
+
+def test_residual_cpu_preset_cs_and_imp_smoke(tmp_path):
+    """The CPU residual benchmark recipe (issue 21): ResNet-20 at width 0.25 runs CS, IMP and dense training
+    from the command line for two iterations on synthetic data of Fashion-MNIST's shape."""
+    args = _tiny("fashion_resnet20", tmp_path, batch=8)
+    assert main(["search", "cs", *args, "--round-steps", "2it", "--rewind", "1it", "--rounds", "2", "--no-dense"]) == 0
+    assert main(["search", "imp", *args, "--levels", "1", "--rewind", "1it"]) == 0
+    (cs_dir,) = tmp_path.glob("search-cs_*")
+    hparams = json.loads((cs_dir / "hparams.json").read_text())
+    assert hparams["model"] == {"model": "resnet20", "prune_ignore": None, "width": 0.25}
+    assert hparams["training"]["training_steps"] == "2it" and hparams["training"]["schedule"] == "cosine"
+    mask = json.loads((cs_dir / "mask.json").read_text())
+    assert mask["layers"]["conv1.weight"]["shape"] == [4, 1, 3, 3]
+    assert mask["layers"]["layer3.2.conv2.weight"]["shape"] == [16, 16, 3, 3]
     (imp_dir,) = tmp_path.glob("search-imp_*")
     assert json.loads((imp_dir / "level_1" / "results.json").read_text())["density"] == pytest.approx(0.8, abs=1e-3)
 

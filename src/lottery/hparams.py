@@ -260,7 +260,7 @@ class ModelHparams(Hparams):
     _prefix = "model"
     _help = {
         "model": "registered model name (lottery models lists them)",
-        "width": "width multiplier, for model families that take one (resnet*: integer; conv2/4/6: e.g. 0.25)",
+        "width": "width multiplier, for model families that take one (resnet*, conv2/4/6: e.g. 0.25 scales the convolution channels)",
         "prune_ignore": "comma-separated parameter names or patterns never pruned (default: the model's own)",
     }
 

@@ -61,6 +61,17 @@ PRESETS: dict[str, Preset] = {
                      "imp": {"rewind": "100it"}},
         ),
         Preset(
+            "fashion_resnet20",
+            "ResNet-20 at width 0.25 (4, 8, 16 channels) on Fashion-MNIST, 8 epochs, SGD lr 0.1, momentum 0.9, "
+            "wd 1e-4, cosine: a residual network for CPU benchmarks (benchmarks/RESULTS.md, residual section)",
+            DataHparams(dataset="fashion-mnist", val_size=5000),
+            ModelHparams(model="resnet20", width=0.25),
+            TrainingHparams(training_steps="8ep", batch_size=128, lr=0.1, momentum=0.9, weight_decay=1e-4,
+                            schedule="cosine"),
+            methods={"cs": {"lam": 1e-8, "rounds": 2, "round_steps": "4ep", "rewind": "1ep"},
+                     "imp": {"rewind": "1ep"}},
+        ),
+        Preset(
             "cifar10_resnet20",
             "ResNet-20 on CIFAR-10 (open_lth: 160 epochs, lr 0.1, x0.1 at 80/120, wd 1e-4; "
             "CS reference: 3 rounds of 85 epochs, x0.1 at 56/71, rewind 2ep); GPU",

@@ -302,8 +302,6 @@ def test_model_hparams_width_is_a_number_and_integral_values_keep_their_run_fold
     two = ModelHparams(model="resnet20", width=2.0)
     assert two.width == 2 and isinstance(two.width, int)
     assert hparams_hash(two) == hparams_hash(ModelHparams(model="resnet20", width=2))
-    with pytest.raises(ConfigError, match="width"):
-        build_model("resnet20", width=0.5)  # ResNets take whole multiples only
 
 
 # ----------------------------------------------------------------------------- ResNet specifics
@@ -317,9 +315,21 @@ def test_cifar_resnet_width():
     assert n_params(wide) == 1_084_586
     with torch.no_grad():
         assert wide.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 10)
-    for bad in (0, -1, 1.5, "2", True):
+    for bad in (0, -1, "2", True):
         with pytest.raises(ConfigError, match="width"):
             build_model("resnet20", width=bad)
+
+
+def test_cifar_resnet_fractional_width_scales_the_convolutions_only():
+    quarter = build_model("resnet20", input_shape=(1, 28, 28), width=0.25)
+    assert [quarter.conv1.out_channels, quarter.layer2[0].conv1.out_channels,
+            quarter.layer3[0].conv1.out_channels] == [4, 8, 16]
+    assert quarter.fc.in_features == 16 and quarter.fc.out_features == 10
+    half = build_model("resnet20", input_shape=(1, 28, 28), width=0.5)
+    assert half.layer3[2].conv2.out_channels == 32
+    assert build_model("resnet20", width=0.01).conv1.out_channels == 1  # rounded, at least one channel
+    with torch.no_grad():
+        assert quarter.eval()(torch.randn(2, 1, 28, 28)).shape == (2, 10)
 
 
 def test_cifar_resnet_layer_names():

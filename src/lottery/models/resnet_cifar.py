@@ -1,7 +1,8 @@
 """CIFAR ResNet-20/32/56 (He et al. 2016, section 4.2), as used by open_lth and Continuous Sparsification.
 
 A 3x3 stem convolution, then three stages of ``n`` basic blocks (n = 3, 5, 9 for depth 20, 32, 56)
-with 16, 32, 64 channels times the ``width`` option, stride 2 at the start of stages 2 and 3, a global
+with 16, 32, 64 channels times the ``width`` option (any positive number: ``width=0.25`` gives 4, 8, 16
+channels, rounded, at least 1, for CPU benchmarks; only convolution channels scale), stride 2 at the start of stages 2 and 3, a global
 average pool and a Linear classifier. Where a block changes the shape, its shortcut is a 1x1
 convolution + BatchNorm projection (open_lth's choice; the paper's option A pads with zeros instead,
 hence a few thousand more parameters than the published 0.27M for ResNet-20).
@@ -18,7 +19,7 @@ from torch import nn
 from lottery.models._common import (
     check_input_shape,
     check_num_classes,
-    check_positive_int,
+    check_positive_number,
     init_weights,
     reject_unknown_options,
 )
@@ -57,12 +58,12 @@ class CifarResNet(nn.Module):
         input_shape: tuple[int, int, int],
         num_classes: int,
         blocks_per_stage: int,
-        width: int = 1,
+        width: float = 1,
     ):
         super().__init__()
         self.input_shape = tuple(input_shape)
         self.num_classes = num_classes
-        widths = [16 * width, 32 * width, 64 * width]
+        widths = [max(1, round(c * width)) for c in (16, 32, 64)]
         self.conv1 = nn.Conv2d(self.input_shape[0], widths[0], 3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
         self.relu = nn.ReLU()
@@ -94,7 +95,7 @@ def _build(name: str, depth: int, input_shape, num_classes, width=1, **options) 
         shape,
         check_num_classes(name, num_classes),
         blocks_per_stage=(depth - 2) // 6,
-        width=check_positive_int(name, "width", width),
+        width=check_positive_number(name, "width", width),
     )
 
 
