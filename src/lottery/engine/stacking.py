@@ -405,40 +405,22 @@ class StackedTrainer(Trainer):
         self.history.append(summary)
         return summary
 
-    def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        mult = self.schedule(self.iteration)
-        for opt in self.optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["base_lr"] * (mult if group.get("follow_schedule", True) else 1.0)
-        for cb in self.callbacks:
-            cb.on_step_start(self)
-        x = x.to(self.device, non_blocking=True)
-        y = y.to(self.device, non_blocking=True)
-        if not self._input_checked:
-            self._check_input(x)
-        task_losses = stacked_cross_entropy(self.model(x), y)  # (K,)
+    def _losses(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Each member's mean loss, summed: the gradient of member k's parameters is member k's own.
+        task_losses = stacked_cross_entropy(self.train_module(x), y)  # (K,)
         loss = task_losses.sum()
         for cb in self.callbacks:
             extra = cb.extra_loss(self)
             if extra is not None:
                 loss = loss + extra.sum()
-        if not torch.isfinite(loss):
-            bad = [i for i, v in enumerate(task_losses.tolist()) if not math.isfinite(v)]
-            raise NumericalError(
-                f"the loss became {loss.item()} at step {self.step} (iteration {self.iteration}; stacked members "
-                f"{bad or 'all'}); the last good checkpoint is kept. Try a smaller learning rate (now {self.lr():g})"
-            )
-        for opt in self.optimizers:
-            opt.zero_grad(set_to_none=True)
-        loss.backward()
-        for opt in self.optimizers:
-            opt.step()
-        self.iteration += 1
-        self.last_loss = task_losses.detach()
-        self._train_loss_sum += self.last_loss
-        self._train_loss_count += 1
-        for cb in self.callbacks:
-            cb.on_step_end(self)
+        return loss, task_losses
+
+    def _non_finite(self, loss: torch.Tensor, task_loss: torch.Tensor) -> NumericalError:
+        bad = [i for i, v in enumerate(task_loss.tolist()) if not math.isfinite(v)]
+        return NumericalError(
+            f"the loss became {loss.item()} at step {self.step} (iteration {self.iteration}; stacked members "
+            f"{bad or 'all'}); the last good checkpoint is kept. Try a smaller learning rate (now {self.lr():g})"
+        )
 
     def _log_row(self, row: dict[str, Any], seconds: float) -> None:
         members = row["members"]

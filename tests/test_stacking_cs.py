@@ -1,0 +1,92 @@
+"""Stacked CS ticket searches (issue 23): each member of a stack writes the run folder of the unstacked
+search of its hparams, with the same loss trajectory and the same mask."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lottery.experiment import RunOptions
+from lottery.hparams import DataHparams, ModelHparams, TrainingHparams
+from lottery.io import load_tensors
+from lottery.methods.cs import CSHparams
+from lottery.pipelines.cs import CSJob, run_cs
+from lottery.pipelines.cs_stacked import run_cs_stacked
+
+DATA = DataHparams(dataset="synthetic", synthetic_shape=(1, 8, 8), synthetic_train_size=256, synthetic_test_size=64,
+                   val_size=64)
+TRAINING = TrainingHparams(training_steps="2ep", batch_size=32, momentum=0.9, lr=0.05, weight_decay=1e-4,
+                           eval_every="4it", data_order_seed=5)
+# Two rounds of 1 epoch (the reset between rounds runs), rewind at 2 iterations; members differ in s0
+# (a scale and a reset cap of their own), lam and the initialisation seed.
+CS = CSHparams(rounds=2, round_steps="1ep", rewind="2it", beta_final=200.0)
+MEMBERS = [(0.05, 1e-6, 0), (-0.02, 1e-5, 0), (0.0, 3e-6, 1)]
+
+
+def _jobs(model: ModelHparams = ModelHparams(model="lenet_300_100")) -> list[CSJob]:
+    return [CSJob(DATA, model, TRAINING, CS.replace(s0=s0, lam=lam), seed=seed, dense_reference=False)
+            for s0, lam, seed in MEMBERS]
+
+
+def _options(out: Path, lines: list[str] | None = None) -> RunOptions:
+    return RunOptions(out=out, progress=False, log=(lines.append if lines is not None else lambda line: None))
+
+
+def _metrics(folder: Path) -> list[dict[str, str]]:
+    with open(folder / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_a_stacked_cs_member_equals_its_unstacked_search(tmp_path):
+    lines: list[str] = []
+    jobs = _jobs()
+    stacked = run_cs_stacked(jobs, _options(tmp_path / "stacked", lines))
+    assert any(line.startswith("stack: 3 CS searches as one network") for line in lines), lines
+    alone = [run_cs(j, _options(tmp_path / "alone")) for j in jobs]
+    densities = set()
+    for s, a in zip(stacked, alone):
+        sf, af = Path(s["run_dir"]), Path(a["run_dir"])
+        assert sf.name == af.name and (sf / "hparams.json").read_text() == (af / "hparams.json").read_text()
+        assert s["stack"]["size"] == 3 and s["stack"]["ticket_stack_size"] == 3
+        # The loss trajectory (search rounds and ticket) to 1e-5, row by row, with the same columns.
+        ms, ma = _metrics(sf), _metrics(af)
+        assert list(ms[0].keys()) == list(ma[0].keys()) and len(ms) == len(ma) >= 6
+        assert {r["stage"] for r in ms} == {"round_0", "round_1", "ticket"}
+        for rs, ra in zip(ms, ma):
+            assert (rs["stage"], rs["step"]) == (ra["stage"], ra["step"])
+            assert float(rs["train_loss"]) == pytest.approx(float(ra["train_loss"]), rel=1e-5), (rs["stage"], rs["step"])
+            if rs["stage"] != "ticket":
+                assert float(rs["density"]) == pytest.approx(float(ra["density"]), abs=2e-4)
+                assert float(rs["penalty"]) == pytest.approx(float(ra["penalty"]), rel=1e-4)
+        # The same mask, but for logits within rounding of 0.
+        mask_s, mask_a = load_tensors(sf / "mask.safetensors"), load_tensors(af / "mask.safetensors")
+        logits = load_tensors(af / "round_1" / "state.safetensors")
+        assert mask_s.keys() == mask_a.keys()
+        for name in mask_a:
+            differ = mask_s[name] != mask_a[name]
+            near_zero = logits[name + "_mask_logits"].abs() < 1e-4
+            assert not (differ & ~near_zero).any(), name
+        # Each file an unstacked search writes, with the same keys (rewind point, round states, ticket).
+        for rel in ("rewind.safetensors", "round_0/state.safetensors", "round_1/state.safetensors",
+                    "ticket/model.safetensors"):
+            ws, wa = load_tensors(sf / rel), load_tensors(af / rel)
+            assert list(ws.keys()) == list(wa.keys()), rel
+            for key in wa:
+                torch.testing.assert_close(ws[key], wa[key], rtol=1e-4, atol=1e-4)
+        assert not any(sf.rglob("checkpoint.safetensors"))
+        hs = json.loads((sf / "round_0" / "history.json").read_text())
+        ha = json.loads((af / "round_0" / "history.json").read_text())
+        assert hs["convergence"].keys() == ha["convergence"].keys()
+        assert set(s) - {"stack"} == set(a)
+        for key in ("s0", "lam", "seed", "rounds", "search_epochs", "epochs", "prunable_weights", "flops_dense"):
+            assert s[key] == a[key], key
+        assert s["test_accuracy"] == pytest.approx(a["test_accuracy"], abs=1.5 / 64)  # at most one example
+        densities.add(s["density"])
+    assert len(densities) == 3  # the members really are different searches
+    # Again: every member is reused.
+    again = run_cs_stacked(jobs, _options(tmp_path / "stacked"))
+    assert [r["run_dir"] for r in again] == [r["run_dir"] for r in stacked]
