@@ -90,3 +90,24 @@ def test_a_stacked_cs_member_equals_its_unstacked_search(tmp_path):
     # Again: every member is reused.
     again = run_cs_stacked(jobs, _options(tmp_path / "stacked"))
     assert [r["run_dir"] for r in again] == [r["run_dir"] for r in stacked]
+
+
+def test_sweep_stacks_cs_searches_and_runs_the_others_unstacked(tmp_path):
+    from lottery.sweep import expand_grid, make_spec, run_sweep
+
+    lines: list[str] = []
+    base = make_spec("cs", data=DATA, model=ModelHparams(model="lenet_300_100"),
+                     training=TRAINING.replace(training_steps="1ep", eval_every="1ep"),
+                     cs=CS.replace(rounds=1, lam=1e-6), dense_reference=False)
+    specs = expand_grid(base, {"s0": [0.05, 0.0]}, seeds=[0])
+    specs += expand_grid(base, {"density": [0.3]}, seeds=[0])  # not stacked: one line, then a worker runs it
+    result = run_sweep(specs, _options(tmp_path, lines), backend="serial", stack=4, log=lines.append)
+    assert not result.failures, [o.error for o in result.failures]
+    assert [(o.results.get("stack") or {}).get("size") for o in result.outcomes] == [2, 2, None]
+    assert any(line.startswith("stack: 2 CS searches as one") for line in lines), lines
+    assert any(line == "stack: 1 CS job(s) run unstacked: searches with a target density (--density) are not stacked"
+               for line in lines), lines
+    from lottery.report import write_report
+
+    report = write_report([o.run_dir for o in result.outcomes], tmp_path / "report")
+    assert len(report.records) == 3  # the report reads stacked and unstacked run folders alike

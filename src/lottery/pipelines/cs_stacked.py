@@ -85,14 +85,16 @@ def _fresh(folder: Path) -> bool:
     return not any((folder / name).exists() for name in ("round_0", "rewind.safetensors", "mask.safetensors"))
 
 
-def run_cs_stacked(jobs: Sequence[CSJob], options: RunOptions, *, raise_errors: bool = True) -> list[Any]:
+def run_cs_stacked(jobs: Sequence[CSJob], options: RunOptions, *, raise_errors: bool = True,
+                   fallback: bool = True) -> list[Any]:
     """Run CS ticket searches that differ only in ``s0``, ``lam`` and seed as one stacked network,
     writing each member's run folder as :func:`lottery.pipelines.cs.run_cs` does. Finished members are
     reused; members the stack cannot take (see the module docstring) run through ``run_cs``.
 
     Returns each job's results, in order. ``raise_errors=False``: a member that fails (a mask keeping no
     weight, say) gets its exception in its place and the others go on; otherwise the first is raised once
-    every member has finished."""
+    every member has finished. ``fallback=False`` (a sweep, which has workers for them): members that would
+    run unstacked are left out, ``None`` in their place."""
     jobs = list(jobs)
     folders = [options.out / run_folder_name(j.kind, j.data, j.model, j.training, j.cs, seed=j.seed) for j in jobs]
     out: list[Any] = [None] * len(jobs)
@@ -123,6 +125,8 @@ def run_cs_stacked(jobs: Sequence[CSJob], options: RunOptions, *, raise_errors: 
                                                  options)):
                 out[i] = r
     for i in sorted(alone):
+        if not fallback:
+            continue
         try:
             out[i] = run_cs(jobs[i], options)
         except Exception as e:  # noqa: BLE001  (reported per member below)

@@ -109,8 +109,10 @@ def run_sweep(
     ``stack`` > 1: dense jobs (``train``, requested or dense references) that differ only in their seed and
     share one data order (``TrainingHparams.data_order_seed``) are trained in groups of at most ``stack`` as
     one stacked network (:func:`lottery.experiment.train_dense_stacked`), in this process and before the
-    other jobs, writing the same run folders; the others (and stacks the stacked path refuses, with one line)
-    run as usual.
+    other jobs, writing the same run folders; then CS ticket searches (``cs``) that differ only in ``s0``,
+    ``lam`` and seed and share one data order, as stacks of at most ``stack``
+    (:func:`lottery.pipelines.cs_stacked.run_cs_stacked`). The others (and stacks the stacked path
+    refuses, with one line) run as usual.
     """
     from lottery.experiment import RunOptions
     from lottery.io import write_json
@@ -339,3 +341,63 @@ def _run_stacks(entries: list[_Entry], size: int, options, log: Callable[[str], 
             seconds = (time.perf_counter() - t0) / len(chunk)
             for e, r in zip(chunk, results):
                 finish(e, {"ok": True, "results": r, "seconds": seconds})
+    _run_cs_stacks(entries, size, options, log, finish)
+
+
+def _run_cs_stacks(entries: list[_Entry], size: int, options, log: Callable[[str], None],
+                   finish: Callable[[_Entry, dict[str, Any]], None]) -> None:
+    """Run the sweep's CS ticket searches that can share a stack (lottery.pipelines.cs_stacked), ``size``
+    at most per stack, in this process; members a stack cannot take stay pending for the workers."""
+    from lottery.pipelines.cs_stacked import run_cs_stacked, stack_key, stack_refusal
+
+    groups: dict[Any, list[_Entry]] = {}
+    jobs: dict[int, Any] = {}
+    refused: dict[str, int] = {}
+    for e in entries:
+        if e.kind.name not in ("cs", "cs-prune") or e.status != "pending":
+            continue
+        try:
+            job = build_job(e.spec, e.kind)
+        except Exception:  # an unbuildable job fails when it runs, with its own message
+            continue
+        why = stack_refusal([job], options)
+        if why is not None:
+            refused[why] = refused.get(why, 0) + 1
+            continue
+        jobs[e.index] = job
+        groups.setdefault(stack_key(job), []).append(e)
+    for why, n in refused.items():
+        log(f"stack: {n} CS job(s) run unstacked: {why}")
+    alone = sum(len(g) for g in groups.values() if len(g) == 1)
+    if alone:
+        log(f"stack: {alone} CS job(s) share their model, recipe and data order with no other and run unstacked "
+            "(searches of different seeds share one only with --data-order-seed)")
+    for group in groups.values():
+        for start in range(0, len(group), size):
+            chunk = group[start:start + size]
+            if len(chunk) < 2:
+                continue
+            log(f"stack: {len(chunk)} CS searches as one ({', '.join(e.label for e in chunk)})")
+            for e in chunk:
+                e.status = "running"
+                e.attempts += 1
+            t0 = time.perf_counter()
+            try:
+                results = run_cs_stacked([jobs[e.index] for e in chunk], options, raise_errors=False, fallback=False)
+            except Exception as err:  # reported per member, as a worker's failure would be
+                import traceback
+
+                outcome = {"ok": False, "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(),
+                           "seconds": time.perf_counter() - t0}
+                for e in chunk:
+                    finish(e, outcome)
+                continue
+            seconds = (time.perf_counter() - t0) / len(chunk)
+            for e, r in zip(chunk, results):
+                if r is None:  # not stacked: the workers run it
+                    e.status = "pending"
+                    e.attempts -= 1
+                elif isinstance(r, BaseException):
+                    finish(e, {"ok": False, "error": f"{type(r).__name__}: {r}", "seconds": seconds})
+                else:
+                    finish(e, {"ok": True, "results": r, "seconds": seconds})
