@@ -68,6 +68,9 @@ class StackedLinear(nn.Module):
         self.k, self.in_features, self.out_features = k, in_features, out_features
         self.weight = nn.Parameter(torch.empty(k, out_features, in_features))
         self.bias = nn.Parameter(torch.empty(k, out_features)) if bias else None
+        # Layouts that stack() switches on where its numerical check passes (see _fast_layouts):
+        self.shared_input = False  # the network's first layer: its input (B, F) is every member's, not repeated
+        self.keep_members = False  # output (B, K, O), a view of the product (no copy), read as is by the next layer
 
     @classmethod
     def from_members(cls, layers: Sequence[nn.Linear]) -> "StackedLinear":
@@ -81,15 +84,21 @@ class StackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
+        if self.shared_input:  # one product (B, F) x (F, K*O): every member's output, member-major
+            w = self.weight.reshape(self.k * self.out_features, self.in_features)
+            y = F.linear(x.reshape(b, self.in_features), w, None if self.bias is None else self.bias.reshape(-1))
+            return y.view(b, self.k, self.out_features) if self.keep_members else y
         h = x.reshape(b, self.k, self.in_features).transpose(0, 1)  # (K, B, F)
         if self.bias is not None:
             y = torch.baddbmm(self.bias.unsqueeze(1), h, self.weight.transpose(1, 2))  # (K, B, O)
         else:
             y = torch.bmm(h, self.weight.transpose(1, 2))
-        return y.transpose(0, 1).reshape(b, self.k * self.out_features)
+        y = y.transpose(0, 1)  # (B, K, O)
+        return y if self.keep_members else y.reshape(b, self.k * self.out_features)
 
     def extra_repr(self) -> str:
-        return f"k={self.k}, in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        return (f"k={self.k}, in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, shared_input={self.shared_input}, keep_members={self.keep_members}")
 
 
 class StackedModel(nn.Module):
@@ -103,6 +112,7 @@ class StackedModel(nn.Module):
         self.k = k
         self.layout = dict(layout)
         self.member_keys = list(member_keys)
+        self.shared_input = False  # the first layer reads the input once for all members (see _fast_layouts)
         shape = getattr(body, "input_shape", None)
         if shape is not None:
             self.input_shape = tuple(shape)
@@ -111,7 +121,8 @@ class StackedModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
-        x = x.repeat(1, self.k, *([1] * (x.dim() - 2)))  # member-major: [member 0's channels, member 1's, ...]
+        if not self.shared_input:
+            x = x.repeat(1, self.k, *([1] * (x.dim() - 2)))  # member-major: [member 0's channels, member 1's, ...]
         return self.body(x).reshape(b, self.k, -1)
 
 
@@ -219,7 +230,67 @@ def stack(models: Sequence[nn.Module], *, check: bool = True) -> StackedModel:
     stacked.train(first.training)
     if check:
         _check_outputs(stacked, models)
+        _fast_layouts(stacked, models)
     return stacked
+
+
+def _first_layer(stacked: StackedModel) -> nn.Module | None:
+    """The first layer with parameters that a forward pass calls (hooks on one eval-mode batch)."""
+    calls: list[nn.Module] = []
+    leaves = [m for m in stacked.body.modules() if not list(m.children()) and list(m.parameters(recurse=False))]
+    handles = [m.register_forward_pre_hook(lambda mod, args: calls.append(mod)) for m in leaves]
+    try:
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        x = torch.randn(2, *stacked.input_shape, generator=gen).to(next(stacked.parameters()).device)
+        was = stacked.training
+        stacked.eval()
+        with torch.no_grad():
+            stacked(x)
+        stacked.train(was)
+    finally:
+        for h in handles:
+            h.remove()
+    return calls[0] if calls else None
+
+
+def _fast_layouts(stacked: StackedModel, models: list[nn.Module]) -> None:
+    """Switch on the layouts that skip copies, each only where the numerical check still passes:
+
+    - the first layer reads the input once for all members (no K-fold repeat): a StackedLinear does one
+      product with all members' weights side by side, a convolution runs with the member's own groups
+      (its weights ``(K*O, C/g, kh, kw)`` are then K filter banks over the same input channels);
+    - StackedLinear layers hand ``(B, K, O)`` views on (element-wise layers keep them), so chains of
+      linear layers (LeNet, the heads of conv nets) transpose nothing. A layer that needs ``(B, K*O)``
+      (BatchNorm1d, say) fails the check and the switch is undone.
+    Why: LeNet-sized steps are short, and those copies cost as much as the products (benchmarks/stacked_cs_speed.py)."""
+    first = _first_layer(stacked)
+    if isinstance(first, StackedLinear) or (isinstance(first, (nn.Conv1d, nn.Conv2d)) and first.groups % stacked.k == 0):
+        groups = getattr(first, "groups", None)
+        if isinstance(first, StackedLinear):
+            first.shared_input = True
+        else:
+            first.groups = groups // stacked.k
+        stacked.shared_input = True
+        if not _passes(stacked, models):
+            stacked.shared_input = False
+            if isinstance(first, StackedLinear):
+                first.shared_input = False
+            else:
+                first.groups = groups
+    linears = [m for m in stacked.body.modules() if isinstance(m, StackedLinear)]
+    for m in linears:
+        m.keep_members = True
+    if linears and not _passes(stacked, models):
+        for m in linears:
+            m.keep_members = False
+
+
+def _passes(stacked: StackedModel, models: list[nn.Module]) -> bool:
+    try:
+        _check_outputs(stacked, models)
+    except (StackingError, RuntimeError, ValueError):
+        return False
+    return True
 
 
 @torch.no_grad()
