@@ -101,13 +101,30 @@ def test_sweep_stacks_cs_searches_and_runs_the_others_unstacked(tmp_path):
                      cs=CS.replace(rounds=1, lam=1e-6), dense_reference=False)
     specs = expand_grid(base, {"s0": [0.05, 0.0]}, seeds=[0])
     specs += expand_grid(base, {"density": [0.3]}, seeds=[0])  # not stacked: one line, then a worker runs it
-    result = run_sweep(specs, _options(tmp_path, lines), backend="serial", stack=4, log=lines.append)
+    result = run_sweep(specs, _options(tmp_path, lines), backend="serial", stack="auto", log=lines.append)
     assert not result.failures, [o.error for o in result.failures]
     assert [(o.results.get("stack") or {}).get("size") for o in result.outcomes] == [2, 2, None]
     assert any(line.startswith("stack: 2 CS searches as one") for line in lines), lines
+    assert any(line.startswith("stack: --stack auto: stacks of 2 for LeNet (50,610 parameters") and
+               line.endswith("limited by the number of runs that can share a stack") for line in lines), lines
     assert any(line == "stack: 1 CS job(s) run unstacked: searches with a target density (--density) are not stacked"
                for line in lines), lines
     from lottery.report import write_report
 
     report = write_report([o.run_dir for o in result.outcomes], tmp_path / "report")
     assert len(report.records) == 3  # the report reads stacked and unstacked run folders alike
+
+
+def test_auto_stack_size_is_bounded_by_the_cpu_cap_and_by_memory(monkeypatch):
+    import os
+
+    from lottery.experiment import AUTO_STACK_CPU, auto_stack_size
+    from lottery.models import build_model
+
+    model = build_model("lenet_300_100", input_shape=(1, 28, 28), num_classes=10)
+    k, why = auto_stack_size(model, "cpu", 50)
+    assert k == AUTO_STACK_CPU and why.endswith("the largest CPU stack measured")
+    pages = {"SC_AVPHYS_PAGES": 3 * 266_610 * 56 * 4 // 4096 + 1, "SC_PAGE_SIZE": 4096}  # 3 members' state x 4
+    monkeypatch.setattr(os, "sysconf", lambda name: pages[name])
+    k, why = auto_stack_size(model, "cpu", 50)
+    assert k == 3 and "limited by a quarter of the free CPU memory" in why and "\n" not in why

@@ -89,7 +89,7 @@ def run_sweep(
     num_gpus: float = 0,
     progress: bool | None = None,
     log: Callable[[str], None] | None = None,
-    stack: int = 1,
+    stack: int | str = 1,
 ) -> SweepResult:
     """Run many experiments in parallel; return what became of each, failures included.
 
@@ -112,7 +112,8 @@ def run_sweep(
     other jobs, writing the same run folders; then CS ticket searches (``cs``) that differ only in ``s0``,
     ``lam`` and seed and share one data order, as stacks of at most ``stack``
     (:func:`lottery.pipelines.cs_stacked.run_cs_stacked`). The others (and stacks the stacked path
-    refuses, with one line) run as usual.
+    refuses, with one line) run as usual. ``stack='auto'``: each group's stack size from the device and the
+    model's size (:func:`lottery.experiment.auto_stack_size`), said in one line.
     """
     from lottery.experiment import RunOptions
     from lottery.io import write_json
@@ -125,8 +126,8 @@ def run_sweep(
         raise ConfigError(f"threads_per_worker must be a positive integer, got {threads_per_worker!r}")
     if num_gpus < 0 or (num_cpus is not None and num_cpus <= 0):
         raise ConfigError("num_cpus must be positive and num_gpus non-negative")
-    if not isinstance(stack, int) or isinstance(stack, bool) or stack < 1:
-        raise ConfigError(f"stack must be a positive integer, got {stack!r}")
+    if stack != "auto" and (not isinstance(stack, int) or isinstance(stack, bool) or stack < 1):
+        raise ConfigError(f"stack must be a positive integer or 'auto', got {stack!r}")
     if ray_address and backend != "ray":
         raise ConfigError("ray_address applies only to backend='ray'")
     if backend == "ray":
@@ -245,7 +246,7 @@ def run_sweep(
     record("running")
     cancelled = True
     try:
-        if stack > 1:
+        if stack == "auto" or stack > 1:
             _run_stacks(entries, stack, options, log, finish)
         in_flight = 0
         isolated = False  # a job retried after its pool broke runs alone, so a second crash is its own
@@ -302,7 +303,21 @@ def run_sweep(
     return result
 
 
-def _run_stacks(entries: list[_Entry], size: int, options, log: Callable[[str], None],
+def _chunks(group: list[_Entry], job, size: int | str, options, log: Callable[[str], None]) -> list[list[_Entry]]:
+    """``group`` cut into stacks of at most ``size`` (``'auto'``: :func:`lottery.experiment.auto_stack_size`),
+    as even as possible: 9 runs in stacks of at most 8 are 5 + 4, not 8 + 1 (a stack of one is no stack)."""
+    if size == "auto":
+        from lottery.experiment import auto_stack_size, build_model, load_data
+
+        size, why = auto_stack_size(build_model(job.model, load_data(job.data, options), job.seed), options.device,
+                                    len(group))
+        log(f"stack: {why}")
+    n = -(-len(group) // size)  # stacks
+    per = -(-len(group) // n)
+    return [group[i:i + per] for i in range(0, len(group), per)]
+
+
+def _run_stacks(entries: list[_Entry], size: int | str, options, log: Callable[[str], None],
                 finish: Callable[[_Entry, dict[str, Any]], None]) -> None:
     """Train the sweep's dense jobs that can share a stack, ``size`` at most per stack, in this process."""
     from lottery.experiment import data_order_of, train_dense_stacked
@@ -318,8 +333,9 @@ def _run_stacks(entries: list[_Entry], size: int, options, log: Callable[[str], 
         log(f"stack: {len(unstackable)} dense job(s) share their data order with no other and run unstacked "
             "(runs of different seeds share one only with --data-order-seed)")
     for group in groups.values():
-        for start in range(0, len(group), size):
-            chunk = group[start:start + size]
+        if len(group) < 2:
+            continue
+        for chunk in _chunks(group, build_job(group[0].spec, group[0].kind), size, options, log):
             if len(chunk) < 2:
                 continue
             jobs = [build_job(e.spec, e.kind) for e in chunk]
@@ -344,7 +360,7 @@ def _run_stacks(entries: list[_Entry], size: int, options, log: Callable[[str], 
     _run_cs_stacks(entries, size, options, log, finish)
 
 
-def _run_cs_stacks(entries: list[_Entry], size: int, options, log: Callable[[str], None],
+def _run_cs_stacks(entries: list[_Entry], size: int | str, options, log: Callable[[str], None],
                    finish: Callable[[_Entry, dict[str, Any]], None]) -> None:
     """Run the sweep's CS ticket searches that can share a stack (lottery.pipelines.cs_stacked), ``size``
     at most per stack, in this process; members a stack cannot take stay pending for the workers."""
@@ -373,8 +389,9 @@ def _run_cs_stacks(entries: list[_Entry], size: int, options, log: Callable[[str
         log(f"stack: {alone} CS job(s) share their model, recipe and data order with no other and run unstacked "
             "(searches of different seeds share one only with --data-order-seed)")
     for group in groups.values():
-        for start in range(0, len(group), size):
-            chunk = group[start:start + size]
+        if len(group) < 2:
+            continue
+        for chunk in _chunks(group, jobs[group[0].index], size, options, log):
             if len(chunk) < 2:
                 continue
             log(f"stack: {len(chunk)} CS searches as one ({', '.join(e.label for e in chunk)})")
