@@ -51,7 +51,7 @@ def test_a_stacked_cs_member_equals_its_unstacked_search(tmp_path):
     for s, a in zip(stacked, alone):
         sf, af = Path(s["run_dir"]), Path(a["run_dir"])
         assert sf.name == af.name and (sf / "hparams.json").read_text() == (af / "hparams.json").read_text()
-        assert s["stack"]["size"] == 3 and s["stack"]["ticket_stack_size"] == 3
+        assert s["stack"]["size"] == 3 and s["stack"]["ticket_stack_size"] == 3 and s["stack"]["data_order"] == 5
         # The loss trajectory (search rounds and ticket) to 1e-5, row by row, with the same columns.
         ms, ma = _metrics(sf), _metrics(af)
         assert list(ms[0].keys()) == list(ma[0].keys()) and len(ms) == len(ma) >= 6

@@ -348,7 +348,8 @@ def _search_stack(jobs: list[CSJob], folders: list[Path], prep: dict[str, Any], 
         member = _soft_member(job, bundle, names, member_state(stacked, i), 1.0, "cpu")
         results = _results_record(job, folder, s0s[i], convergence[i], [0.0] * cs.rounds, masks[i], result,
                                   search_epochs, epochs, wall / K, prep["dense"][i], member, bundle.input_shape)
-        results["stack"] = {"size": K, "search_wall_seconds": wall,
+        # the members shared the data order: say which (it is also the hparams' data_order_seed, or the seed)
+        results["stack"] = {"size": K, "search_wall_seconds": wall, "data_order": data_order_of(job.training, job.seed),
                             "ticket_stack_size": result.get("ticket_stack_size", 1)}
         results.pop("ticket_stack_size", None)
         write_results(folder / "results.json", results)
