@@ -81,6 +81,8 @@ def test_a_stacked_cs_member_equals_its_unstacked_search(tmp_path):
         hs = json.loads((sf / "round_0" / "history.json").read_text())
         ha = json.loads((af / "round_0" / "history.json").read_text())
         assert hs["convergence"].keys() == ha["convergence"].keys()
+        for key in ("soft_val_accuracy", "hard_val_accuracy", "undecided"):  # (accuracies measured as one stack)
+            assert hs["convergence"][key] == pytest.approx(ha["convergence"][key], abs=1.5 / 64), key
         assert set(s) - {"stack"} == set(a)
         for key in ("s0", "lam", "seed", "rounds", "search_epochs", "epochs", "prunable_weights", "flops_dense"):
             assert s[key] == a[key], key

@@ -35,7 +35,8 @@ import torch
 from lottery import masking
 from lottery.engine import Callback
 from lottery.engine.stacking import (
-    StackedModel, StackedTrainer, StackingError, _member_slice, _stack_tensors, stack, unstack_state,
+    StackedModel, StackedTrainer, StackingError, _member_slice, _stack_tensors, evaluate_stacked, stack,
+    unstack_state,
 )
 from lottery.experiment import (
     DenseJob, RunOptions, build_model, data_order_of, describe_run, final_row, folder_lock, load_data, log_line,
@@ -269,6 +270,20 @@ def _soft_member(job: CSJob, bundle, names: list[str], state: dict[str, torch.Te
     return model.to(device)
 
 
+def _stacked_soft_and_hard_accuracy(stacked: StackedModel, loader, device, beta: float) -> list[tuple[float, float, int]]:
+    """:func:`lottery.methods.cs_convergence.soft_and_hard_accuracy` of every member, two passes for all."""
+    before = masking.get_temperature(stacked.body)
+    masking.set_temperature(stacked.body, beta)
+    try:
+        soft = evaluate_stacked(stacked, loader, device)
+        with masking.hardened_soft_masks(stacked.body):
+            hard = evaluate_stacked(stacked, loader, device)
+    finally:
+        if before is not None:
+            masking.set_temperature(stacked.body, before)
+    return [(float(s["top1"]), float(h["top1"]), int(s["count"])) for s, h in zip(soft, hard)]
+
+
 # -- the search and the tickets --------------------------------------------------------------------------
 def _search_stack(jobs: list[CSJob], folders: list[Path], prep: dict[str, Any], options: RunOptions) -> list[Any]:
     first = jobs[0]
@@ -311,10 +326,11 @@ def _search_stack(jobs: list[CSJob], folders: list[Path], prep: dict[str, Any], 
         trainer.fit()
         wall += trainer.wall_seconds
         beta = masking.get_temperature(stacked.body)
+        accuracies = _stacked_soft_and_hard_accuracy(stacked, conv_loader, device, cs.beta_final)
         for i, (job, folder) in enumerate(zip(jobs, folders)):
             state = member_state(stacked, i)
-            member = _soft_member(job, bundle, names, state, beta, device)
-            conv = round_convergence(member, conv_loader, device, cs.beta_final, previous[i])
+            member = _soft_member(job, bundle, names, state, beta, "cpu")
+            conv = round_convergence(member, conv_loader, device, cs.beta_final, previous[i], accuracies[i])
             history = [{"stage": f"round_{r}", **row} for row in trainer.member_histories[i]]
             if history:
                 history[-1].update({"undecided": conv["undecided"], "soft_val_accuracy": conv["soft_val_accuracy"],
