@@ -428,6 +428,27 @@ def evaluate_stacked(model: StackedModel, loader, device: str | torch.device = "
              "count": count} for i in range(model.k)]
 
 
+#: Optimizers :func:`fused` rebuilds with ``fused=True``.
+_FUSABLE = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
+
+
+def fused(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """``opt`` rebuilt over the same parameter groups (their own keys kept: base_lr, follow_schedule) with
+    PyTorch's fused kernel, when it is SGD, Adam or AdamW without state yet; else ``opt`` itself.
+
+    Why: the default step of these optimizers on the CPU is a loop of element-wise operations per
+    parameter, each a pass over memory; a stack's parameters are K times larger, and the fused kernel
+    does one pass (measured on LeNet's stacked weights, K = 8: Adam 30 -> 5 ms, SGD 24 -> 2.4 ms per
+    step, loaded 2-core machine). The update is the same up to rounding."""
+    if type(opt) not in _FUSABLE or opt.state or any(g.get("differentiable") for g in opt.param_groups):
+        return opt
+    devices = {p.device.type for g in opt.param_groups for p in g["params"]}
+    if not devices <= {"cpu", "cuda"}:
+        return opt
+    groups = [{**g, "fused": True, "foreach": None} for g in opt.param_groups]
+    return type(opt)(groups, **{**opt.defaults, "fused": True, "foreach": None})
+
+
 class StackedTrainer(Trainer):
     """:class:`Trainer` for a :class:`StackedModel`: one optimizer over the stacked parameters, the loss the
     sum over members of each member's mean loss (so each member's gradient is its own), one metrics
@@ -448,7 +469,7 @@ class StackedTrainer(Trainer):
             raise ValueError("StackedTrainer takes checkpoint_paths (one per member), not checkpoint_path")
         if optimizers is None:
             optimizers = [make_optimizer(model.parameters(), hp)]
-        super().__init__(model, train_loader, hp, optimizers=optimizers, **kwargs)
+        super().__init__(model, train_loader, hp, optimizers=[fused(opt) for opt in optimizers], **kwargs)
         self.k = model.k
         if checkpoint_paths is not None and len(checkpoint_paths) != self.k:
             raise ValueError(f"{len(checkpoint_paths)} checkpoint paths for a stack of {self.k}")
