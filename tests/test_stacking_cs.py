@@ -130,3 +130,43 @@ def test_auto_stack_size_is_bounded_by_the_cpu_cap_and_by_memory(monkeypatch):
     monkeypatch.setattr(os, "sysconf", lambda name: pages[name])
     k, why = auto_stack_size(model, "cpu", 50)
     assert k == 3 and "limited by a quarter of the free CPU memory" in why and "\n" not in why
+
+
+@pytest.mark.parametrize("name,shape,kw", [("conv4", (1, 8, 8), {"width": 0.125}),
+                                           ("resnet20", (3, 8, 8), {})])  # grouped convs, BatchNorm
+def test_stacked_soft_masks_compute_each_members_own_s0(name, shape, kw):
+    from lottery import masking
+    from lottery.engine.stacking import _member_slice, _stack_tensors, stack
+    from lottery.models import build_model
+
+    s0s, seeds = [0.05, -0.02, 0.0], [0, 0, 1]
+
+    def member(seed):
+        torch.manual_seed(seed)
+        return build_model(name, input_shape=shape, num_classes=10, **kw)
+
+    members, stacked = [member(s) for s in seeds], stack([member(s) for s in seeds])
+    names = list(masking.prunable_weights(members[0]))
+    shapes = {n: _member_slice(p, stacked.layout[n], 0, 3).shape for n, p in stacked.body.named_parameters()}
+    masking.attach_soft_mask(stacked.body, {n: _stack_tensors([torch.full(shapes[n], s) for s in s0s], stacked.layout[n])
+                                            for n in names})
+    masking.set_member_s0(stacked.body, s0s)
+    for m, s in zip(members, s0s):
+        masking.attach_soft_mask(m, names, s0=s)
+    x = torch.randn(8, *shape)
+    for beta in (1.0, 50.0):
+        for net in (stacked, *members):
+            masking.set_temperature(net, beta)
+            net.train()
+        out = stacked(x)
+        for i, m in enumerate(members):
+            torch.testing.assert_close(out[:, i], m(x), rtol=1e-5, atol=1e-5)
+    # The reset between rounds caps each member's logits at its own s0.
+    with torch.no_grad():
+        for logits in masking.mask_logits(stacked.body).values():
+            logits.uniform_(-1, 1)
+    masking.cs_reset_logits_(stacked.body, 200.0)
+    for name_, logits in masking.mask_logits(stacked.body).items():
+        for i, s0 in enumerate(s0s):
+            part = _member_slice(logits.detach(), stacked.layout[name_], i, 3)
+            assert part.max() == pytest.approx(s0) and part.min() < -1
