@@ -170,3 +170,42 @@ def test_stacked_soft_masks_compute_each_members_own_s0(name, shape, kw):
         for i, s0 in enumerate(s0s):
             part = _member_slice(logits.detach(), stacked.layout[name_], i, 3)
             assert part.max() == pytest.approx(s0) and part.min() < -1
+
+
+def test_a_stack_killed_after_a_round_is_finished_unstacked_from_that_round(tmp_path):
+    from lottery.engine import stacking
+    from lottery.engine.callbacks import Callback
+
+    jobs = _jobs()[:2]
+    full = run_cs_stacked(jobs, _options(tmp_path / "full"))
+
+    class Stop(Exception):
+        pass
+
+    class StopInRound1(Callback):
+        def on_fit_start(self, trainer):
+            if trainer.desc.startswith("cs round 2/"):
+                raise Stop
+
+    original = stacking.StackedTrainer.__init__
+
+    def interrupted(self, *args, **kwargs):
+        kwargs["callbacks"] = [*kwargs.get("callbacks", []), StopInRound1()]
+        original(self, *args, **kwargs)
+
+    stacking.StackedTrainer.__init__ = interrupted
+    try:
+        with pytest.raises(Stop):
+            run_cs_stacked(jobs, _options(tmp_path / "resumed"))
+    finally:
+        stacking.StackedTrainer.__init__ = original
+    lines: list[str] = []
+    resumed = run_cs_stacked(jobs, _options(tmp_path / "resumed", lines))
+    assert any(line == "stack: 2 CS search(es) have a search on disk and finish unstacked" for line in lines), lines
+    for f, r in zip(full, resumed):
+        assert "stack" not in r and Path(f["run_dir"]).name == Path(r["run_dir"]).name
+        mf, mr = _metrics(Path(f["run_dir"])), _metrics(Path(r["run_dir"]))
+        assert [(x["stage"], x["step"]) for x in mf] == [(x["stage"], x["step"]) for x in mr]
+        for x, y in zip(mf, mr):
+            assert float(x["train_loss"]) == pytest.approx(float(y["train_loss"]), rel=1e-5)
+        assert r["density"] == f["density"]

@@ -17,8 +17,9 @@ weights) are retrained as a second stack.
 Every member's run folder is the one ``lottery search cs`` writes (hparams.json, rewind.safetensors,
 round_*/state.safetensors and history.json, mask.safetensors, mask.json, ticket/model.safetensors,
 metrics.csv, results.json), so reports, reuse and resume read it as they read an unstacked run. Stacks
-keep no mid-round checkpoint: a member with anything of a search on disk (a killed run) is finished
-unstacked by :func:`lottery.pipelines.cs.run_cs`, from its last finished round.
+keep no mid-round checkpoint: a member with a finished round on disk (a killed run) is finished unstacked
+by :func:`lottery.pipelines.cs.run_cs`, from its last finished round; one killed during its first round
+starts again (stacked).
 
 Not stacked (one line in the log, then the members run one by one): CS pruning (``prune`` mode), target
 densities (``--density``), ``--strict``, networks :func:`lottery.engine.stacking.stack` refuses.
@@ -82,8 +83,12 @@ def stack_refusal(jobs: Sequence[CSJob], options: RunOptions) -> str | None:
 
 
 def _fresh(folder: Path) -> bool:
-    """Nothing of a search is on disk (a killed run's rounds are finished unstacked, by run_cs)."""
-    return not any((folder / name).exists() for name in ("round_0", "rewind.safetensors", "mask.safetensors"))
+    """Nothing of a search that a run could continue from is on disk: no finished round, no checkpoint,
+    no mask (a stack killed during its first round starts again as a stack; a run with more is finished
+    unstacked, by run_cs, from its last finished round)."""
+    if (folder / "mask.safetensors").exists():
+        return False
+    return not any(folder.glob("round_*/state.safetensors")) and not any(folder.glob("round_*/checkpoint.safetensors"))
 
 
 def run_cs_stacked(jobs: Sequence[CSJob], options: RunOptions, *, raise_errors: bool = True,
@@ -114,7 +119,7 @@ def run_cs_stacked(jobs: Sequence[CSJob], options: RunOptions, *, raise_errors: 
         alone, group = alone + group, []
     if group:
         try:
-            members = _prepare(jobs, group, options)
+            prep = _prepare(jobs, group, options)
         except StackingError as e:
             log_line(options, f"stacking refused: {e}; running the {len(group)} searches one by one")
             alone, group = alone + group, []
@@ -122,7 +127,7 @@ def run_cs_stacked(jobs: Sequence[CSJob], options: RunOptions, *, raise_errors: 
         with ExitStack() as locks:
             for i in group:
                 locks.enter_context(folder_lock(folders[i]))
-            for i, r in zip(group, _search_stack([jobs[i] for i in group], [folders[i] for i in group], members,
+            for i, r in zip(group, _search_stack([jobs[i] for i in group], [folders[i] for i in group], prep,
                                                  options)):
                 out[i] = r
     for i in sorted(alone):
