@@ -111,10 +111,10 @@ def test_sweep_stacks_cs_searches_and_runs_the_others_unstacked(tmp_path):
                line.endswith("limited by the number of runs that can share a stack") for line in lines), lines
     assert any(line == "stack: 1 CS job(s) run unstacked: searches with a target density (--density) are not stacked"
                for line in lines), lines
-    from lottery.report import write_report
+    from lottery.report.summary import find_results
 
-    report = write_report([o.run_dir for o in result.outcomes], tmp_path / "report")
-    assert len(report.records) == 3  # the report reads stacked and unstacked run folders alike
+    records = find_results([tmp_path])  # what `lottery report` reads: stacked and unstacked folders alike
+    assert sorted(r["s0"] for r in records) == sorted(o.results["s0"] for o in result.outcomes)
 
 
 def test_auto_stack_size_is_bounded_by_the_cpu_cap_and_by_memory(monkeypatch):
@@ -172,7 +172,7 @@ def test_stacked_soft_masks_compute_each_members_own_s0(name, shape, kw):
             assert part.max() == pytest.approx(s0) and part.min() < -1
 
 
-def test_a_stack_killed_after_a_round_is_finished_unstacked_from_that_round(tmp_path):
+def test_a_stack_killed_after_a_round_resumes_as_a_stack_from_that_round(tmp_path):
     from lottery.engine import stacking
     from lottery.engine.callbacks import Callback
 
@@ -201,11 +201,23 @@ def test_a_stack_killed_after_a_round_is_finished_unstacked_from_that_round(tmp_
         stacking.StackedTrainer.__init__ = original
     lines: list[str] = []
     resumed = run_cs_stacked(jobs, _options(tmp_path / "resumed", lines))
-    assert any(line == "stack: 2 CS search(es) have a search on disk and finish unstacked" for line in lines), lines
+    assert any(line == "stack: 2 CS searches resume as a stack after round 1" for line in lines), lines
     for f, r in zip(full, resumed):
-        assert "stack" not in r and Path(f["run_dir"]).name == Path(r["run_dir"]).name
+        assert r["stack"]["size"] == 2 and Path(f["run_dir"]).name == Path(r["run_dir"]).name
+        assert [c["round"] for c in r["convergence"]] == [0, 1]
         mf, mr = _metrics(Path(f["run_dir"])), _metrics(Path(r["run_dir"]))
         assert [(x["stage"], x["step"]) for x in mf] == [(x["stage"], x["step"]) for x in mr]
         for x, y in zip(mf, mr):
             assert float(x["train_loss"]) == pytest.approx(float(y["train_loss"]), rel=1e-5)
         assert r["density"] == f["density"]
+    # Members at different rounds (one's search finished but for its mask, one's folder deleted) go on alone.
+    import shutil
+
+    shutil.rmtree(Path(resumed[1]["run_dir"]))
+    (Path(resumed[0]["run_dir"]) / "results.json").unlink()
+    (Path(resumed[0]["run_dir"]) / "mask.safetensors").unlink()
+    lines.clear()
+    again = run_cs_stacked(jobs, _options(tmp_path / "resumed", lines))
+    assert "stack" not in again[0] and "stack" not in again[1]
+    assert "stack: 1 CS search(es) with 2 finished round(s) on disk finish unstacked" in lines, lines
+    assert again[0]["density"] == full[0]["density"] and again[1]["density"] == full[1]["density"]

@@ -17,9 +17,9 @@ weights) are retrained as a second stack.
 Every member's run folder is the one ``lottery search cs`` writes (hparams.json, rewind.safetensors,
 round_*/state.safetensors and history.json, mask.safetensors, mask.json, ticket/model.safetensors,
 metrics.csv, results.json), so reports, reuse and resume read it as they read an unstacked run. Stacks
-keep no mid-round checkpoint: a member with a finished round on disk (a killed run) is finished unstacked
-by :func:`lottery.pipelines.cs.run_cs`, from its last finished round; one killed during its first round
-starts again (stacked).
+keep no mid-round checkpoint: members of a killed stack resume as a stack from their last finished round
+(members with different finished rounds, a written mask or an unstacked run's checkpoint finish unstacked,
+by :func:`lottery.pipelines.cs.run_cs`).
 
 Not stacked (one line in the log, then the members run one by one): CS pruning (``prune`` mode), target
 densities (``--density``), ``--strict``, networks :func:`lottery.engine.stacking.stack` refuses.
@@ -43,7 +43,7 @@ from lottery.experiment import (
     DenseJob, RunOptions, build_model, data_order_of, describe_run, final_row, folder_lock, load_data, log_line,
     make_loaders, prune_ignore, reuse_finished, run_folder_name, train_dense, write_metrics_csv, write_results,
 )
-from lottery.io import save_tensors, write_json
+from lottery.io import load_tensors, read_json, save_tensors, write_json
 from lottery.masks import Mask
 from lottery.methods.cs import EnforceMaskCallback, TemperatureCallback, make_search_optimizers
 from lottery.methods.cs_convergence import round_convergence
@@ -82,13 +82,18 @@ def stack_refusal(jobs: Sequence[CSJob], options: RunOptions) -> str | None:
     return None
 
 
-def _fresh(folder: Path) -> bool:
-    """Nothing of a search that a run could continue from is on disk: no finished round, no checkpoint,
-    no mask (a stack killed during its first round starts again as a stack; a run with more is finished
-    unstacked, by run_cs, from its last finished round)."""
-    if (folder / "mask.safetensors").exists():
-        return False
-    return not any(folder.glob("round_*/state.safetensors")) and not any(folder.glob("round_*/checkpoint.safetensors"))
+def _finished_rounds(folder: Path, rounds: int) -> int | None:
+    """How many search rounds of ``folder`` are finished (0: start from scratch), or None when the run
+    can only go on unstacked: its mask is written (only the ticket is left), or an unstacked run left a
+    mid-round checkpoint (which run_cs resumes from). Why: members resume as a stack from a common round."""
+    if (folder / "mask.safetensors").exists() or any(folder.glob("round_*/checkpoint.safetensors")):
+        return None
+    n = 0
+    while n < rounds and (folder / f"round_{n}" / "state.safetensors").exists():
+        n += 1
+    if n and not (folder / "rewind.safetensors").exists():
+        return None
+    return n
 
 
 def run_cs_stacked(jobs: Sequence[CSJob], options: RunOptions, *, raise_errors: bool = True,
@@ -108,27 +113,38 @@ def run_cs_stacked(jobs: Sequence[CSJob], options: RunOptions, *, raise_errors: 
         desc = describe_run(job.kind, job.seed, data=job.data, model=job.model, training=job.training, cs=job.cs)
         out[i] = reuse_finished(folder, desc, options)
     pending = [i for i, r in enumerate(out) if r is None]
-    alone = [i for i in pending if not _fresh(folders[i])]
-    if alone:
-        log_line(options, f"stack: {len(alone)} CS search(es) have a search on disk and finish unstacked")
-    group = [i for i in pending if i not in alone]
-    why = stack_refusal([jobs[i] for i in group], options) if len(group) > 1 else None
+    why = stack_refusal([jobs[i] for i in pending], options) if len(pending) > 1 else None
     if why is not None:
-        log_line(options, f"stacking refused: {why}; running the {len(group)} searches one by one")
-    if why is not None or len(group) < 2:
-        alone, group = alone + group, []
-    if group:
+        log_line(options, f"stacking refused: {why}; running the {len(pending)} searches one by one")
+        pending = []
+    # Members resume together only from the same finished round; the others finish unstacked.
+    by_round: dict[int | None, list[int]] = {}
+    for i in pending:
+        by_round.setdefault(_finished_rounds(folders[i], jobs[i].cs.rounds), []).append(i)
+    alone = [i for i in range(len(jobs)) if out[i] is None and i not in pending]
+    groups = []
+    for n, group in by_round.items():
+        if n is None or len(group) < 2:
+            if n != 0:
+                log_line(options, f"stack: {len(group)} CS search(es) with {'a finished search' if n is None else f'{n} finished round(s)'} "
+                                  "on disk finish unstacked")
+            alone += group
+        else:
+            groups.append((n, group))
+    for n, group in groups:
         try:
             prep = _prepare(jobs, group, options)
         except StackingError as e:
             log_line(options, f"stacking refused: {e}; running the {len(group)} searches one by one")
-            alone, group = alone + group, []
-    if group:
+            alone += group
+            continue
+        if n:
+            log_line(options, f"stack: {len(group)} CS searches resume as a stack after round {n}")
         with ExitStack() as locks:
             for i in group:
                 locks.enter_context(folder_lock(folders[i]))
             for i, r in zip(group, _search_stack([jobs[i] for i in group], [folders[i] for i in group], prep,
-                                                 options)):
+                                                 options, start_round=n)):
                 out[i] = r
     for i in sorted(alone):
         if not fallback:
@@ -254,11 +270,16 @@ def member_state(stacked: StackedModel, i: int) -> dict[str, torch.Tensor]:
     state = stacked.body.state_dict()
     out = {}
     for key, value in state.items():
-        base = key[: -len(_LOGITS)] if key.endswith(_LOGITS) else key
+        base = _weight_of(key)
         if base not in stacked.layout:
             continue  # (a key no member has)
         out[key] = _member_slice(value, stacked.layout[base], i, stacked.k).detach().clone()
     return out
+
+
+def _weight_of(key: str) -> str:
+    """The state key whose layout a key follows: a weight's mask logits split as the weight does."""
+    return key[: -len(_LOGITS)] if key.endswith(_LOGITS) else key
 
 
 def _member_mask(stacked: StackedModel, i: int) -> Mask:
@@ -290,7 +311,8 @@ def _stacked_soft_and_hard_accuracy(stacked: StackedModel, loader, device, beta:
 
 
 # -- the search and the tickets --------------------------------------------------------------------------
-def _search_stack(jobs: list[CSJob], folders: list[Path], prep: dict[str, Any], options: RunOptions) -> list[Any]:
+def _search_stack(jobs: list[CSJob], folders: list[Path], prep: dict[str, Any], options: RunOptions,
+                  start_round: int = 0) -> list[Any]:
     first = jobs[0]
     cs = first.cs
     K = len(jobs)
@@ -310,9 +332,22 @@ def _search_stack(jobs: list[CSJob], folders: list[Path], prep: dict[str, Any], 
     conv_loader = evals.get("val", evals["test"])
     rows: list[list[dict[str, Any]]] = [[] for _ in range(K)]
     convergence: list[list[dict[str, Any]]] = [[] for _ in range(K)]
+    walls = [0.0] * K  # each member's share of the training time
+    if start_round:  # resume: the members' states at the end of the last finished round, and its records
+        states = [load_tensors(f / f"round_{start_round - 1}" / "state.safetensors") for f in folders]
+        stacked.body.load_state_dict({key: _stack_tensors([st[key] for st in states], stacked.layout[_weight_of(key)])
+                                      for key in states[0]})
+        for i, (job, folder) in enumerate(zip(jobs, folders)):
+            for r in range(start_round):
+                done = read_json(folder / f"round_{r}" / "history.json")
+                rows[i] += done["rows"]
+                walls[i] += done["wall_seconds"]
+                if done.get("convergence") is not None:
+                    convergence[i].append(done["convergence"])
+                    _report_convergence(done["convergence"], r, job.cs, options)
     previous = [_member_mask(stacked, i) for i in range(K)]
-    wall = 0.0
-    for r in range(cs.rounds):
+    wall = 0.0  # the stack's training time in this call
+    for r in range(start_round, cs.rounds):
         if r > 0:
             masking.cs_reset_logits_(stacked.body, cs.beta_final)  # each member's own s0 caps its logits
         for f in folders:
@@ -330,6 +365,7 @@ def _search_stack(jobs: list[CSJob], folders: list[Path], prep: dict[str, Any], 
         )
         trainer.fit()
         wall += trainer.wall_seconds
+        walls = [w + trainer.wall_seconds / K for w in walls]
         beta = masking.get_temperature(stacked.body)
         accuracies = _stacked_soft_and_hard_accuracy(stacked, conv_loader, device, cs.beta_final)
         for i, (job, folder) in enumerate(zip(jobs, folders)):
@@ -368,7 +404,7 @@ def _search_stack(jobs: list[CSJob], folders: list[Path], prep: dict[str, Any], 
         job, folder = jobs[i], folders[i]
         member = _soft_member(job, bundle, names, member_state(stacked, i), 1.0, "cpu")
         results = _results_record(job, folder, s0s[i], convergence[i], [0.0] * cs.rounds, masks[i], result,
-                                  search_epochs, epochs, wall / K, prep["dense"][i], member, bundle.input_shape)
+                                  search_epochs, epochs, walls[i], prep["dense"][i], member, bundle.input_shape)
         # the members shared the data order: say which (it is also the hparams' data_order_seed, or the seed)
         results["stack"] = {"size": K, "search_wall_seconds": wall, "data_order": data_order_of(job.training, job.seed),
                             "ticket_stack_size": result.get("ticket_stack_size", 1)}
@@ -387,8 +423,6 @@ def _retrain_tickets(jobs: list[CSJob], folders: list[Path], masks: list[Mask], 
         return []
     if len(jobs) == 1:
         return [_retrain_ticket(jobs[0], options, folders[0], bundle, train_loader, evals, masks[0], k, rows[0])]
-    from lottery.io import load_tensors
-
     models = []
     for job, folder in zip(jobs, folders):
         model = build_model(job.model, bundle, job.seed)
