@@ -14,7 +14,9 @@ reference (``--no-dense``), so only the searches are timed. Members differ in s0
 stacked/workers ratios, peak RSS per member and parameter + optimizer-state bytes per member.
 
     PYTHONPATH=src python benchmarks/stacked_cs_speed.py [--model lenet_300_100|conv4] [--ks 2,4,8]
-        [--round-steps 100it --rounds 2 --training-steps 200it] [--out benchmarks/out/stacked_cs_speed.json]
+        [--round-steps 1ep --rounds 2 --training-steps 2ep] [--out benchmarks/out/stacked_cs_speed.json]
+    PYTHONPATH=src python benchmarks/stacked_cs_speed.py --model conv4 --device cuda --ks 16 \
+        --modes stacked,sequential                      # the GPU point
 
 Real Fashion-MNIST (found in /usr/share/datasets/fashion-mnist or downloaded); ``--synthetic`` for a
 quick look without it. Numbers from a loaded machine are indicative only: write the load average
@@ -78,7 +80,7 @@ def one(args) -> None:
 
     k = args.k
     out = Path(tempfile.mkdtemp(prefix=f"stacked_cs_{args.mode}_{k}_"))
-    options = RunOptions(out=out, progress=False, log=lambda line: None)
+    options = RunOptions(out=out, progress=False, log=lambda line: None, device=args.device)
     js = jobs(args, k)
     cores = os.cpu_count() or 1
     t0 = time.perf_counter()
@@ -125,6 +127,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=None, help="workers of the unstacked sweep (default: one per core)")
     ap.add_argument("--seeds", action="store_true", help="members also differ in their initialisation seed")
     ap.add_argument("--synthetic", action="store_true", help="synthetic 28x28 data instead of Fashion-MNIST")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (on a GPU compare --modes stacked,sequential)")
     ap.add_argument("--out", default=None, help="also write the measurements to this JSON file")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--mode", default=None, help=argparse.SUPPRESS)
@@ -146,6 +149,7 @@ def main() -> None:
             cmd += ["--seeds"] if args.seeds else []
             cmd += ["--synthetic"] if args.synthetic else []
             cmd += ["--workers", str(args.workers)] if args.workers else []
+            cmd += ["--device", args.device]
             proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
             lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
             if proc.returncode != 0 or not lines:
