@@ -319,7 +319,8 @@ def _chunks(group: list[_Entry], job, size: int | str, options, log: Callable[[s
 
 def _run_stacks(entries: list[_Entry], size: int | str, options, log: Callable[[str], None],
                 finish: Callable[[_Entry, dict[str, Any]], None]) -> None:
-    """Train the sweep's dense jobs that can share a stack, ``size`` at most per stack, in this process."""
+    """Train the sweep's dense jobs that can share a stack, ``size`` at most per stack, in this process; then
+    its CS searches (:func:`_run_cs_stacks`). Dense first: a CS stack's dense references are then reused."""
     from lottery.experiment import data_order_of, train_dense_stacked
 
     groups: dict[Any, list[_Entry]] = {}
