@@ -221,3 +221,26 @@ def test_a_stack_killed_after_a_round_resumes_as_a_stack_from_that_round(tmp_pat
     assert "stack" not in again[0] and "stack" not in again[1]
     assert "stack: 1 CS search(es) with 2 finished round(s) on disk finish unstacked" in lines, lines
     assert again[0]["density"] == full[0]["density"] and again[1]["density"] == full[1]["density"]
+
+
+def test_a_member_that_diverges_stops_the_stack_and_the_members_finish_unstacked(tmp_path, monkeypatch):
+    from lottery.engine import stacking
+    from lottery.errors import NumericalError
+
+    jobs = _jobs()[:2]
+    alone = [run_cs(j, _options(tmp_path / "alone")) for j in jobs]
+    original = stacking.StackedTrainer._train_step
+
+    def diverge_in_round_2(self, x, y):
+        if self.desc.startswith("cs round 2/") and self.iteration == 3:
+            raise NumericalError("the loss became nan at step 3 (stacked members [1])")
+        original(self, x, y)
+
+    monkeypatch.setattr(stacking.StackedTrainer, "_train_step", diverge_in_round_2)
+    lines: list[str] = []
+    results = run_cs_stacked(jobs, _options(tmp_path / "stacked", lines))
+    assert any(line.startswith("stack: the loss became nan at step 3") and
+               line.endswith("the 2 searches finish unstacked") for line in lines), lines
+    for r, a in zip(results, alone):  # round 1 from the stack, round 2 and the ticket alone
+        assert "stack" not in r and r["density"] == a["density"]
+        assert r["test_accuracy"] == pytest.approx(a["test_accuracy"], abs=1.5 / 64)

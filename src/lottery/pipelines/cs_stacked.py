@@ -35,6 +35,7 @@ import torch
 
 from lottery import masking
 from lottery.engine import Callback
+from lottery.errors import NumericalError
 from lottery.engine.stacking import (
     StackedModel, StackedTrainer, StackingError, _member_slice, _stack_tensors, evaluate_stacked, stack,
     unstack_state,
@@ -80,6 +81,10 @@ def stack_refusal(jobs: Sequence[CSJob], options: RunOptions) -> str | None:
     if len({(j.cs.s0, j.cs.lam, j.seed) for j in jobs}) < len(jobs):
         return "two members have the same s0, lam and seed"
     return None
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
 
 
 def _finished_rounds(folder: Path, rounds: int) -> int | None:
@@ -140,12 +145,18 @@ def run_cs_stacked(jobs: Sequence[CSJob], options: RunOptions, *, raise_errors: 
             continue
         if n:
             log_line(options, f"stack: {len(group)} CS searches resume as a stack after round {n}")
-        with ExitStack() as locks:
-            for i in group:
-                locks.enter_context(folder_lock(folders[i]))
-            for i, r in zip(group, _search_stack([jobs[i] for i in group], [folders[i] for i in group], prep,
-                                                 options, start_round=n)):
-                out[i] = r
+        try:
+            with ExitStack() as locks:
+                for i in group:
+                    locks.enter_context(folder_lock(folders[i]))
+                for i, r in zip(group, _search_stack([jobs[i] for i in group], [folders[i] for i in group], prep,
+                                                     options, start_round=n)):
+                    out[i] = r
+        except NumericalError as e:
+            # One member's loss or weights became non-finite: the stack stops for all. Alone, each member goes
+            # on from its last finished round and only the one that diverges fails, as it would unstacked.
+            log_line(options, f"stack: {_one_line(e)}; the {len(group)} searches finish unstacked")
+            alone += group
     for i in sorted(alone):
         if not fallback:
             continue
