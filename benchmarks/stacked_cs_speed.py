@@ -3,7 +3,7 @@ searches (search rounds, rewind snapshot, round-end convergence figures, ticket 
 run folders written), K at a time, three ways, side by side in one run:
 
 - ``stacked``: the K searches as one stacked network in one process (``lottery sweep cs --stack K``'s
-  path, lottery.pipelines.cs_stacked), with every core's threads;
+  path, lottery.pipelines.cs_stacked), with every core's threads (``--threads``);
 - ``sequential``: the same K searches one after another in one process, with every core's threads;
 - ``workers``: the same K searches as a local sweep with ``--workers W`` (default: one per core, 1 thread
   each: the best unstacked setting on the CPU, benchmarks/RESULTS.md).
@@ -82,7 +82,7 @@ def one(args) -> None:
     out = Path(tempfile.mkdtemp(prefix=f"stacked_cs_{args.mode}_{k}_"))
     options = RunOptions(out=out, progress=False, log=lambda line: None, device=args.device)
     js = jobs(args, k)
-    cores = os.cpu_count() or 1
+    cores = args.threads or os.cpu_count() or 1
     t0 = time.perf_counter()
     if args.mode == "stacked":
         torch.set_num_threads(cores)
@@ -102,7 +102,8 @@ def one(args) -> None:
     else:
         from lottery.sweep import run_sweep
 
-        sweep = run_sweep(js, options, workers=args.workers or cores, threads_per_worker=1, backend="local")
+        sweep = run_sweep(js, options, workers=args.workers or os.cpu_count() or 1, threads_per_worker=1,
+                          backend="local")
         results = [o.results if o.ok else RuntimeError(o.error) for o in sweep.outcomes]
     seconds = time.perf_counter() - t0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -127,6 +128,9 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=None, help="workers of the unstacked sweep (default: one per core)")
     ap.add_argument("--seeds", action="store_true", help="members also differ in their initialisation seed")
     ap.add_argument("--synthetic", action="store_true", help="synthetic 28x28 data instead of Fashion-MNIST")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads of the stacked and sequential processes (default: one per core; on a loaded "
+                         "machine a 2-thread process stalls on every busy core, so compare with 1 there)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (on a GPU compare --modes stacked,sequential)")
     ap.add_argument("--out", default=None, help="also write the measurements to this JSON file")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
@@ -150,6 +154,7 @@ def main() -> None:
             cmd += ["--synthetic"] if args.synthetic else []
             cmd += ["--workers", str(args.workers)] if args.workers else []
             cmd += ["--device", args.device]
+            cmd += ["--threads", str(args.threads)] if args.threads else []
             proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
             lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
             if proc.returncode != 0 or not lines:
