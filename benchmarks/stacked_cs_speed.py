@@ -108,6 +108,9 @@ def one(args) -> None:
     seconds = time.perf_counter() - t0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     rss_children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)  # the run folders (~6 MB per LeNet search) are not the result
     ok = [r for r in results if isinstance(r, dict)]
     print(json.dumps({"mode": args.mode, "k": k, "seconds": seconds, "ok": len(ok), "peak_rss": rss,
                       "peak_rss_worker": rss_children,
