@@ -13,6 +13,8 @@ whole input channels (``channel``, ``--columns channel``). ``--regroup`` instead
 (KaHyPar) on a random unstructured mask of that density. The output layer is not masked (Conv-4's default).
 
     PYTHONPATH=src python benchmarks/block_speed.py [--density 0.37] [--units element,channel] [--threads 1]
+    PYTHONPATH=src python benchmarks/block_speed.py --source IMP_RUN --units channel --regroup-rows 32,32 \
+        --dense-channels-last --no-loop      # Regroup of a trained ticket's mask, with its trained weights
 
 Outputs of every export equal the masked network's (export_model's check, and checked again here on one
 batch). Timings on a shared, loaded machine are indicative only.
@@ -53,13 +55,17 @@ def block_mask(model, density: float, unit: str, rows: int, fc_rows: int, seed: 
     return Mask(out)
 
 
-def regroup_mask(model, density: float, unit: str, seed: int) -> Mask:
+def regroup_mask(model, density: float, unit: str, seed: int, rows: tuple[int, int] = (16, 32),
+                 source: Mask | None = None) -> Mask:
+    """Regroup (KaHyPar) of ``source`` (a trained ticket's mask) or of a random mask of ``density``."""
     from lottery.methods.structured import StructuredHparams, regroup
 
-    g = torch.Generator().manual_seed(seed)
-    rand = {n: torch.rand(p.shape, generator=g) < density for n, p in model.named_parameters()
-            if n.endswith(".weight") and p.dim() >= 2 and n != "fc.weight"}
-    return regroup(Mask(rand), None, StructuredHparams(method="regroup", columns=unit, seed=seed))
+    if source is None:
+        g = torch.Generator().manual_seed(seed)
+        source = Mask({n: torch.rand(p.shape, generator=g) < density for n, p in model.named_parameters()
+                       if n.endswith(".weight") and p.dim() >= 2 and n != "fc.weight"})
+    return regroup(source, None, StructuredHparams(method="regroup", columns=unit, seed=seed, min_rows=rows[0],
+                                                   max_rows=rows[1]))
 
 
 def with_path(module, path: str):
@@ -78,6 +84,12 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=16)
     ap.add_argument("--fc-rows", type=int, default=32)
     ap.add_argument("--regroup", action="store_true", help="run Regroup (KaHyPar) on a random mask instead")
+    ap.add_argument("--source", default=None,
+                    help="an IMP run folder (Conv-4, Fashion-MNIST): Regroup its last level's trained mask and time "
+                         "the export with its trained weights (implies --regroup)")
+    ap.add_argument("--regroup-rows", default="16,32", help="Regroup's MIN,MAX rows of a block (32,32: faster groups)")
+    ap.add_argument("--dense-channels-last", action="store_true",
+                    help="also time the dense network in channels_last memory (the layout the channel blocks run in)")
     ap.add_argument("--batch-sizes", default="1,64")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--warmup", type=int, default=5)
@@ -86,12 +98,21 @@ def main() -> None:
     ap.add_argument("--no-loop", action="store_true", help="leave out the old per-block loop (slow at batch 64)")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
-    model = build_model("conv4", input_shape=SHAPE, num_classes=10).eval()
+    rows = tuple(int(v) for v in args.regroup_rows.split(","))
+    source = None
+    if args.source:
+        from lottery.pipelines.structured import load_run_network
+
+        model, source, _ = load_run_network(args.source)
+        model.eval()
+        args.regroup = True
+    else:
+        model = build_model("conv4", input_shape=SHAPE, num_classes=10).eval()
     masked = copy.deepcopy(model)  # hard-masked with the first unit's mask
     variants = {"dense": model}
     exports = {}
     for unit in [u.strip() for u in args.units.split(",") if u.strip()]:
-        mask = (regroup_mask(model, args.density, unit, args.seed) if args.regroup
+        mask = (regroup_mask(model, args.density, unit, args.seed, rows, source) if args.regroup
                 else block_mask(model, args.density, unit, args.rows, args.fc_rows, args.seed))
         exp = export_model(model, mask, "blocks", input_shape=SHAPE)
         flops = exp.description["flops"]
@@ -111,6 +132,8 @@ def main() -> None:
                 diff = float((ref.eval()(x) - mod(x)).abs().max())
                 assert diff < 1e-4, (name, diff)
         exports[unit] = exp.module
+    if args.dense_channels_last:
+        variants["dense channels_last"] = copy.deepcopy(model).to(memory_format=torch.channels_last)
     for unit, module in exports.items():
         for path in ("loop", "packed", "auto"):
             if path != "loop" or not args.no_loop:

@@ -26,6 +26,20 @@ on its own) so that two workers stay busy.
     python benchmarks/structured_fashion.py --seeds 0,1,2 --workers 2
     python benchmarks/structured_fashion.py --report-only     # tables of whatever has finished
 
+Regroup for speed (issue 22): ``--regroup-columns channel`` makes every conv block a few whole input
+channels, so a layer's blocks run as one grouped convolution; ``--regroup-rows 32,32`` makes the groups
+32 rows high (the paper's 16-32 gives 16-row groups on Conv-4's 64-row layers, and oneDNN ran 16-row groups
+about 1.2-1.3x slower than 32-row ones for the same multiply-adds). Only the regroup tickets, reusing the
+IMP-R and CS sources of an earlier run (copy its ``search-*`` folders into the new ``--out``; otherwise they
+train first, about 11 CPU-minutes per seed):
+
+    python benchmarks/structured_fashion.py --seeds 0,1,2 --workers 2 --methods regroup \
+        --regroup-columns channel --regroup-rows 32,32 --out benchmarks/out/structured_fashion_channel32
+
+Each regroup ticket's block export is also evaluated on the test set (it must equal the ticket's accuracy),
+and a ``dense channels_last`` variant (the dense network in the memory layout the block exports use) is
+timed beside the others.
+
 On a GPU the same recipe trains long enough to recover what channel removal costs: ``--device cuda``
 trains every network there (several workers share one GPU), ``--cuda`` also times the networks on the
 GPU (``--cuda-batches``), and the CPU latency is still measured at ``--threads`` threads after all
@@ -92,17 +106,49 @@ def structure_job(args: dict, source: str, method: str):
     from lottery.methods.structured import StructuredHparams
     from lottery.pipelines.structured import StructureJob, run_structure
 
-    hp = StructuredHparams(method=method, fillback_rate=args["fillback"], columns=args["regroup_columns"])
+    hp = StructuredHparams(method=method, fillback_rate=args["fillback"], columns=args["regroup_columns"],
+                           **_regroup_rows(args))
     return run_structure(StructureJob(Path(source), hp),
                          RunOptions(out=args["out"], progress=False, data_dir=args["data_dir"], device=args["device"]))
 
 
+def _regroup_rows(args: dict) -> dict:
+    """Regroup's block heights from ``--regroup-rows MIN,MAX`` (the defaults 16,32 are the paper's)."""
+    lo, hi = (int(v) for v in args.get("regroup_rows", "16,32").split(","))
+    return {"min_rows": lo, "max_rows": hi}
+
+
+def _methods(args: dict) -> tuple[str, ...]:
+    return tuple(m.strip() for m in args.get("methods", ",".join(METHODS)).split(",") if m.strip())
+
+
+def _export_accuracy(args: dict, module, seed: int) -> float:
+    """Test accuracy of an exported network on the run's test set (Fashion-MNIST, normalised as in training):
+    it must equal the masked ticket's, since the export computes the same outputs."""
+    import torch
+
+    from lottery.data import load_train_test, make_loader
+
+    _, test = load_train_test("fashion-mnist", args["data_dir"])
+    correct = total = 0
+    with torch.inference_mode():
+        for x, y in make_loader(test, 1000, train=False, seed=seed):
+            correct += int((module(x).argmax(1) == y).sum())
+            total += int(y.numel())
+    return correct / total
+
+
 def _finished(out: Path, prefix: str, seed: int | None = None) -> list[dict]:
-    return [r for _, r in read_results(out, f"{prefix}*/results.json") if seed is None or r.get("seed") == seed]
+    # run_dir: the folder found here (results.json records the path the run was made at, which is stale in
+    # a copied folder, e.g. sources copied from an earlier benchmark's --out)
+    return [{**r, "run_dir": str(folder)} for folder, r in read_results(out, f"{prefix}*/results.json")
+            if seed is None or r.get("seed") == seed]
 
 
 def latency_job(args: dict, seed: int) -> dict | None:
     """One interleaved measurement of every variant of this seed (dense, masked, exports)."""
+    import copy
+
     import torch
 
     from lottery import masking
@@ -119,13 +165,17 @@ def latency_job(args: dict, seed: int) -> dict | None:
     imp = [r for r in _finished(out, "search-imp_", seed)]
     cs = [r for r in _finished(out, "search-cs_", seed)]
     structured = _finished(out, "structure-", seed)
-    if not imp or not cs or len(structured) < 2 * len(METHODS):
+    if not imp or not cs or len(structured) < 2 * len(_methods(args)):
         print(f"seed {seed}: runs missing, no latency measurement")
         return None
     variants: dict[str, torch.nn.Module] = {}
     sizes: dict[str, dict] = {}
     masks: dict[str, object] = {}  # the weight mask of each masked network, for its FLOPs
     variants["dense"] = load_run_network(imp[0]["run_dir"], 0)[0].eval()
+    # the same dense network in channels_last memory: the block exports compute in that layout, which alone
+    # makes Conv-4's convolutions and max-pools faster on oneDNN; timed beside them so that their speed-up
+    # can be split into what the layout gives and what the blocks give
+    variants["dense channels_last"] = copy.deepcopy(variants["dense"]).to(memory_format=torch.channels_last)
     for name, run in (("imp", imp[0]["run_dir"]), ("cs", cs[0]["run_dir"])):
         model, mask, _ = load_run_network(run)
         masked = load_run_network(run)[0]
@@ -144,6 +194,11 @@ def latency_job(args: dict, seed: int) -> dict | None:
             label = f"{r['after']} {r['method']} {'channels' if kind == 'dense' else 'blocks'}"
             variants[label] = e.module
             sizes[label] = e.description["size"]
+            if kind == "blocks":  # the block export classifies the test set as the masked ticket did
+                sizes[label]["test_accuracy"] = _export_accuracy(args, e.module, seed)
+                sizes[label]["ticket_test_accuracy"] = r["test_accuracy"]
+                print(f"seed {seed} {label}: test accuracy {100 * sizes[label]['test_accuracy']:.2f} % "
+                      f"(the masked ticket: {100 * r['test_accuracy']:.2f} %)")
     settings = LatencySettings(batch_sizes=(1, 64), warmup=args["warmup"], repeats=args["repeats"],
                                threads=args["threads"], device="cpu")
     report = measure_latency(variants, (1, 28, 28), settings, baseline="dense")
@@ -195,8 +250,9 @@ def flops_job(args: dict, seed: int) -> dict | None:
             found["flops"]["dense"] = cost_fields(model, None, shape)["flops_sparse"]
         found["flops"][f"{after} masked"] = cost_fields(model, src.mask, shape)["flops_sparse"]
         found["accuracy"][f"{after} ticket"] = src.info.get("source_test_accuracy")
-        for method in METHODS:
-            hp = StructuredHparams(method=method, fillback_rate=args["fillback"], columns=args["regroup_columns"])
+        for method in _methods(args):
+            hp = StructuredHparams(method=method, fillback_rate=args["fillback"], columns=args["regroup_columns"],
+                                   **_regroup_rows(args))
             mask = structured_mask(model, src.mask, src.weights, hp)
             # As the structured retraining holds them: the bias (and BatchNorm) of every removed row at 0,
             # so that the row outputs exactly 0 and the channel export drops it.
@@ -229,7 +285,7 @@ def flops_report(found: list[dict]) -> None:
         print(f"seed {f['seed']}: " + "; ".join(f"{k}: {list(v.values())}" for k, v in f["channels"].items()))
 
 
-def report(out: Path) -> None:
+def report(out: Path, methods: tuple[str, ...] = METHODS) -> None:
     print(f"report made on: {machine()} (the latency tables name the machine they were measured on)\n")
     imp = _finished(out, "search-imp_")
     cs = _finished(out, "search-cs_")
@@ -242,7 +298,7 @@ def report(out: Path) -> None:
         rows.append((f"IMP-R ticket (level {last}, layerwise)", [r["levels"][last] for r in imp if len(r["levels"]) > last], None))
     rows.append(("CS ticket", cs, None))
     for after in ("imp", "cs"):
-        for method in METHODS:
+        for method in methods:
             rows.append((f"{method} after {after.upper()}", [r for r in structured if r["after"] == after and r["method"] == method], (after, method)))
     lat = [json.loads(p.read_text()) for p in sorted(out.glob("latency_s*.json"))]
 
@@ -346,6 +402,10 @@ def main() -> None:
     ap.add_argument("--fillback", type=float, default=0.2, help="refill+ fill-back rate")
     ap.add_argument("--regroup-columns", default="element", choices=("element", "channel"),
                     help="regroup's block columns: im2col elements (the paper's) or whole input channels")
+    ap.add_argument("--regroup-rows", default="16,32",
+                    help="regroup's MIN,MAX rows of a block (the paper's 16,32; 32,32 runs faster: larger groups)")
+    ap.add_argument("--methods", default=",".join(METHODS),
+                    help="structured methods to train and time (comma-separated subset of refill,refill+,regroup)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the latency measurement")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=30)
@@ -363,19 +423,28 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     cfg = {k: getattr(args, k) for k in ("steps", "batch", "rewind", "imp_levels", "imp_rate", "cs_s0", "cs_lam", "cs_rounds",
                                          "cs_mask_lr", "fillback", "regroup_columns", "threads", "warmup", "repeats", "cuda",
-                                         "redo_latency", "data_dir", "cuda_batches", "device")}
+                                         "redo_latency", "data_dir", "cuda_batches", "device", "regroup_rows",
+                                         "methods")}
     cfg["out"] = str(out)
+    unknown = sorted(set(_methods(cfg)) - set(METHODS))
+    if unknown or not _methods(cfg):
+        ap.error(f"--methods takes a comma-separated subset of {','.join(METHODS)}, got {args.methods!r}")
+    try:
+        lo, hi = _regroup_rows(cfg).values()
+        assert 1 <= lo <= hi
+    except (ValueError, AssertionError):
+        ap.error(f"--regroup-rows takes MIN,MAX with 1 <= MIN <= MAX, e.g. 32,32; got {args.regroup_rows!r}")
     if not args.report_only:
         sources = run_parallel(_source_job, [(cfg, kind, s) for s in seeds for kind in ("imp", "cs")], args.workers,
                                args.threads_per_worker)
         if args.flops_only:
             flops_report([f for f in (flops_job(cfg, s) for s in seeds) if f is not None])
             return
-        jobs = [(cfg, r["run_dir"], m) for r in sources for m in METHODS]
+        jobs = [(cfg, r["run_dir"], m) for r in sources for m in _methods(cfg)]
         run_parallel(structure_job, jobs, args.workers, args.threads_per_worker)
         for s in seeds:  # one process at a time: nothing else of ours runs during a timing
             latency_job(cfg, s)
-    report(out)
+    report(out, _methods(cfg))
 
 
 def _source_job(cfg: dict, kind: str, seed: int):

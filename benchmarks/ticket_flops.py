@@ -62,6 +62,8 @@ def rows(roots: list[Path]) -> list[dict]:
             if method in ("imp", "imp-c") and r.get("rewind"):
                 method += f" k={r['rewind']}"  # IMP (k = 0), IMP-R and IMP-C in one folder stay apart
             point = r.get("target_density") or (f"level {r['level']}" if r.get("level") is not None else "")
+            if not point and method == "cs":  # a CS search steered by s0 and its rounds, not by a density
+                point = f"s0 = {r.get('s0'):g}, {r.get('rounds')} round(s)"
             groups[(hp["model"]["model"], root.name, method, str(point))].append(
                 {"density": r["density"], "flops": cost["flops_sparse"], "dense": cost["flops_dense"],
                  "acc": r["test_accuracy"], "seed": r.get("seed")})

@@ -655,3 +655,73 @@ def test_a_killed_exports_temporary_file_is_removed_by_the_next_export(tmp_path)
     (tmp_path / "e" / ".model.pt.tmp-99999").write_bytes(b"half a file")  # an export killed mid-write
     folder = save_export(tmp_path / "e", exported, portable=("torchscript",))
     assert (folder / "model.pt").is_file() and not list(folder.glob(".model.pt.tmp-*"))
+
+
+def _linked_chain(seed: int, second: str = "channel"):
+    """A network of block layers linked by link_blocks (conv -> conv through ReLU and max-pool, conv ->
+    flatten -> Linear, Linear -> Linear) whose masks have blocks of several widths (padding rows in the
+    packed output), rows of no block (with a bias: constant channels) and a row in no block of the last
+    layer; and the same network as plain masked layers. ``second``: the unit of the second conv's blocks
+    (``element``: it reads the first conv's packed output through im2col columns, and is not linked to
+    the Linear after it)."""
+    from lottery.export.layers import _ConvBN
+
+    torch.manual_seed(seed)
+    specs = [("conv", 3, 8), ("conv", 8, 8), ("linear", 8 * 2 * 2, 10), ("linear", 10, 6)]
+    blocks, plain = [], []
+    for i, (kind, cin, cout) in enumerate(specs):
+        w = torch.randn(cout, cin, 3, 3) if kind == "conv" else torch.randn(cout, cin)
+        m = _blocky(cout, w[0].numel(), 9 if kind == "conv" else 1, seed=seed + i)
+        if i == 0:  # rows 0-2 read input channel 0, rows 3-5 all three, row 6 channel 1 (padded to 3 rows), row 7 none
+            m = torch.zeros(8, 3, 9, dtype=torch.bool)
+            m[0:3, 0], m[3:6], m[6, 1] = True, True, True
+            m = m.reshape(8, 27)
+        wm = (w.reshape(cout, -1) * m).reshape_as(w)
+        unit = 9 if kind == "conv" and not (i == 1 and second == "element") else 1
+        sizes = [[len(r), len(c) // unit] for r, c in blocks_from_mask(m)]
+        layer = (BlockConv2d(cin, cout, 3, 1, 1, 1, sizes, unit="channel" if unit == 9 else "element") if kind == "conv"
+                 else BlockLinear(cin, cout, sizes))
+        _block_layer(layer, w.reshape(cout, -1), m, (3, 3) if unit == 9 else None)
+        ref = nn.Conv2d(cin, cout, 3, padding=1) if kind == "conv" else nn.Linear(cin, cout)
+        with torch.no_grad():
+            ref.weight.copy_(wm)
+            ref.bias.copy_(torch.linspace(-1, 1, cout))
+        blocks.append(_ConvBN(layer, None) if kind == "conv" else layer)
+        plain.append(ref)
+    between = [[nn.ReLU(), nn.MaxPool2d(2)], [nn.ReLU(), nn.MaxPool2d(2), nn.Flatten()], [nn.ReLU()], []]
+    net = nn.Sequential(*[m for b, rest in zip(blocks, between) for m in (b, *rest)])
+    ref = nn.Sequential(*[m for p, rest in zip(plain, between) for m in (p, *rest)])
+    return net, ref
+
+
+@pytest.mark.parametrize("paths", ["packed", "loop-in-the-middle", "auto", "packed-element-second"])
+def test_linked_block_layers_skip_the_output_gather_and_equal_the_masked_network(paths):
+    from lottery.export import link_blocks
+
+    second = "element" if paths.endswith("element-second") else "channel"
+    paths = paths.replace("-element-second", "")
+    net, ref = _linked_chain(seed=3, second=second)
+    # conv->conv, conv->flatten->linear (not from element blocks), linear->linear
+    assert link_blocks(net) == ([(0, 3), (3, 7), (7, 9)] if second == "channel" else [(0, 3), (7, 9)])
+    layers = [m for m in net.modules() if isinstance(m, (BlockConv2d, BlockLinear))]
+    for i, layer in enumerate(layers):
+        layer.path = "loop" if paths == "loop-in-the-middle" and i == 1 else paths
+    x = torch.randn(5, 3, 8, 8)
+    with torch.no_grad():
+        want = ref.eval()(x)
+        _close(want, net.eval()(x))
+        _close(want[:1], net(x[:1]))
+        first = layers[0](x)
+    emitting = paths == "packed"  # only when both layers of a link run the packed path
+    assert layers[0]._emits_packed() is emitting and layers[1]._reads_packed() is emitting
+    # a producer that emits leaves its rows in packed order: padding rows and the constant rows of no block
+    assert first.shape[1] == (layers[0]._packed_rows if emitting else layers[0].out_features)
+    assert layers[0]._packed_rows > layers[0].out_features and layers[0]._zero_row
+    # load_state_dict repacks both ends of a link
+    net2, _ = _linked_chain(seed=4, second=second)
+    link_blocks(net2)
+    for layer in (m for m in net2.modules() if isinstance(m, (BlockConv2d, BlockLinear))):
+        layer.path = "packed"
+    net2.load_state_dict(net.state_dict())
+    with torch.no_grad():
+        _close(want, net2.eval()(x))

@@ -157,6 +157,18 @@ def _fault_phase(path: Path) -> str | None:
     return phase if len(fault_writes) == n else None
 
 
+def fault_phase(path: str | os.PathLike) -> str | None:
+    """For a writer that cannot go through :func:`atomic_write_bytes` (a library writes the file: TorchScript,
+    ONNX): the phase at which :data:`FAULT_ENV` kills this write of ``path``, or None; the write is counted
+    like the others. The writer then calls :func:`fault_kill` at that phase."""
+    return _fault_phase(Path(path)) if FAULT_ENV in os.environ else None
+
+
+def fault_kill(path: str | os.PathLike, phase: str) -> None:
+    """SIGKILL this process at ``phase`` of its write of ``path`` (after :func:`fault_phase` named that phase)."""
+    _fault_kill(Path(path), phase)
+
+
 def _fault_kill(path: Path, phase: str) -> None:
     _fault_sigkill(f"write {len(fault_writes)} ({phase}) of {path}")
 

@@ -102,3 +102,39 @@ def test_numbers_that_do_not_describe_the_saved_mask_are_refused(sources, tmp_pa
     (folder / "results.json").write_text(json.dumps({**r, "kept_weights": r["kept_weights"] + 1}))
     with pytest.raises(CheckpointError, match=r"results.json does not describe its folder's mask \(kept_weights"):
         run_structure(StructureJob(dirs["imp"], METHODS["refill"], after="imp"), options)
+
+
+def test_bench_latency_of_a_regroup_run_puts_flop_counts_beside_the_timings(sources, tmp_path, capsys):
+    """``lottery bench-latency`` on a regroup ticket: dense, masked and both exports side by side, and each
+    variant's FLOPs, the speed-up they promise and the fraction of it reached come from the counts (the
+    masked network's kept weights, the block export's blocks), not from the timings."""
+    pytest.importorskip("pymetis", reason="regroup with --partitioner metis needs pymetis")
+    from lottery.cli import main
+    from lottery.cost import network_cost
+
+    options, dirs = sources
+    r = run_structure(StructureJob(dirs["imp"], METHODS["regroup"], after="imp"), options)
+    folder = Path(r["run_dir"])
+    capsys.readouterr()
+    assert main(["bench-latency", str(folder), "--batch-sizes", "1", "--repeats", "2", "--warmup", "0",
+                 "--json", str(tmp_path / "lat.json")]) == 0
+    text = capsys.readouterr().out
+    report = json.loads((tmp_path / "lat.json").read_text())
+    assert [row["variant"] for row in report["rows"]] == ["dense", "masked", "export:dense", "export:blocks"]
+    model, mask, _ = load_run_network(folder)
+    shape = (1, 8, 8)
+    cost = report["cost"]
+    assert cost["dense"]["flops_sparse"] == network_cost(model, None, shape)["flops_dense"]
+    assert cost["masked"]["flops_sparse"] == network_cost(model, mask, shape)["flops_sparse"] < cost["dense"]["flops_sparse"]
+    blocks = export_model(model, mask, "blocks")
+    assert cost["export:blocks"]["flops_sparse"] == blocks.description["flops"]["export"] < cost["dense"]["flops_sparse"]
+    header = next(line for line in text.splitlines() if line.startswith("| batch |"))
+    cols = [c.strip() for c in header.strip("|").split("|")]
+    assert cols[-3:] == ["FLOPs/example", "speed-up (FLOPs)", "of it reached"]
+    for variant in ("dense", "masked", "export:blocks"):
+        line = next(line for line in text.splitlines() if line.startswith(f"| 1 | {variant} |"))
+        cells = dict(zip(cols, (c.strip() for c in line.strip("|").split("|"))))
+        theoretical = cost["dense"]["flops_sparse"] / cost[variant]["flops_sparse"]
+        assert cells["FLOPs/example"] == f"{cost[variant]['flops_sparse']:,}"
+        assert cells["speed-up (FLOPs)"] == f"{theoretical:.2f}x"
+        assert cells["of it reached"] == f"{100 * report['speedup']['1'][variant] / theoretical:.0f}%"

@@ -21,7 +21,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -81,6 +81,7 @@ class Outcome:
     log: str
     killed_by: str  # "timer", "condition", "fault" (it killed itself: a write or step hook), "" (ran to its end)
     first_output: float | None = None  # seconds from the start to its first output
+    children: list[int] = field(default_factory=list)  # pids of the processes it started (watch_children)
 
     @property
     def killed(self) -> bool:
@@ -102,11 +103,13 @@ class CLIProcesses:
 
     def run(self, argv: Sequence[str], *, env: dict[str, str] | None = None, kill_after: float | None = None,
             kill_after_output: float | None = None, kill_when: Callable[[str], bool] | None = None,
-            timeout: float = 240.0) -> Outcome:
+            timeout: float = 240.0, watch_children: bool = False) -> Outcome:
         """Run to the end, or SIGKILL it ``kill_after`` seconds after the start, or ``kill_after_output``
         seconds after it first printed something (its work has begun: start-up is over), or as soon as
         ``kill_when(its output so far)`` is true (asked whenever the output grew), if still running. Only this
-        process is killed: processes it started (a sweep's workers) live on."""
+        process is killed: processes it started (a sweep's workers) live on. ``watch_children``: note the
+        processes it starts (every 250 ms, and when it is killed) in ``Outcome.children``, for
+        :func:`still_running`."""
         self.count += 1
         log_path = self.logs / f"run_{self.count:03d}.log"
         p = self.ctx.Process(target=_child, args=(list(argv), dict(env or {}), str(log_path)))
@@ -116,11 +119,16 @@ class CLIProcesses:
         first_output = None
         killed_by = ""
         seen = 0
+        children: dict[int, None] = {}
+        next_look = 0.0
         while True:
             p.join(0.005)
             now = time.perf_counter()
             if p.exitcode is not None:
                 break
+            if watch_children and now >= next_look:
+                children.update(dict.fromkeys(children_of(p.pid)))
+                next_look = now + 0.25
             if first_output is None and log_path.exists() and log_path.stat().st_size > 0:
                 first_output = now - t0
                 if kill_after_output is not None:
@@ -131,6 +139,8 @@ class CLIProcesses:
                 seen = len(text.encode(errors="replace"))
                 fire = kill_when(text)
             if fire:
+                if watch_children:
+                    children.update(dict.fromkeys(children_of(p.pid)))
                 os.kill(p.pid, signal.SIGKILL)
                 killed_by = "condition" if kill_when is not None else "timer"
                 p.join()
@@ -143,7 +153,42 @@ class CLIProcesses:
         log = log_path.read_text() if log_path.exists() else ""
         if p.exitcode == -signal.SIGKILL and not killed_by:
             killed_by = "fault"
-        return Outcome(list(argv), p.exitcode, seconds, log, killed_by, first_output)
+        return Outcome(list(argv), p.exitcode, seconds, log, killed_by, first_output, list(children))
+
+
+def children_of(pid: int) -> list[int]:
+    """The pids of the running processes whose parent is ``pid`` (Linux: /proc)."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:  # gone meanwhile
+            continue
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses, so split after its last ')'
+        if int(stat[stat.rindex(b")") + 2:].split()[1]) == pid:
+            found.append(int(entry.name))
+    return found
+
+
+def still_running(pids: Sequence[int], within: float) -> list[int]:
+    """Those of ``pids`` still running (not zombies) ``within`` seconds from now; waits until none is."""
+    deadline = time.perf_counter() + within
+    while True:
+        alive = []
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/stat", "rb") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            if stat[stat.rindex(b")") + 2:].split()[0] != b"Z":
+                alive.append(pid)
+        if not alive or time.perf_counter() >= deadline:
+            return alive
+        time.sleep(0.05)
 
 
 def start_cli_subprocess(argv: Sequence[str], cwd: Path) -> subprocess.Popen:

@@ -70,6 +70,7 @@ __all__ = [
     "dead_channel_params",
     "describe",
     "export_model",
+    "link_blocks",
     "load_export",
     "max_output_difference",
     "preprocessing_record",
@@ -79,7 +80,7 @@ __all__ = [
 from lottery.export._base import EXPORT_KINDS, FORMAT, FORMAT_VERSION, RTOL, ExportError
 from lottery.export.graph import SUPPORTED, coupled_layers, dead_channel_params, describe  # noqa: F401
 from lottery.export.layers import (  # noqa: F401  (public names)
-    BlockConv2d, BlockLinear, CSRLinear, Normalize, _fill, build_network, semi_structured,
+    BlockConv2d, BlockLinear, CSRLinear, Normalize, _fill, build_network, link_blocks, semi_structured,
 )
 from lottery.export.portable import PORTABLE_FORMATS, write_portable  # noqa: F401
 from lottery.export.transform import _shrink, _to_blocks, _to_csr, blocks_from_mask  # noqa: F401

@@ -69,8 +69,10 @@ class _BlockBase(nn.Module):
     what is stored and loaded. The forward pass can run a *packed* copy of them (:meth:`pack`): blocks of
     similar width are grouped into a few buckets and zero-padded to one shape per bucket (``PAD_RATIO``),
     so that a layer runs as one gather of its input, one batched matrix product (or one grouped
-    convolution) per bucket and one gather of its output rows. Padding is exact: a padded column reads an
-    input column with a zero weight, a padded row is dropped (rows of no block read a zero row). The
+    convolution) per bucket, bias included, and one gather of its output rows, which :func:`link_blocks`
+    removes when the next layer is a block layer too (it reads the rows where the products wrote them).
+    Padding is exact: a padded column reads an input column with a zero weight, a padded row is dropped
+    or never read (rows of no block read constant rows: their bias, or 0). The
     packed copy is rebuilt on the first forward pass, after ``load_state_dict`` and by ``_fill``; call
     :meth:`pack` after changing the block tensors in place. Channel blocks of a conv run in
     ``channels_last`` (oneDNN's grouped convolutions and the max-pool after them were several times faster
@@ -97,7 +99,13 @@ class _BlockBase(nn.Module):
         self._packable = True  # False when a row is in two blocks (only the loop path sums them)
         self._packed = False
         self._buckets: list[tuple[int, int, int]] = []  # (blocks, rows, columns) of each bucket
-        self._zero_row = False
+        self._zero_row = False  # some output rows are in no block (they output their bias, or 0)
+        self._packed_rows = 0  # width of the packed output: the buckets' rows (padding included), then the rows of no block
+        # link_blocks: the block layer whose packed output this one reads, and the one that reads this one's
+        # (kept out of the module tree: plain references, so state_dict and named_modules do not see them)
+        self.__dict__["_prev"] = None
+        self.__dict__["_next"] = None
+        self._spatial = 1  # input columns per output row of _prev (H*W when a flatten sits between them)
         self.register_load_state_dict_post_hook(_repack)
 
     def _index(self, kind: str) -> list[torch.Tensor]:
@@ -124,13 +132,22 @@ class _BlockBase(nn.Module):
 
     @torch.no_grad()
     def pack(self) -> None:
-        """Build the packed layout from the per-block tensors (see the class)."""
+        """Build the packed layout from the per-block tensors (see the class): per bucket the padded weights
+        ``_pk_w``, the input columns ``_pk_in`` (and ``_pk_lin``, the same columns in the packed output of
+        the linked layer before, :func:`link_blocks`) and the bias of its rows ``_pk_b`` (zero on padding);
+        ``_pk_const``, the bias of rows of no block; ``_pk_out``, each output row's place in the packed
+        output. Everything a forward pass needs is computed here, once."""
+        prev = self._prev
+        if prev is not None and not prev._packed:
+            prev.pack()
         for name in [n for n in self._buffers if n.startswith("_pk_")]:
             del self._buffers[name]
         self._buckets, self._zero_row, self._packed, self._packable = [], False, True, True
         self._choice = {}
         rows, cols = self._index("rows"), self._index("cols")
         out_index = torch.full((self.out_features,), -1, dtype=torch.int64)
+        bias = self.bias.detach().cpu() if self.bias is not None else None
+        pmap = prev._pk_out.cpu() if prev is not None else None
         order = sorted(range(len(self.weights)), key=lambda b: (-int(cols[b].numel()), b))
         buckets: list[list[int]] = []
         for b in order:
@@ -144,40 +161,81 @@ class _BlockBase(nn.Module):
             c_max = max(int(cols[b].numel()) for b in members)
             like = self.weights[members[0]]
             w = like.new_zeros(len(members), r_max, c_max, *like.shape[2:])
-            idx = torch.zeros(len(members), c_max, dtype=torch.int64, device=like.device)
+            idx = torch.zeros(len(members), c_max, dtype=torch.int64)
+            bucket_bias = torch.zeros(len(members), r_max, dtype=like.dtype)
             for i, b in enumerate(members):
                 r, c = int(rows[b].numel()), int(cols[b].numel())
                 w[i, :r, :c] = self.weights[b].detach()
-                idx[i, :c] = cols[b]
-                idx[i, c:] = cols[b][0] if c else 0
+                idx[i, :c] = cols[b].cpu()
+                idx[i, c:] = int(cols[b][0]) if c else 0
                 where = rows[b].cpu()
+                if bias is not None:
+                    bucket_bias[i, :r] = bias[where]
                 if bool((out_index[where] >= 0).any()):  # a row in two blocks: only the loop path sums them
                     self._packable = False
                 out_index[where] = pos + i * r_max + torch.arange(r)
             pos += len(members) * r_max
             self._set(f"_pk_w{j}", self._packed_weight(w))
-            self._set(f"_pk_in{j}", idx.reshape(-1))
+            self._set(f"_pk_in{j}", idx.reshape(-1).to(like.device))
+            if pmap is not None:  # the same input columns in the packed output of the layer before
+                unit, flat = self._link_unit(), idx.reshape(-1)
+                self._set(f"_pk_lin{j}", (pmap[flat // unit] * unit + flat % unit).to(like.device))
+            if bias is not None:
+                self._set(f"_pk_b{j}", self._packed_bias(bucket_bias).to(like.device))
             self._buckets.append((len(members), r_max, c_max))
-        if bool((out_index < 0).any()):
-            out_index[out_index < 0] = pos  # one zero row after the buckets' rows
+        missing = out_index < 0
+        if bool(missing.any()):  # rows of no block: constant rows (their bias, or 0) after the buckets' rows
+            k = int(missing.sum())
+            out_index[missing] = pos + torch.arange(k)
+            like = self.weights[0] if len(self.weights) else torch.zeros(())
+            self._set("_pk_const", (bias[missing] if bias is not None else torch.zeros(k)).to(like.device, like.dtype))
             self._zero_row = True
+            pos += k
+        self._packed_rows = pos
         device = self.bias.device if self.bias is not None else (self.weights[0].device if len(self.weights) else None)
         self._set("_pk_out", out_index.to(device) if device is not None else out_index)
+        if self._next is not None:  # its _pk_lin indices read this layout: rebuild them too
+            self._next._packed = False
 
     def _packed_weight(self, w: torch.Tensor) -> torch.Tensor:
         return w  # blocks x rows x columns: one bmm per bucket
 
-    def _run_packed(self, cols_first: torch.Tensor) -> torch.Tensor:
+    def _packed_bias(self, b: torch.Tensor) -> torch.Tensor:
+        return b.unsqueeze(2)  # blocks x rows x 1: baddbmm(bias, W, columns)
+
+    def _link_unit(self) -> int:
+        """Input columns per row of the layer before (what one of its output rows becomes in this input)."""
+        return self._spatial
+
+    def _emits_packed(self) -> bool:
+        """Whether this call leaves its output in packed order (no gather of the output rows) because the
+        linked next layer reads it so: both run the packed path."""
+        nxt = self._next
+        if nxt is None or self.path != "packed" or nxt.path != "packed":
+            return False
+        if not self._packed:
+            self.pack()
+        if not nxt._packed:
+            nxt.pack()
+        return self._packable and nxt._packable and len(self.weights) > 0 and len(nxt.weights) > 0
+
+    def _reads_packed(self) -> bool:
+        """Whether this call's input is the packed output of the linked layer before."""
+        return self._prev is not None and self._prev._emits_packed()
+
+    def _run_packed(self, cols_first: torch.Tensor, linked: bool) -> torch.Tensor:
         """``cols_first``: the input with its columns on dim 0 (``columns x ...``, any strides: the gather
-        copies); returns the output rows as ``out_features x M`` (M: the other dims' product): per bucket one
-        gather and one bmm, then one gather of the rows."""
+        copies); returns the output rows as ``out_features x M`` (M: the other dims' product), bias
+        included: per bucket one gather and one bmm, then one gather of the rows."""
         m = cols_first[0].numel()
         parts = []
         for j, (b, r, c) in enumerate(self._buckets):
-            g = cols_first.index_select(0, getattr(self, f"_pk_in{j}")).reshape(b, c, m)
-            parts.append(torch.bmm(getattr(self, f"_pk_w{j}"), g).view(b * r, m))
+            g = cols_first.index_select(0, getattr(self, f"_pk_lin{j}" if linked else f"_pk_in{j}")).reshape(b, c, m)
+            w = getattr(self, f"_pk_w{j}")
+            y = torch.bmm(w, g) if self.bias is None else torch.baddbmm(getattr(self, f"_pk_b{j}"), w, g)
+            parts.append(y.view(b * r, m))
         if self._zero_row:
-            parts.append(cols_first.new_zeros(1, m))
+            parts.append(self._pk_const.view(-1, 1).expand(-1, m))
         y = parts[0] if len(parts) == 1 else torch.cat(parts, 0)
         return y.index_select(0, self._pk_out)
 
@@ -233,20 +291,26 @@ class BlockLinear(_BlockBase):
         super().__init__(out_features, blocks, bias)
         self.in_features = in_features
 
+    def _packed_bias(self, b: torch.Tensor) -> torch.Tensor:
+        return b.unsqueeze(1)  # blocks x 1 x rows: baddbmm(bias, (blocks, n, c), W^T)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._forced if self._forced is not None else self._use_packed(x):
             # examples in the middle: bmm((blocks, n, c), W^T) was 10x faster at n = 1 than bmm(W, (blocks, c, n))
             n = x.shape[0]
+            linked = self._reads_packed()
             parts = []
             for j, (b, r, c) in enumerate(self._buckets):
-                g = x.index_select(1, getattr(self, f"_pk_in{j}")).view(n, b, c).transpose(0, 1)
-                parts.append(torch.bmm(g, getattr(self, f"_pk_w{j}").transpose(1, 2)).transpose(0, 1).reshape(n, b * r))
+                g = x.index_select(1, getattr(self, f"_pk_lin{j}" if linked else f"_pk_in{j}")).view(n, b, c).transpose(0, 1)
+                wt = getattr(self, f"_pk_w{j}").transpose(1, 2)
+                y = torch.bmm(g, wt) if self.bias is None else torch.baddbmm(getattr(self, f"_pk_b{j}"), g, wt)
+                parts.append(y.transpose(0, 1).reshape(n, b * r))
             if self._zero_row:
-                parts.append(x.new_zeros(n, 1))
-            y = (parts[0] if len(parts) == 1 else torch.cat(parts, 1)).index_select(1, self._pk_out)
-        else:
-            parts = [x.index_select(1, c) @ w.t() for w, c in zip(self.weights, self._index("cols"))]
-            y = self._scatter(parts, x, (x.shape[0], self.out_features))
+                parts.append(self._pk_const.expand(n, -1))
+            y = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+            return y if self._emits_packed() else y.index_select(1, self._pk_out)
+        parts = [x.index_select(1, c) @ w.t() for w, c in zip(self.weights, self._index("cols"))]
+        y = self._scatter(parts, x, (x.shape[0], self.out_features))
         return y + self.bias if self.bias is not None else y
 
 
@@ -271,11 +335,17 @@ class BlockConv2d(_BlockBase):
     def _kernel_size(self) -> int:
         return self.kernel[0] * self.kernel[1] if self.unit == "channel" else 1
 
+    def _link_unit(self) -> int:
+        return 1 if self.unit == "channel" else self.kernel[0] * self.kernel[1]  # element columns: C_in x kh x kw
+
     def _packed_weight(self, w: torch.Tensor) -> torch.Tensor:
         if self.unit == "channel":  # blocks x rows x channels x kh x kw -> (blocks * rows) x channels x kh x kw
             # channels_last: oneDNN's grouped convolutions were 1.3-2x faster so (benchmarks/block_speed.py)
             return w.reshape(w.shape[0] * w.shape[1], *w.shape[2:]).contiguous(memory_format=torch.channels_last)
         return w
+
+    def _packed_bias(self, b: torch.Tensor) -> torch.Tensor:
+        return b.reshape(-1) if self.unit == "channel" else b.unsqueeze(2)  # the grouped conv's bias / baddbmm's
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, _, h, w = x.shape
@@ -284,30 +354,34 @@ class BlockConv2d(_BlockBase):
         fast = self._forced if self._forced is not None else self._use_packed(x)
         if self.unit == "channel":
             if fast:  # in channels_last (NHWC memory), the gathers as column gathers of (n h w) x C matrices
-                xl = x.permute(0, 2, 3, 1).reshape(n * h * w, x.shape[1])
+                if not x.is_contiguous(memory_format=torch.channels_last):
+                    # one layout conversion (3x cheaper than the copy that permute().reshape() of NCHW makes)
+                    x = x.contiguous(memory_format=torch.channels_last)
+                xl = x.permute(0, 2, 3, 1).reshape(n * h * w, x.shape[1])  # a view
+                linked = self._reads_packed()
                 parts = []
                 for j, (b, _, c) in enumerate(self._buckets):
-                    g = xl.index_select(1, getattr(self, f"_pk_in{j}")).view(n, h, w, b * c).permute(0, 3, 1, 2)
-                    y = F.conv2d(g, getattr(self, f"_pk_w{j}"), None, self.stride, self.padding, self.dilation, b)
-                    parts.append(y.permute(0, 2, 3, 1).reshape(n * ho * wo, -1))
+                    g = xl.index_select(1, getattr(self, f"_pk_lin{j}" if linked else f"_pk_in{j}"))
+                    y = F.conv2d(g.view(n, h, w, b * c).permute(0, 3, 1, 2), getattr(self, f"_pk_w{j}"),
+                                 getattr(self, f"_pk_b{j}") if self.bias is not None else None,
+                                 self.stride, self.padding, self.dilation, b)
+                    parts.append(y.permute(0, 2, 3, 1).reshape(n * ho * wo, -1))  # a view: y is channels_last
                 if self._zero_row:
-                    parts.append(x.new_zeros(n * ho * wo, 1))
+                    parts.append(self._pk_const.expand(n * ho * wo, -1))
                 y = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
-                y = y.index_select(1, self._pk_out)
-                if self.bias is not None:
-                    y += self.bias
-                return y.view(n, ho, wo, self.out_features).permute(0, 3, 1, 2)
-            else:
-                parts = [F.conv2d(x.index_select(1, c), wt, None, self.stride, self.padding, self.dilation)
-                         for wt, c in zip(self.weights, self._index("cols"))]
-                y = self._scatter(parts, x, (n, self.out_features, ho, wo))
+                if not self._emits_packed():
+                    y = y.index_select(1, self._pk_out)
+                return y.view(n, ho, wo, y.shape[1]).permute(0, 3, 1, 2)
+            parts = [F.conv2d(x.index_select(1, c), wt, None, self.stride, self.padding, self.dilation)
+                     for wt, c in zip(self.weights, self._index("cols"))]
+            y = self._scatter(parts, x, (n, self.out_features, ho, wo))
             return y + self.bias.view(1, -1, 1, 1) if self.bias is not None else y
         patches = F.unfold(x, self.kernel, self.dilation, self.padding, self.stride)  # n x K x L
         if fast:  # gathered as K x n x L, so that each bucket is one large bmm over every example and position
-            y = self._run_packed(patches.transpose(0, 1)).view(self.out_features, n, ho * wo).transpose(0, 1)
-        else:
-            parts = [torch.matmul(wt, patches.index_select(1, c)) for wt, c in zip(self.weights, self._index("cols"))]
-            y = self._scatter(parts, x, (n, self.out_features, ho * wo))
+            y = self._run_packed(patches.transpose(0, 1), self._reads_packed())
+            return y.view(self.out_features, n, ho * wo).transpose(0, 1).reshape(n, self.out_features, ho, wo)
+        parts = [torch.matmul(wt, patches.index_select(1, c)) for wt, c in zip(self.weights, self._index("cols"))]
+        y = self._scatter(parts, x, (n, self.out_features, ho * wo))
         if self.bias is not None:
             y = y + self.bias.view(1, -1, 1)
         return y.reshape(n, self.out_features, ho, wo)
@@ -377,8 +451,71 @@ def _module(op: dict[str, Any]) -> nn.Module:
 
 
 def build_network(ops: list[dict[str, Any]]) -> nn.Sequential:
-    """The network an op list describes, with zero-initialised tensors (load them afterwards)."""
-    return nn.Sequential(*[_module(op) for op in ops])
+    """The network an op list describes, with zero-initialised tensors (load them afterwards); consecutive
+    block layers are linked (:func:`link_blocks`)."""
+    net = nn.Sequential(*[_module(op) for op in ops])
+    link_blocks(net)
+    return net
+
+
+# ops that act on each channel (feature) alone: a permutation of the channels passes through them unchanged
+_CHANNELWISE = (nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Identity, nn.Dropout)
+
+
+def _block_of(module: nn.Module, producer: bool) -> _BlockBase | None:
+    if isinstance(module, BlockLinear):
+        return module
+    if isinstance(module, _ConvBN) and isinstance(module.conv, BlockConv2d):
+        if producer and (module.bn is not None or module.conv.unit != "channel"):
+            return None  # a BatchNorm reads the rows in their order; element blocks end in a transposing copy anyway
+        return module.conv
+    return None
+
+
+def link_blocks(net: nn.Sequential) -> list[tuple[int, int]]:
+    """Let consecutive block layers of ``net`` skip the gather of the first one's output rows: when a block
+    layer (a Linear, or a conv of channel blocks without a BatchNorm) is followed, through channel-wise ops
+    only (ReLU, pooling, a flatten, Dropout, Identity), by another block layer, the first leaves its output
+    in its packed order (each bucket's rows as its grouped convolution or bmm wrote them, padding rows
+    included, then the constant rows of no block) and the second reads its input columns from there: its
+    gather indices are composed with the first one's row positions once, in :meth:`pack`. Why: that output
+    gather was a full copy of every activation of the layer (about 1.4 ms of a 12 ms conv at batch 64 on
+    Conv-4), and the permutation can be folded into the next gather for free. The composition holds only
+    while both layers run the packed path (``path == 'packed'``, the default); with any other path both
+    fall back to the original order, so results never depend on it. A linked layer called on its own
+    returns its rows in packed order: call the whole network. Returns the linked (producer, consumer)
+    positions in ``net``."""
+    mods = list(net)
+    links = []
+    for i, m in enumerate(mods):
+        prod = _block_of(m, producer=True)
+        if prod is None:
+            continue
+        j, flat = i + 1, False
+        while j < len(mods) and (isinstance(mods[j], _CHANNELWISE) or (
+                isinstance(mods[j], nn.Flatten) and not flat and mods[j].start_dim == 1 and mods[j].end_dim == -1)):
+            flat = flat or isinstance(mods[j], nn.Flatten)
+            j += 1
+        cons = _block_of(mods[j], producer=False) if j < len(mods) else None
+        if cons is None:
+            continue
+        if isinstance(prod, BlockConv2d):
+            if flat and isinstance(cons, BlockLinear) and cons.in_features % prod.out_features == 0:
+                spatial = cons.in_features // prod.out_features  # the flattened input is channel x H x W
+            elif not flat and isinstance(cons, BlockConv2d) and cons.in_channels == prod.out_features:
+                spatial = 1
+            else:
+                continue
+        elif isinstance(cons, BlockLinear) and cons.in_features == prod.out_features and all(
+                isinstance(x, (nn.ReLU, nn.Identity, nn.Dropout, nn.Flatten)) for x in mods[i + 1:j]):
+            spatial = 1  # Linear -> (ReLU, Dropout) -> Linear
+        else:
+            continue
+        prod.__dict__["_next"], cons.__dict__["_prev"] = cons, prod
+        cons._spatial = spatial
+        prod._packed = cons._packed = False
+        links.append((i, j))
+    return links
 
 
 @torch.no_grad()

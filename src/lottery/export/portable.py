@@ -17,6 +17,7 @@ from torch import nn
 from lottery.errors import ConfigError
 from lottery.export._base import RTOL, ExportError
 from lottery.export.layers import CSRLinear
+from lottery.io import fault_kill, fault_phase
 
 PORTABLE_FORMATS = {"torchscript": "model.pt", "onnx": "model.onnx"}
 INPUT_NAME, OUTPUT_NAME = "pixels", "logits"
@@ -71,9 +72,13 @@ def write_portable(folder: str | Path, fmt: str, module: nn.Module, inputs: torc
     for stale in folder.glob(f".{final.name}.tmp-*"):  # left by an export that was killed while writing
         stale.unlink(missing_ok=True)
     module = module.cpu().eval()
+    kill_at = fault_phase(final)  # crash tests (lottery.io); None unless LOTTERY_FAULT_KILL_AT_WRITE is set
     try:
         with torch.no_grad():
             run = (_torchscript if fmt == "torchscript" else _onnx)(module, _trace_input(inputs), tmp)
+            if kill_at == "mid":  # as if killed while the library wrote it: half of it on disk
+                os.truncate(tmp, tmp.stat().st_size // 2)
+                fault_kill(final, kill_at)
             got = run(inputs.cpu())
         diff = float((got.float() - reference.float()).abs().max())
         scale = float(reference.abs().max())
@@ -81,8 +86,14 @@ def write_portable(folder: str | Path, fmt: str, module: nn.Module, inputs: torc
         if not diff <= tolerance:
             raise ExportError(f"the {fmt} file computes something else than the masked network (max difference "
                               f"{diff:.3g}, tolerance {tolerance:.3g}); it was not written")
+        with open(tmp, "rb") as f:  # on disk before it gets its name, as lottery.io's atomic writes
+            os.fsync(f.fileno())
+        if kill_at == "before-rename":
+            fault_kill(final, kill_at)
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
+    if kill_at == "after-rename":
+        fault_kill(final, kill_at)
     return {"file": final.name, "check": {"max_abs_diff": diff, "max_abs_reference": scale,
                                           "inputs": int(inputs.shape[0]), "tolerance": tolerance, "ok": True}}

@@ -35,6 +35,12 @@ def _init_local_worker(threads: int, log_queue: Any) -> None:
     # Never block this process's exit on flushing log lines (a parent that stopped reading, or a queue
     # left locked by a worker that was killed mid-write, would otherwise hang it).
     log_queue.cancel_join_thread()
+    import multiprocessing
+
+    # Spawned by the sweep: it is this process's parent (a forkserver's children have the server for theirs).
+    parent = multiprocessing.parent_process()
+    if parent is not None and parent.pid == os.getppid():
+        threading.Thread(target=_exit_with_parent, args=(parent.pid,), name="lottery-parent-watch", daemon=True).start()
     os.environ["OMP_NUM_THREADS"] = str(threads)
     os.environ["MKL_NUM_THREADS"] = str(threads)
     import torch
@@ -44,6 +50,24 @@ def _init_local_worker(threads: int, log_queue: Any) -> None:
         torch.set_num_interop_threads(1)
     except RuntimeError:  # already set, or parallel work already ran: harmless
         pass
+
+
+def _exit_with_parent(parent: int, poll: float = 0.2) -> None:
+    """End this worker as soon as the sweep that started it is gone (its parent changed: killed, crashed).
+
+    Why: a pool worker whose sweep was SIGKILLed finished its job, then waited for the next one forever (its
+    pool's queue never closes: the workers hold its other end), an orphan holding its memory and the
+    sweep's output pipe; and while it still ran a job, the sweep started again found that run folder locked
+    (a job that does not wait for a lock failed). Ending at once, as a killed process, is safe: writes are atomic, the folder's lock
+    goes with the process, and the job resumes from its last checkpoint when the sweep runs again."""
+    while os.getppid() == parent:
+        time.sleep(poll)
+    try:
+        sys.stderr.write(f"lottery sweep worker {os.getpid()}: its sweep (process {parent}) is gone; stopping "
+                         "(run the sweep again to resume its jobs)\n")
+        sys.stderr.flush()
+    finally:
+        os._exit(1)
 
 
 def _emit(line: str) -> None:
