@@ -268,3 +268,37 @@ def test_sweep_stacks_dense_runs_that_share_a_data_order(tmp_path):
     again = run_sweep(specs, RunOptions(out=tmp_path, progress=False, log=lines.append), backend="serial", stack=2,
                       log=lines.append)
     assert [o.results["run_dir"] for o in again.outcomes] == [o.results["run_dir"] for o in result.outcomes]
+
+
+class _LinearBatchNorm(nn.Module):
+    """Linear -> BatchNorm1d: the BatchNorm needs (B, K*O), so the (B, K, O) hand-over must be undone."""
+
+    def __init__(self):
+        super().__init__()
+        self.input_shape = (1, 4, 4)
+        self.flatten = nn.Flatten()
+        self.fc1 = nn.Linear(16, 8)
+        self.bn = nn.BatchNorm1d(8)
+        self.fc2 = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.bn(self.fc1(self.flatten(x)))))
+
+
+@pytest.mark.parametrize("build,shared,keep", [
+    (lambda: build_model("lenet_300_100", input_shape=(1, 8, 8), num_classes=10), True, True),
+    (lambda: build_model("conv4", input_shape=(1, 8, 8), num_classes=10, width=0.125), True, True),
+    (_LinearBatchNorm, True, False),
+])
+def test_fast_layouts_where_the_check_passes(build, shared, keep):
+    torch.manual_seed(0)
+    members = [build(), build(), build()]
+    stacked = stack(members)
+    linears = [m for m in stacked.body.modules() if hasattr(m, "keep_members")]
+    assert stacked.shared_input is shared and {m.keep_members for m in linears} == {keep}
+    stacked.train()
+    x = torch.randn(6, *members[0].input_shape)
+    out = stacked(x)
+    for i, m in enumerate(members):
+        m.train()
+        torch.testing.assert_close(out[:, i], m(x), rtol=1e-5, atol=1e-5)

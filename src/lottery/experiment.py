@@ -12,6 +12,7 @@ import csv
 import functools
 import io
 import math
+import os
 import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -673,6 +674,40 @@ def _finish_dense(job: DenseJob, folder: Path, model: nn.Module, last: dict[str,
 def data_order_of(training: TrainingHparams, seed: int) -> int:
     """The seed of a run's data order (and augmentation): ``data_order_seed``, else the run's seed."""
     return training.data_order_seed if training.data_order_seed is not None else seed
+
+
+#: Largest stacks ``--stack auto`` picks: on the CPU the size the speed benchmark measured
+#: (benchmarks/stacked_cs_speed.py, K = 2, 4, 8); on a GPU the issue's target point (K = 16).
+AUTO_STACK_CPU = 8
+AUTO_STACK_GPU = 16
+#: Bytes of training state per parameter, for the memory bound: weights, gradients, mask logits and their
+#: gradients, SGD momentum, Adam's two moments (a CS search; a dense run needs less), x2 for activations.
+_STATE_BYTES_PER_PARAMETER = 4 * 7 * 2
+
+
+def auto_stack_size(model: nn.Module, device: str, members: int) -> tuple[int, str]:
+    """The stack size ``--stack auto`` uses for ``members`` runs of ``model`` on ``device``, and why (one line).
+
+    At most :data:`AUTO_STACK_CPU` / :data:`AUTO_STACK_GPU`, at most ``members``, and at most what fits in
+    a quarter of the free memory of the device (RAM on the CPU) at the training state's size."""
+    params = sum(p.numel() for p in model.parameters())
+    per_member = params * _STATE_BYTES_PER_PARAMETER
+    if str(device).startswith("cuda"):
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        cap, where = AUTO_STACK_GPU, "GPU"
+    else:
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):  # not on Linux: no memory bound
+            free = 1 << 50
+        cap, where = AUTO_STACK_CPU, "CPU"
+    by_memory = max(1, int(free // 4 // max(1, per_member)))
+    k = max(1, min(cap, members, by_memory))
+    limit = ("the number of runs that can share a stack" if k == members else
+             f"a quarter of the free {where} memory ({free / 2**30:.1f} GiB)" if k == by_memory else
+             f"the largest {where} stack measured")
+    return k, (f"--stack auto: stacks of {k} for {type(model).__name__} ({params:,} parameters, about "
+               f"{per_member / 2**20:.0f} MiB of training state per member) on the {where}; limited by {limit}")
 
 
 def stack_refusal(jobs: list[DenseJob]) -> str | None:

@@ -110,6 +110,18 @@ def _seed_list(text: str) -> list[int]:
     return list(dict.fromkeys(seeds))
 
 
+def _stack_size(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}")
+    return value
+
+
 def _sweep_flags(p: argparse.ArgumentParser) -> None:
     from lottery.sweep import BACKENDS
 
@@ -133,10 +145,12 @@ def _sweep_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-cpus", type=float, default=None, help="ray: CPUs asked per experiment (default: threads per worker)")
     g.add_argument("--num-gpus", type=float, default=0,
                    help="ray: GPUs asked per experiment; > 0 runs the experiments on cuda (default: 0)")
-    g.add_argument("--stack", type=int, default=1,
-                   help="train dense runs (train jobs, dense references) that differ only in their seed and share "
-                        "one data order (--data-order-seed) as stacked networks of at most this many, in this "
-                        "process, before the other jobs; unsupported models run unstacked (default: 1, no stacking)")
+    g.add_argument("--stack", type=_stack_size, default=1,
+                   help="train runs that differ only in their seed (dense runs, dense references) or in s0, lam and "
+                        "seed (CS ticket searches) and share one data order (--data-order-seed for different seeds) "
+                        "as stacked networks of at most this many, in this process, before the other jobs; "
+                        "'auto': a size from the device and the model's size, said in the log; unsupported models "
+                        "and options run unstacked after one line (default: 1, no stacking)")
     g.add_argument("--name", default=None, help="sweep name: the record is <out>/sweep_<name>.json (default: a hash of the jobs)")
     g.add_argument("--no-report", action="store_true", help="skip the table and plots at the end")
 

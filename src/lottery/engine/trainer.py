@@ -234,19 +234,9 @@ class Trainer:
         y = y.to(self.device, non_blocking=True)
         if not self._input_checked:
             self._check_input(x)
-        logits = self.train_module(x)
-        task_loss = self.loss_fn(logits, y)
-        loss = task_loss
-        for cb in self.callbacks:
-            extra = cb.extra_loss(self)
-            if extra is not None:
-                loss = loss + extra
+        loss, task_loss = self._losses(x, y)
         if not torch.isfinite(loss):
-            raise NumericalError(
-                f"the loss became {loss.item()} at step {self.step} (iteration {self.iteration}); the last good "
-                f"checkpoint is kept. Try a smaller learning rate (now {self.lr():g})"
-                " or, for sparsity methods, a smaller penalty (lam)."
-            )
+            raise self._non_finite(loss, task_loss)
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -258,6 +248,24 @@ class Trainer:
         self._train_loss_count += 1
         for cb in self.callbacks:
             cb.on_step_end(self)
+
+    def _losses(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss to backpropagate and the task loss to record. A method of its own so that a stacked
+        trainer (lottery.engine.stacking), whose task loss is one value per member, shares the rest of the step."""
+        task_loss = self.loss_fn(self.train_module(x), y)
+        loss = task_loss
+        for cb in self.callbacks:
+            extra = cb.extra_loss(self)
+            if extra is not None:
+                loss = loss + extra
+        return loss, task_loss
+
+    def _non_finite(self, loss: torch.Tensor, task_loss: torch.Tensor) -> NumericalError:
+        return NumericalError(
+            f"the loss became {loss.item()} at step {self.step} (iteration {self.iteration}); the last good "
+            f"checkpoint is kept. Try a smaller learning rate (now {self.lr():g})"
+            " or, for sparsity methods, a smaller penalty (lam)."
+        )
 
     def _log_row(self, row: dict[str, Any], seconds: float) -> None:
         parts = [f"{self.desc} {self._progress_text(row['step'])}"]

@@ -37,7 +37,7 @@ from lottery.masking.hard import (
 )
 from lottery.masking.soft import (
     SoftMask, attach_soft_mask, cs_reset_logits_, get_temperature, hard_mask_from_logits, hardened_soft_masks,
-    mask_logits, non_mask_parameters, remove_soft_mask, reset_logits_, set_temperature, soft_mask_penalty,
+    mask_logits, non_mask_parameters, remove_soft_mask, reset_logits_, set_member_s0, set_temperature, soft_mask_penalty,
     soft_mask_values,
 )
 from lottery.masking.state import (
@@ -73,6 +73,7 @@ __all__ = [
     "remove_masks",
     "remove_soft_mask",
     "reset_logits_",
+    "set_member_s0",
     "set_temperature",
     "soft_mask_penalty",
     "soft_mask_values",

@@ -7,7 +7,7 @@ import contextlib
 import math
 import re
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -75,12 +75,18 @@ class SoftMask(nn.Module):
         self.denominator = 1.0 / (1.0 + math.exp(-self.s0)) if self.scale_by_s0 else 1.0
         self._reciprocals: dict[torch.dtype, float] = {}  # per dtype: the model may be cast later
         self.hard = False  # True inside hardened_soft_masks(): the mask is its beta -> infinity limit
+        # Stacked searches (set_member_s0): each member's own s0 and scale, broadcast over its slice of the
+        # weight; None: the scalar s0 above.
+        self.register_buffer("member_s0", None, persistent=False)
+        self.register_buffer("member_reciprocals", None, persistent=False)
 
     @property
-    def reciprocal(self) -> float:
+    def reciprocal(self) -> float | torch.Tensor:
         """The factor applied to ``sigmoid(beta * s)`` (1 without the scale; see _reciprocal_scale)."""
         if not self.scale_by_s0:
             return 1.0
+        if self.member_reciprocals is not None:
+            return self.member_reciprocals
         dtype = self.logits.dtype
         r = self._reciprocals.get(dtype)
         if r is None:
@@ -378,12 +384,39 @@ def cs_reset_logits_(
         raise ConfigError(f"beta_final must be a positive finite number, got {beta_final}")
     with torch.no_grad():
         for _, sm in _soft_masks(model):
-            cap = sm.s0 if s0 is None else float(s0)
             # min: a pruned logit is multiplied by beta_final every round; without a floor it reaches -inf
             # after a dozen rounds (float32, beta_final 4000) and the run stops on a non-finite weight
+            if s0 is None and sm.member_s0 is not None:  # a stacked search: each member's own s0
+                sm.logits.copy_(torch.minimum(torch.clamp(sm.logits * beta_final, min=PRUNED_LOGIT), sm.member_s0))
+                continue
+            cap = sm.s0 if s0 is None else float(s0)
             sm.logits.copy_(torch.clamp(sm.logits * beta_final, min=PRUNED_LOGIT, max=cap))
     if reset_temperature:
         set_temperature(model, 1.0)
+
+
+def set_member_s0(model: nn.Module, s0s: Sequence[float]) -> None:
+    """Give the members of a stacked network (lottery.engine.stacking) their own ``s0``: every masked
+    weight's leading dimension splits into ``len(s0s)`` equal consecutive slices (member-major, as the
+    stacked layouts put them), slice k gets ``s0s[k]`` as its scale ``1 / sigmoid(s0)`` (the very factor an
+    unstacked mask of that s0 uses) and as its cap in :func:`cs_reset_logits_`. Why: a stack of searches
+    that differ in s0 computes all members' masks in one operation per layer."""
+    s0s = [float(v) for v in s0s]
+    if not s0s or not all(math.isfinite(v) for v in s0s):
+        raise ConfigError(f"set_member_s0 needs finite s0 values, got {s0s}")
+    for name, sm in _soft_masks(model):
+        logits = sm.logits
+        if logits.shape[0] % len(s0s):
+            raise ConfigError(f"{name}: a leading dimension of {logits.shape[0]} does not split into {len(s0s)} members")
+        per = logits.shape[0] // len(s0s)
+        shape = (-1,) + (1,) * (logits.dim() - 1)
+
+        def spread(values: list[float]) -> torch.Tensor:
+            t = torch.tensor(values, dtype=logits.dtype, device=logits.device)
+            return t.repeat_interleave(per).view(shape)
+
+        sm.member_s0 = spread(s0s)
+        sm.member_reciprocals = spread([_reciprocal_scale(v, logits.dtype) for v in s0s])
 
 
 def remove_soft_mask(model: nn.Module, hard: bool = True) -> Mask:

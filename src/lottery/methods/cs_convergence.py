@@ -69,10 +69,14 @@ def soft_and_hard_accuracy(model: nn.Module, loader, device, beta: float) -> tup
     return float(soft["top1"]), float(hard["top1"]), int(soft["count"])
 
 
-def round_convergence(model: nn.Module, loader, device, beta_final: float, previous: Mask) -> dict[str, Any]:
-    """All figures of one round's end (see the module docstring), JSON-ready."""
+def round_convergence(model: nn.Module, loader, device, beta_final: float, previous: Mask,
+                      accuracies: tuple[float, float, int] | None = None) -> dict[str, Any]:
+    """All figures of one round's end (see the module docstring), JSON-ready. ``accuracies``: the soft and
+    hard accuracy and example count when already measured (a stack of searches measures every member's
+    in one pass); otherwise measured here on ``loader``."""
     und = undecided_fractions(model, beta_final)
-    soft, hard, count = soft_and_hard_accuracy(model, loader, device, beta_final)
+    soft, hard, count = accuracies if accuracies is not None else soft_and_hard_accuracy(model, loader, device,
+                                                                                        beta_final)
     mask = masking.hard_mask_from_logits(model)
     gap = soft - hard
     gap_limit = gap_limit_for(count)

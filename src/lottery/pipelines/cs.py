@@ -88,21 +88,7 @@ def run_cs(job: CSJob, options: RunOptions) -> dict[str, Any]:
     ipe = len(train_loader)
     k = _check_rewind_fits(job, ipe)
 
-    round_epochs = Step.parse(job.cs.round_recipe(job.training).training_steps, ipe).epochs
-    total_epochs = Step.parse(job.training.training_steps, ipe).epochs
-    retrain = total_epochs - k.epochs if job.mode == "ticket" else Step.parse(job.cs.finetune_steps, ipe).epochs
-    log_line(options, f"plan: {'dense reference ' + format(total_epochs, 'g') + ' epochs, ' if job.dense_reference else ''}"
-                      f"CS {job.cs.rounds} round(s) x {round_epochs:g} epochs, "
-                      f"{'ticket retraining' if job.mode == 'ticket' else 'fine-tuning'} {retrain:g} epochs")
-    if job.cs.temperature_schedule == "epoch" and round_epochs < 2:
-        log_line(options, "warning: a CS round shorter than 2 epochs cannot anneal the temperature per epoch "
-                          "(the whole round runs at beta_final); use --temperature-schedule iteration or longer rounds")
-    elif job.cs.temperature_schedule == "epoch" and round_epochs < SMOOTH_ANNEALING_EPOCHS:
-        # Seen on Conv-4 (width 0.125) with 2-epoch rounds: beta went 1 -> 200 in one step and the network
-        # collapsed to chance accuracy; with a per-iteration beta the same search kept 89.8 % at 5.8 % density.
-        log_line(options, f"warning: with {round_epochs:g}-epoch CS rounds a per-epoch temperature takes only "
-                          f"{math.ceil(round_epochs)} values from 1 to {job.cs.beta_final:g} (large jumps can "
-                          "collapse the network); use --temperature-schedule iteration or longer rounds")
+    _log_plan(job, options, ipe, k)
 
     dense = None
     if job.dense_reference:
@@ -181,23 +167,7 @@ def run_cs(job: CSJob, options: RunOptions) -> dict[str, Any]:
         search_epochs = job.cs.rounds * Step.parse(round_recipe.training_steps, ipe).epochs
 
         # -- the hard mask ----------------------------------------------------------------------------
-        mask = masking.hard_mask_from_logits(model)
-        if mask.num_kept() == 0:
-            raise LotteryError(
-                f"CS pruned every prunable weight (density 0) in {folder}: there is no ticket to train. "
-                f"Ask for a density (--density 0.1) or use a larger --s0 (now {s0:g}) or a smaller --lam (now {job.cs.lam:g})"
-            )
-        if mask.num_kept() == mask.num_total():
-            raise LotteryError(
-                f"CS kept every prunable weight (density 1) in {folder}: that is the dense network, not a ticket. "
-                f"Ask for a density (--density 0.1) or use a smaller --s0 (now {s0:g}) or a larger --lam (now {job.cs.lam:g})"
-            )
-        mask_path = folder / "mask.safetensors"
-        saved = Mask.load_or_create(mask_path, lambda: mask)  # a damaged file is refused, naming it
-        if saved.keys() != mask.keys() or any(not torch.equal(saved[n], mask[n]) for n in mask):
-            raise CheckpointError(f"{mask_path} is not the mask of this search's final state (changed while the run "
-                                  "was stopped?): delete it and run the same command again to rebuild it")
-        log_line(options, f"CS mask: density {mask.density():.4g} ({mask.num_kept()} of {mask.num_total()} weights)")
+        mask = _save_final_mask(masking.hard_mask_from_logits(model), folder, job.cs, s0, options)
 
         if job.mode == "ticket":
             result = _retrain_ticket(job, options, folder, bundle, train_loader, evals, mask, k, rows)
@@ -206,40 +176,89 @@ def run_cs(job: CSJob, options: RunOptions) -> dict[str, Any]:
             result = _prune(job, options, folder, model, train_loader, evals, mask, round_recipe, rows)
             epochs = search_epochs + Step.parse(job.cs.finetune_steps, ipe).epochs
 
-        results = {
-            "kind": job.kind,
-            "method": "cs",
-            "mode": job.mode,
-            "model": job.model.model,
-            "dataset": job.data.dataset,
-            "seed": job.seed,
-            "s0": s0,
-            "target_density": job.cs.density,
-            # the mask is the logits' own 1[s > 0]: no entry is changed after the search to meet the target
-            "density_adjusted_entries": 0,
-            "density_logit_shift": sum(shifts) if job.cs.density is not None else None,
-            "mask_converged": bool(convergence[-1]["converged"]) if convergence else None,
-            "convergence": [{"round": i, **c} for i, c in enumerate(convergence)],
-            "lam": job.cs.lam,
-            "rounds": job.cs.rounds,
-            "density": mask.density(),
-            "kept_weights": mask.num_kept(),
-            "prunable_weights": mask.num_total(),
-            "test_accuracy": result["test_accuracy"],
-            "val_accuracy": result.get("val_accuracy"),
-            "search_epochs": search_epochs,
-            "epochs": epochs,
-            "rewind": job.cs.rewind if job.mode == "ticket" else None,
-            "wall_seconds": wall + result.pop("stage_wall_seconds", 0.0),
-            "run_dir": str(folder),
-            **{k2: v for k2, v in result.items() if k2 not in ("test_accuracy", "val_accuracy")},
-        }
-        if dense is not None:
-            results["dense_test_accuracy"] = dense["test_accuracy"]
-            results["dense_run_dir"] = dense["run_dir"]
-        add_cost(results, model, mask, bundle.input_shape, folder / "mask.json", job.cs.density)
+        results = _results_record(job, folder, s0, convergence, shifts, mask, result, search_epochs, epochs, wall,
+                                  dense, model, bundle.input_shape)
         write_results(folder / "results.json", results)
         return results
+
+
+def _log_plan(job: CSJob, options: RunOptions, ipe: int, k: Step) -> None:
+    """The run's plan in one line, and warnings about temperature schedules that cannot anneal."""
+    round_epochs = Step.parse(job.cs.round_recipe(job.training).training_steps, ipe).epochs
+    total_epochs = Step.parse(job.training.training_steps, ipe).epochs
+    retrain = total_epochs - k.epochs if job.mode == "ticket" else Step.parse(job.cs.finetune_steps, ipe).epochs
+    log_line(options, f"plan: {'dense reference ' + format(total_epochs, 'g') + ' epochs, ' if job.dense_reference else ''}"
+                      f"CS {job.cs.rounds} round(s) x {round_epochs:g} epochs, "
+                      f"{'ticket retraining' if job.mode == 'ticket' else 'fine-tuning'} {retrain:g} epochs")
+    if job.cs.temperature_schedule == "epoch" and round_epochs < 2:
+        log_line(options, "warning: a CS round shorter than 2 epochs cannot anneal the temperature per epoch "
+                          "(the whole round runs at beta_final); use --temperature-schedule iteration or longer rounds")
+    elif job.cs.temperature_schedule == "epoch" and round_epochs < SMOOTH_ANNEALING_EPOCHS:
+        # Seen on Conv-4 (width 0.125) with 2-epoch rounds: beta went 1 -> 200 in one step and the network
+        # collapsed to chance accuracy; with a per-iteration beta the same search kept 89.8 % at 5.8 % density.
+        log_line(options, f"warning: with {round_epochs:g}-epoch CS rounds a per-epoch temperature takes only "
+                          f"{math.ceil(round_epochs)} values from 1 to {job.cs.beta_final:g} (large jumps can "
+                          "collapse the network); use --temperature-schedule iteration or longer rounds")
+
+
+def _save_final_mask(mask: Mask, folder: Path, cs: CSHparams, s0: float, options: RunOptions) -> Mask:
+    """Refuse a mask that keeps none or all of the weights; write mask.safetensors (or check the one there)."""
+    if mask.num_kept() == 0:
+        raise LotteryError(
+            f"CS pruned every prunable weight (density 0) in {folder}: there is no ticket to train. "
+            f"Ask for a density (--density 0.1) or use a larger --s0 (now {s0:g}) or a smaller --lam (now {cs.lam:g})"
+        )
+    if mask.num_kept() == mask.num_total():
+        raise LotteryError(
+            f"CS kept every prunable weight (density 1) in {folder}: that is the dense network, not a ticket. "
+            f"Ask for a density (--density 0.1) or use a smaller --s0 (now {s0:g}) or a larger --lam (now {cs.lam:g})"
+        )
+    mask_path = folder / "mask.safetensors"
+    saved = Mask.load_or_create(mask_path, lambda: mask)  # a damaged file is refused, naming it
+    if saved.keys() != mask.keys() or any(not torch.equal(saved[n], mask[n]) for n in mask):
+        raise CheckpointError(f"{mask_path} is not the mask of this search's final state (changed while the run "
+                              "was stopped?): delete it and run the same command again to rebuild it")
+    log_line(options, f"CS mask: density {mask.density():.4g} ({mask.num_kept()} of {mask.num_total()} weights)")
+    return mask
+
+
+def _results_record(job: CSJob, folder: Path, s0: float, convergence: list[dict[str, Any]], shifts: list[float],
+                    mask: Mask, result: dict[str, Any], search_epochs: float, epochs: float, wall: float,
+                    dense: dict[str, Any] | None, model, input_shape) -> dict[str, Any]:
+    """``results.json`` of a finished search (shared with the stacked path, lottery.pipelines.cs_stacked)."""
+    results = {
+        "kind": job.kind,
+        "method": "cs",
+        "mode": job.mode,
+        "model": job.model.model,
+        "dataset": job.data.dataset,
+        "seed": job.seed,
+        "s0": s0,
+        "target_density": job.cs.density,
+        # the mask is the logits' own 1[s > 0]: no entry is changed after the search to meet the target
+        "density_adjusted_entries": 0,
+        "density_logit_shift": sum(shifts) if job.cs.density is not None else None,
+        "mask_converged": bool(convergence[-1]["converged"]) if convergence else None,
+        "convergence": [{"round": i, **c} for i, c in enumerate(convergence)],
+        "lam": job.cs.lam,
+        "rounds": job.cs.rounds,
+        "density": mask.density(),
+        "kept_weights": mask.num_kept(),
+        "prunable_weights": mask.num_total(),
+        "test_accuracy": result["test_accuracy"],
+        "val_accuracy": result.get("val_accuracy"),
+        "search_epochs": search_epochs,
+        "epochs": epochs,
+        "rewind": job.cs.rewind if job.mode == "ticket" else None,
+        "wall_seconds": wall + result.pop("stage_wall_seconds", 0.0),
+        "run_dir": str(folder),
+        **{k2: v for k2, v in result.items() if k2 not in ("test_accuracy", "val_accuracy")},
+    }
+    if dense is not None:
+        results["dense_test_accuracy"] = dense["test_accuracy"]
+        results["dense_run_dir"] = dense["run_dir"]
+    add_cost(results, model, mask, input_shape, folder / "mask.json", job.cs.density)
+    return results
 
 
 def _report_convergence(conv: dict[str, Any], r: int, cs: CSHparams, options: RunOptions) -> None:

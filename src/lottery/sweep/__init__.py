@@ -89,7 +89,7 @@ def run_sweep(
     num_gpus: float = 0,
     progress: bool | None = None,
     log: Callable[[str], None] | None = None,
-    stack: int = 1,
+    stack: int | str = 1,
 ) -> SweepResult:
     """Run many experiments in parallel; return what became of each, failures included.
 
@@ -109,8 +109,11 @@ def run_sweep(
     ``stack`` > 1: dense jobs (``train``, requested or dense references) that differ only in their seed and
     share one data order (``TrainingHparams.data_order_seed``) are trained in groups of at most ``stack`` as
     one stacked network (:func:`lottery.experiment.train_dense_stacked`), in this process and before the
-    other jobs, writing the same run folders; the others (and stacks the stacked path refuses, with one line)
-    run as usual.
+    other jobs, writing the same run folders; then CS ticket searches (``cs``) that differ only in ``s0``,
+    ``lam`` and seed and share one data order, as stacks of at most ``stack``
+    (:func:`lottery.pipelines.cs_stacked.run_cs_stacked`). The others (and stacks the stacked path
+    refuses, with one line) run as usual. ``stack='auto'``: each group's stack size from the device and the
+    model's size (:func:`lottery.experiment.auto_stack_size`), said in one line.
     """
     from lottery.experiment import RunOptions
     from lottery.io import write_json
@@ -123,8 +126,8 @@ def run_sweep(
         raise ConfigError(f"threads_per_worker must be a positive integer, got {threads_per_worker!r}")
     if num_gpus < 0 or (num_cpus is not None and num_cpus <= 0):
         raise ConfigError("num_cpus must be positive and num_gpus non-negative")
-    if not isinstance(stack, int) or isinstance(stack, bool) or stack < 1:
-        raise ConfigError(f"stack must be a positive integer, got {stack!r}")
+    if stack != "auto" and (not isinstance(stack, int) or isinstance(stack, bool) or stack < 1):
+        raise ConfigError(f"stack must be a positive integer or 'auto', got {stack!r}")
     if ray_address and backend != "ray":
         raise ConfigError("ray_address applies only to backend='ray'")
     if backend == "ray":
@@ -243,7 +246,7 @@ def run_sweep(
     record("running")
     cancelled = True
     try:
-        if stack > 1:
+        if stack == "auto" or stack > 1:
             _run_stacks(entries, stack, options, log, finish)
         in_flight = 0
         isolated = False  # a job retried after its pool broke runs alone, so a second crash is its own
@@ -300,9 +303,24 @@ def run_sweep(
     return result
 
 
-def _run_stacks(entries: list[_Entry], size: int, options, log: Callable[[str], None],
+def _chunks(group: list[_Entry], job, size: int | str, options, log: Callable[[str], None]) -> list[list[_Entry]]:
+    """``group`` cut into stacks of at most ``size`` (``'auto'``: :func:`lottery.experiment.auto_stack_size`),
+    as even as possible: 9 runs in stacks of at most 8 are 5 + 4, not 8 + 1 (a stack of one is no stack)."""
+    if size == "auto":
+        from lottery.experiment import auto_stack_size, build_model, load_data
+
+        size, why = auto_stack_size(build_model(job.model, load_data(job.data, options), job.seed), options.device,
+                                    len(group))
+        log(f"stack: {why}")
+    n = -(-len(group) // size)  # stacks
+    per = -(-len(group) // n)
+    return [group[i:i + per] for i in range(0, len(group), per)]
+
+
+def _run_stacks(entries: list[_Entry], size: int | str, options, log: Callable[[str], None],
                 finish: Callable[[_Entry, dict[str, Any]], None]) -> None:
-    """Train the sweep's dense jobs that can share a stack, ``size`` at most per stack, in this process."""
+    """Train the sweep's dense jobs that can share a stack, ``size`` at most per stack, in this process; then
+    its CS searches (:func:`_run_cs_stacks`). Dense first: a CS stack's dense references are then reused."""
     from lottery.experiment import data_order_of, train_dense_stacked
 
     groups: dict[Any, list[_Entry]] = {}
@@ -316,8 +334,9 @@ def _run_stacks(entries: list[_Entry], size: int, options, log: Callable[[str], 
         log(f"stack: {len(unstackable)} dense job(s) share their data order with no other and run unstacked "
             "(runs of different seeds share one only with --data-order-seed)")
     for group in groups.values():
-        for start in range(0, len(group), size):
-            chunk = group[start:start + size]
+        if len(group) < 2:
+            continue
+        for chunk in _chunks(group, build_job(group[0].spec, group[0].kind), size, options, log):
             if len(chunk) < 2:
                 continue
             jobs = [build_job(e.spec, e.kind) for e in chunk]
@@ -339,3 +358,64 @@ def _run_stacks(entries: list[_Entry], size: int, options, log: Callable[[str], 
             seconds = (time.perf_counter() - t0) / len(chunk)
             for e, r in zip(chunk, results):
                 finish(e, {"ok": True, "results": r, "seconds": seconds})
+    _run_cs_stacks(entries, size, options, log, finish)
+
+
+def _run_cs_stacks(entries: list[_Entry], size: int | str, options, log: Callable[[str], None],
+                   finish: Callable[[_Entry, dict[str, Any]], None]) -> None:
+    """Run the sweep's CS ticket searches that can share a stack (lottery.pipelines.cs_stacked), ``size``
+    at most per stack, in this process; members a stack cannot take stay pending for the workers."""
+    from lottery.pipelines.cs_stacked import run_cs_stacked, stack_key, stack_refusal
+
+    groups: dict[Any, list[_Entry]] = {}
+    jobs: dict[int, Any] = {}
+    refused: dict[str, int] = {}
+    for e in entries:
+        if e.kind.name not in ("cs", "cs-prune") or e.status != "pending":
+            continue
+        try:
+            job = build_job(e.spec, e.kind)
+        except Exception:  # an unbuildable job fails when it runs, with its own message
+            continue
+        why = stack_refusal([job], options)
+        if why is not None:
+            refused[why] = refused.get(why, 0) + 1
+            continue
+        jobs[e.index] = job
+        groups.setdefault(stack_key(job), []).append(e)
+    for why, n in refused.items():
+        log(f"stack: {n} CS job(s) run unstacked: {why}")
+    alone = sum(len(g) for g in groups.values() if len(g) == 1)
+    if alone:
+        log(f"stack: {alone} CS job(s) share their model, recipe and data order with no other and run unstacked "
+            "(searches of different seeds share one only with --data-order-seed)")
+    for group in groups.values():
+        if len(group) < 2:
+            continue
+        for chunk in _chunks(group, jobs[group[0].index], size, options, log):
+            if len(chunk) < 2:
+                continue
+            log(f"stack: {len(chunk)} CS searches as one ({', '.join(e.label for e in chunk)})")
+            for e in chunk:
+                e.status = "running"
+                e.attempts += 1
+            t0 = time.perf_counter()
+            try:
+                results = run_cs_stacked([jobs[e.index] for e in chunk], options, raise_errors=False, fallback=False)
+            except Exception as err:  # reported per member, as a worker's failure would be
+                import traceback
+
+                outcome = {"ok": False, "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(),
+                           "seconds": time.perf_counter() - t0}
+                for e in chunk:
+                    finish(e, outcome)
+                continue
+            seconds = (time.perf_counter() - t0) / len(chunk)
+            for e, r in zip(chunk, results):
+                if r is None:  # not stacked: the workers run it
+                    e.status = "pending"
+                    e.attempts -= 1
+                elif isinstance(r, BaseException):
+                    finish(e, {"ok": False, "error": f"{type(r).__name__}: {r}", "seconds": seconds})
+                else:
+                    finish(e, {"ok": True, "results": r, "seconds": seconds})
