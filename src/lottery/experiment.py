@@ -726,14 +726,21 @@ def stack_refusal(jobs: list[DenseJob]) -> str | None:
 
 
 class StackedMetricsCSV(Callback):
-    """Each member's ``metrics.csv`` (the rows an unstacked run writes), rewritten at every epoch end."""
+    """Each member's ``metrics.csv`` (the rows an unstacked run writes), rewritten at every epoch end.
 
-    def __init__(self, paths: list[Path], tensorboard: bool = False):
+    ``prefix_rows`` (per member) and ``stage``: for a stage of a multi-stage run (a CS round, the ticket),
+    the member's earlier rows come first and this stage's rows are tagged ``stage``."""
+
+    def __init__(self, paths: list[Path], tensorboard: bool = False,
+                 prefix_rows: list[list[dict[str, Any]]] | None = None, stage: str | None = None):
         self.paths = paths
         self.tensorboard = tensorboard
+        self.prefix_rows = prefix_rows if prefix_rows is not None else [[] for _ in paths]
+        self.stage = stage
 
     def _write(self, trainer) -> None:
-        for path, rows in zip(self.paths, trainer.member_histories):
+        for path, prefix, hist in zip(self.paths, self.prefix_rows, trainer.member_histories):
+            rows = prefix + ([{"stage": self.stage, **r} for r in hist] if self.stage is not None else list(hist))
             write_metrics_csv(path, rows)
             if self.tensorboard:
                 from lottery.tracking import write_tensorboard

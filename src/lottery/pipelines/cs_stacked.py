@@ -41,8 +41,9 @@ from lottery.engine.stacking import (
     unstack_state,
 )
 from lottery.experiment import (
-    DenseJob, RunOptions, build_model, data_order_of, describe_run, final_row, folder_lock, load_data, log_line,
-    make_loaders, prune_ignore, reuse_finished, run_folder_name, train_dense, write_metrics_csv, write_results,
+    DenseJob, RunOptions, StackedMetricsCSV, build_model, data_order_of, describe_run, final_row, folder_lock,
+    load_data, log_line, make_loaders, prune_ignore, reuse_finished, run_folder_name, train_dense, write_metrics_csv,
+    write_results,
 )
 from lottery.io import load_tensors, read_json, save_tensors, write_json
 from lottery.masks import Mask
@@ -252,28 +253,6 @@ class _StackedSnapshot(Callback):
             self._take(trainer)
 
 
-class _MembersCSV(Callback):
-    """Each member's ``metrics.csv``: its earlier stages' rows, then this stage's, rewritten at every epoch end."""
-
-    def __init__(self, paths: list[Path], prefix_rows: list[list[dict[str, Any]]], stage: str, tensorboard: bool):
-        self.paths, self.prefix_rows, self.stage, self.tensorboard = paths, prefix_rows, stage, tensorboard
-
-    def _write(self, trainer) -> None:
-        for path, prefix, hist in zip(self.paths, self.prefix_rows, trainer.member_histories):
-            rows = prefix + [{"stage": self.stage, **r} for r in hist]
-            write_metrics_csv(path, rows)
-            if self.tensorboard:
-                from lottery.tracking import write_tensorboard
-
-                write_tensorboard(path.parent, rows)
-
-    def on_epoch_end(self, trainer, epoch: int) -> None:
-        self._write(trainer)
-
-    def on_fit_end(self, trainer) -> None:
-        self._write(trainer)
-
-
 # -- members' views ------------------------------------------------------------------------------------
 def member_state(stacked: StackedModel, i: int) -> dict[str, torch.Tensor]:
     """Member ``i``'s state dict as its unstacked soft-masked model has it: weights, buffers and
@@ -367,7 +346,7 @@ def _search_stack(jobs: list[CSJob], folders: list[Path], prep: dict[str, Any], 
         callbacks: list[Callback] = [t, StackedPenaltyCallback([j.cs.lam for j in jobs], cs.penalty, t, r, K)]
         if r == 0:
             callbacks.append(_StackedSnapshot(k.iteration, [f / "rewind.safetensors" for f in folders]))
-        callbacks.append(_MembersCSV([f / "metrics.csv" for f in folders], rows, f"round_{r}", options.tensorboard))
+        callbacks.append(StackedMetricsCSV([f / "metrics.csv" for f in folders], options.tensorboard, rows, f"round_{r}"))
         trainer = StackedTrainer(
             stacked, train_loader, round_recipe,
             optimizers=make_search_optimizers(stacked, round_recipe, cs, round_iterations),
@@ -447,8 +426,8 @@ def _retrain_tickets(jobs: list[CSJob], folders: list[Path], masks: list[Mask], 
         (folder / "ticket").mkdir(exist_ok=True)
     trainer = StackedTrainer(
         stacked, train_loader, jobs[0].training, eval_loaders=evals, device=options.device, start=k.iteration,
-        callbacks=[EnforceMaskCallback(), _MembersCSV([f / "metrics.csv" for f in folders], rows, "ticket",
-                                                      options.tensorboard)],
+        callbacks=[EnforceMaskCallback(),
+                   StackedMetricsCSV([f / "metrics.csv" for f in folders], options.tensorboard, rows, "ticket")],
         progress=options.progress, desc="ticket", log=options.log,
     )
     trainer.fit()

@@ -341,24 +341,35 @@ def _run_stacks(entries: list[_Entry], size: int | str, options, log: Callable[[
                 continue
             jobs = [build_job(e.spec, e.kind) for e in chunk]
             log(f"stack: training {len(chunk)} dense runs as one ({', '.join(e.label for e in chunk)})")
-            for e in chunk:
-                e.status = "running"
-                e.attempts += 1
-            t0 = time.perf_counter()
-            try:
-                results = train_dense_stacked(jobs, options, wait_for_lock=True)
-            except Exception as err:  # reported per member, as a worker's failure would be
-                import traceback
-
-                outcome = {"ok": False, "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(),
-                           "seconds": time.perf_counter() - t0}
-                for e in chunk:
-                    finish(e, outcome)
+            done = _run_stack(chunk, lambda: train_dense_stacked(jobs, options, wait_for_lock=True), finish)
+            if done is None:
                 continue
-            seconds = (time.perf_counter() - t0) / len(chunk)
+            results, seconds = done
             for e, r in zip(chunk, results):
                 finish(e, {"ok": True, "results": r, "seconds": seconds})
     _run_cs_stacks(entries, size, options, log, finish)
+
+
+def _run_stack(chunk: list[_Entry], train: Callable[[], Any],
+               finish: Callable[[_Entry, dict[str, Any]], None]) -> tuple[Any, float] | None:
+    """Mark ``chunk``'s entries running and call ``train`` (one stack, in this process). Returns its results and
+    each member's share of the time, or None after reporting an exception as every member's failure (as a
+    worker's failure would be reported)."""
+    for e in chunk:
+        e.status = "running"
+        e.attempts += 1
+    t0 = time.perf_counter()
+    try:
+        results = train()
+    except Exception as err:
+        import traceback
+
+        outcome = {"ok": False, "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(),
+                   "seconds": time.perf_counter() - t0}
+        for e in chunk:
+            finish(e, outcome)
+        return None
+    return results, (time.perf_counter() - t0) / len(chunk)
 
 
 def _run_cs_stacks(entries: list[_Entry], size: int | str, options, log: Callable[[str], None],
@@ -396,21 +407,12 @@ def _run_cs_stacks(entries: list[_Entry], size: int | str, options, log: Callabl
             if len(chunk) < 2:
                 continue
             log(f"stack: {len(chunk)} CS searches as one ({', '.join(e.label for e in chunk)})")
-            for e in chunk:
-                e.status = "running"
-                e.attempts += 1
-            t0 = time.perf_counter()
-            try:
-                results = run_cs_stacked([jobs[e.index] for e in chunk], options, raise_errors=False, fallback=False)
-            except Exception as err:  # reported per member, as a worker's failure would be
-                import traceback
-
-                outcome = {"ok": False, "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(),
-                           "seconds": time.perf_counter() - t0}
-                for e in chunk:
-                    finish(e, outcome)
+            members = [jobs[e.index] for e in chunk]
+            done = _run_stack(chunk, lambda: run_cs_stacked(members, options, raise_errors=False, fallback=False),
+                              finish)
+            if done is None:
                 continue
-            seconds = (time.perf_counter() - t0) / len(chunk)
+            results, seconds = done
             for e, r in zip(chunk, results):
                 if r is None:  # not stacked: the workers run it
                     e.status = "pending"
