@@ -140,3 +140,78 @@ def test_no_progress_bar_into_a_stream_that_is_not_a_terminal(tiny_data, capsys)
     captured = capsys.readouterr()
     assert len(lines) == 2
     assert captured.err == "" and captured.out == ""
+
+
+def _conv_data(n: int = 64, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 3, (n,), generator=g)
+    x = torch.randn(n, 2, 8, 8, generator=g) + y.view(-1, 1, 1, 1).float()
+    return TensorBatches(x, y, 16, seed=0)
+
+
+def _conv_net(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    nn = torch.nn
+    return nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 6, 3),
+                         nn.ReLU(), nn.Flatten(), nn.Linear(6 * 6 * 6, 3))
+
+
+def _fit_conv(model, monkeypatch, setting, path=None, callbacks=(), lines=None):
+    monkeypatch.setenv("LOTTERY_CHANNELS_LAST", setting)
+    hp = TrainingHparams(training_steps="3ep", batch_size=16, lr=0.05, momentum=0.9)
+    trainer = Trainer(model, _conv_data(), hp, checkpoint_path=path, callbacks=list(callbacks), progress=False,
+                      log=(lines.append if lines is not None else lambda m: None))
+    trainer.fit()
+    return trainer
+
+
+def test_conv_nets_train_in_channels_last_on_the_cpu_with_the_same_losses(monkeypatch):
+    nhwc, nchw = _conv_net(), _conv_net()
+    a = _fit_conv(nhwc, monkeypatch, "auto")
+    b = _fit_conv(nchw, monkeypatch, "0")
+    assert nhwc[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert nchw[0].weight.is_contiguous() and not nchw[0].weight.is_contiguous(memory_format=torch.channels_last)
+    # The same arithmetic in another order of additions: equal to rounding over 12 steps.
+    for (ka, va), (kb, vb) in zip(nhwc.state_dict().items(), nchw.state_dict().items()):
+        torch.testing.assert_close(va, vb, rtol=1e-4, atol=1e-5, msg=ka)
+    assert float(a.last_loss) == pytest.approx(float(b.last_loss), rel=1e-4)
+
+
+def test_channels_last_resume_is_bit_for_bit(monkeypatch, tmp_path):
+    reference = _conv_net()
+    _fit_conv(reference, monkeypatch, "auto")
+    path = tmp_path / "ckpt.safetensors"
+    with pytest.raises(KeyboardInterrupt):
+        _fit_conv(_conv_net(), monkeypatch, "auto", path, callbacks=[Crash(6)])
+    resumed = _conv_net()
+    _fit_conv(resumed, monkeypatch, "auto", path)
+    for k, v in reference.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+
+
+class _ViewAfterConv(torch.nn.Module):
+    """A user's model that assumes contiguous NCHW activations: ``.view`` fails in channels_last."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(2, 4, 3)
+        self.fc = torch.nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x))
+        return self.fc(y.view(y.shape[0], -1))
+
+
+def test_a_model_that_fails_in_channels_last_trains_in_the_default_layout_after_one_line(monkeypatch):
+    lines: list[str] = []
+    model = _ViewAfterConv()
+    _fit_conv(model, monkeypatch, "auto", lines=lines)
+    said = [line for line in lines if "channels_last" in line]
+    assert len(said) == 1 and "default memory layout" in said[0], lines
+    assert model.conv.weight.is_contiguous()
+
+
+def test_a_bad_channels_last_setting_is_one_line(monkeypatch):
+    with pytest.raises(Exception, match="LOTTERY_CHANNELS_LAST='sometimes': use auto, 0 or 1"):
+        _fit_conv(_conv_net(), monkeypatch, "sometimes")

@@ -245,3 +245,22 @@ def test_reset_between_rounds_never_overflows_pruned_logits():
         masking.cs_reset_logits_(model, 4000.0, 0.0)
     for s in masking.mask_logits(model).values():
         assert bool(torch.isfinite(s).all()) and bool((s < 0).all())
+
+
+def test_projection_cuts_a_tie_in_logical_order_in_channels_last_logits():
+    """Conv nets train in channels_last on the CPU (lottery.engine.trainer): the cut through a tie edits
+    the logits in their logical order and writes back, as for contiguous logits."""
+    def conv_net():
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 4))
+        masking.attach_soft_mask(net, None, s0=DENSITY_S0)  # every logit tied
+        return net
+
+    plain, nhwc = conv_net(), conv_net().to(memory_format=torch.channels_last)
+    conv_logits = next(iter(masking.mask_logits(nhwc).values()))
+    assert conv_logits.dim() == 4 and conv_logits.is_contiguous(memory_format=torch.channels_last)
+    for net in (plain, nhwc):
+        project_to_density(net, 100)
+        assert kept_count(net) == 100
+    for a, b in zip(masking.mask_logits(plain).values(), masking.mask_logits(nhwc).values()):
+        assert torch.equal(a.detach(), b.detach())

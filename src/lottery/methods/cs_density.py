@@ -158,13 +158,18 @@ def _cut_through_tie(logits: list[torch.Tensor], flat: list[torch.Tensor], tied:
     for s in logits:
         s.sub_(tied.to(s.dtype))
     for s in logits:
-        view = s.view(-1)
+        # In logical (row-major) order whatever the memory layout: a channels_last logits tensor (conv nets
+        # train so on the CPU, lottery.engine.trainer) is edited through a contiguous copy, written back.
+        ordered = s.contiguous()
+        view = ordered.view(-1)
         idx = (view == 0).nonzero().flatten()
         kept, pruned = idx[:max(need, 0)], idx[max(need, 0):]
         # kept: the smallest positive normal number without a gap (kept, barely)
         view[kept] = gap if gap > 0 else torch.finfo(s.dtype).tiny
         if gap > 0:
             view[pruned] = -gap
+        if ordered.data_ptr() != s.data_ptr():
+            s.copy_(ordered)
         need -= kept.numel()
     return float(tied)
 
