@@ -3,9 +3,8 @@
 * ``lottery structure refill|refill+|regroup RUN_DIR [--level L] [--after cs|imp]``: a structured ticket
   from a CS ticket search or an IMP level, retrained from the rewind point (its own run folder);
   ``--every-level --levels N``: the structure step inside the IMP loop, from an IMP run's dense level 0.
-* ``lottery export RUN_DIR --to dense|blocks|csr|semi``: the run's trained ticket as a smaller dense network,
-  a network of dense blocks, one with CSR Linear layers, or (N:M tickets) the dense masked network whose
-  N:M Linear layers run semi-structured on a GPU that supports it (``model.safetensors`` + ``model.json``, which
+* ``lottery export RUN_DIR --to dense|blocks|csr``: the run's trained ticket as a smaller dense network,
+  a network of dense blocks or one with CSR Linear layers (``model.safetensors`` + ``model.json``, which
   records the data set's normalisation), plus portable copies that run without lottery (``--portable``:
   ``model.pt`` TorchScript by default, ``model.onnx`` with the ``onnx`` extra).
 * ``lottery bench-latency RUN_DIR_OR_EXPORT``: dense vs masked vs exported, side by side.
@@ -23,8 +22,6 @@ from lottery.cli.common import (
 )
 
 AUTO = "auto"
-EXPORT_KINDS = ("dense", "blocks", "csr", "semi")  # lottery.export.EXPORT_KINDS (not imported: keeps --help fast)
-SEMI_FALLBACK = " (dense fallback)"  # bench-latency's label suffix where the semi export runs its dense masked layers
 
 
 def register(top_sub, common_flags: Callable[[argparse.ArgumentParser], None] | None = None) -> None:
@@ -60,22 +57,17 @@ def register(top_sub, common_flags: Callable[[argparse.ArgumentParser], None] | 
         p.set_defaults(func=lambda a, m=method: cmd_structure(a, m))
 
     p = top_sub.add_parser(
-        "export", help="export a ticket as a smaller dense network, dense blocks, CSR or N:M semi-structured layers",
+        "export", help="export a ticket as a smaller dense network, dense blocks or CSR layers",
         description="Export the trained ticket of RUN_DIR: 'dense' removes the channels whose output is "
                     "always zero (BatchNorm and the next layer's inputs shrink with them; residual stages "
                     "shrink as a whole), 'blocks' runs each dense block of a masked layer as one matrix "
-                    "product, 'csr' stores masked Linear layers as torch.sparse_csr matrices, 'semi' (N:M tickets "
-                    "from 'lottery structure nm') keeps the full-size dense masked network and records the N:M "
-                    "pattern: when loaded on a CUDA GPU of compute capability >= 8.0 its 2:4 Linear layers run "
-                    "with torch.sparse.to_sparse_semi_structured, elsewhere as dense masked layers (one line "
-                    "says so); a ticket without N:M Linear layers is refused. Writes "
+                    "product, 'csr' stores masked Linear layers as torch.sparse_csr matrices. Writes "
                     "model.safetensors and model.json (shapes and the data set's normalisation; no pickled "
                     "modules) and portable copies (model.pt for torch.jit.load, model.onnx for onnxruntime) "
                     "that take raw pixels in [0, 1] and need no lottery; every file is checked to compute "
-                    "what the masked network computes. The portable copies always hold dense (masked) weights.")
+                    "what the masked network computes.")
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a structure, CS, IMP or dense run folder")
-    p.add_argument("--to", choices=EXPORT_KINDS, default="dense",
-                   help="export kind (default: dense; semi: N:M tickets, dense masked in the portable copies)")
+    p.add_argument("--to", choices=("dense", "blocks", "csr"), default="dense", help="export kind (default: dense)")
     p.add_argument("--level", type=int, default=None, help="IMP runs: the level (default: the last finished)")
     p.add_argument("--out", type=Path, default=None, help="export folder (default: RUN_DIR[/level_L]/export-<kind>)")
     p.add_argument("--check-inputs", type=int, default=16, help="random inputs of the equality check (default: 16)")
@@ -95,10 +87,8 @@ def register(top_sub, common_flags: Callable[[argparse.ArgumentParser], None] | 
     p.add_argument("path", type=Path, metavar="RUN_DIR_OR_EXPORT", help="a run folder, or an export folder (model.json)")
     p.add_argument("--level", type=int, default=None, help="IMP runs: the level (default: the last finished)")
     p.add_argument("--to", default=AUTO,
-                   help="comma-separated exports to time: dense, blocks, csr, semi (default: dense for refill runs, "
-                        "dense,blocks for regroup, dense,semi for nm, dense,csr otherwise); semi runs "
-                        "semi-structured only on a CUDA GPU of compute capability >= 8.0, elsewhere its row is "
-                        "labelled 'export:semi (dense fallback)'")
+                   help="comma-separated exports to time: dense, blocks, csr (default: dense for refill runs, "
+                        "dense,blocks for regroup, dense,csr otherwise)")
     p.add_argument("--batch-sizes", default="1,64", help="comma-separated batch sizes (default: 1,64)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads during the timing (default: 1)")
     p.add_argument("--warmup", type=int, default=10, help="untimed calls per variant first (default: 10)")
@@ -175,7 +165,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     model, mask, info = load_run_network(args.run_dir, args.level)
     preprocessing = None if args.no_preprocessing else run_preprocessing(args.run_dir)
     exported = export_model(model, mask, args.to, input_shape=tuple(info["input_shape"]), check_inputs=args.check_inputs,
-                            preprocessing=preprocessing, nm=info.get("nm"))
+                            preprocessing=preprocessing)
     folder = args.out or _export_folder(args.run_dir, info, args.to)
     save_export(folder, exported, extra={"source": info}, portable=portable)
     d = exported.description
@@ -189,11 +179,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     c = d["check"]
     print(f"check: max |masked - exported| = {c['max_abs_diff']:.3g} on {c['inputs']} random inputs "
           f"(tolerance {c['tolerance']:.3g})")
-    if d.get("nm"):
-        nm = d["nm"]
-        print(f"N:M {nm['pattern']} Linear layers: {', '.join(nm['layers'])}; semi-structured 2:4 kernels on a CUDA GPU "
-              f"of compute capability >= 8.0 for: {', '.join(nm['kernel_layers']) or 'none (not 2:4 or sides not multiples of 64)'}; "
-              "elsewhere, and in the portable copies, dense masked layers")
     pre = d.get("preprocessing")
     print("inputs: " + (f"raw pixels in [0, 1], normalised inside with mean {pre['mean']} std {pre['std']}" if pre
                         else "normalised as in training (--no-preprocessing)"))
@@ -215,10 +200,9 @@ def _parse_ints(text: str, what: str) -> tuple[int, ...]:
     return values
 
 
-def latency_variants(model, mask, kinds, exported=None, input_shape=None, nm=None) -> dict:
+def latency_variants(model, mask, kinds, exported=None, input_shape=None) -> dict:
     """``dense`` (the full-size network, no mask), ``masked`` (the ticket with its hard mask, as trained)
-    and ``export:<kind>`` for each kind (or the given ``exported`` module); ``nm``: the pattern of a semi
-    export. The modules are on the CPU; :func:`_on_device` readies them for a device."""
+    and ``export:<kind>`` for each kind (or the given ``exported`` module)."""
     import copy
 
     from lottery import masking
@@ -232,38 +216,8 @@ def latency_variants(model, mask, kinds, exported=None, input_shape=None, nm=Non
     if exported is not None:
         variants[f"export:{exported[0]}"] = exported[1]
     for kind in kinds:
-        variants[f"export:{kind}"] = export_model(model, mask, kind, input_shape=input_shape, nm=nm).module
+        variants[f"export:{kind}"] = export_model(model, mask, kind, input_shape=input_shape).module
     return variants
-
-
-def _on_device(variants: dict, device: str, export_folder: Path | None = None) -> tuple[dict, dict]:
-    """The variants to time on ``device`` and, for each timed name, the variant it was made from.
-
-    The semi export is converted for the device here (the conversion depends on it): loaded again from
-    ``export_folder`` by :func:`lottery.export.load_export`, or a copy of the module moved there and passed
-    to :func:`lottery.export.semi_structured`. Where no layer converts (any CPU, an older GPU) one line says
-    so and its row is labelled ``export:semi (dense fallback)``: the dense masked layers are timed, which is
-    no sparse speed-up. Converted modules are passed as callables (already on the device), because moving
-    a semi-structured weight again is not something to rely on."""
-    import copy
-
-    from lottery.export import load_export, semi_structured
-
-    timed, origin = {}, {}
-    for name, module in variants.items():
-        if name != "export:semi":
-            timed[name], origin[name] = module, name
-            continue
-        if export_folder is not None:
-            loaded = load_export(export_folder, device=device)
-            net, converted = loaded.module, loaded.semi_structured
-        else:
-            net = copy.deepcopy(module).to(device).eval()
-            converted = semi_structured(net)[1]
-        label = name if converted else name + SEMI_FALLBACK
-        timed[label] = (lambda x, net=net: net(x)) if converted else net
-        origin[label] = name
-    return timed, origin
 
 
 def cmd_bench_latency(args: argparse.Namespace) -> int:
@@ -278,11 +232,8 @@ def cmd_bench_latency(args: argparse.Namespace) -> int:
 
     path: Path = args.path
     exported = None
-    export_folder = None
     if (path / "model.json").exists():
-        loaded = load_export(path, log=lambda line: None)  # a semi export speaks when loaded per device below
-        if loaded.description.get("kind") == "semi":
-            export_folder = path
+        loaded = load_export(path)
         source = loaded.description.get("source") or {}
         if not source.get("run_dir"):
             raise ConfigError(f"{path / 'model.json'} does not name its source run; cannot build the dense baseline")
@@ -293,25 +244,23 @@ def cmd_bench_latency(args: argparse.Namespace) -> int:
         model, mask, info = load_run_network(path, args.level)
         if args.to == AUTO:
             method = info.get("method")
-            kinds = (["dense"] if method in ("refill", "refill+") else ["dense", "blocks"] if method == "regroup"
-                     else ["dense", "semi"] if method == "nm" else ["dense", "csr"])
+            kinds = ["dense"] if method in ("refill", "refill+") else ["dense", "blocks"] if method == "regroup" else ["dense", "csr"]
         else:
             kinds = [k.strip() for k in args.to.split(",") if k.strip()]
     else:
         raise ConfigError(f"{path} is neither a run folder nor an export folder")
     shape = tuple(info["input_shape"])
-    variants = latency_variants(model, mask, kinds, exported, shape, nm=info.get("nm"))
+    variants = latency_variants(model, mask, kinds, exported, shape)
     devices = ["cpu", "cuda"] if args.device == "auto" and torch.cuda.is_available() else (
         ["cpu"] if args.device == "auto" else [args.device])
     reports = []
     for device in devices:
         settings = LatencySettings(batch_sizes=_parse_ints(args.batch_sizes, "--batch-sizes"), warmup=args.warmup,
                                    repeats=args.repeats, threads=args.threads, device=device)
-        timed, origin = _on_device(variants, device, export_folder)
-        report = measure_latency(timed, shape, settings, baseline="dense")
+        report = measure_latency(variants, shape, settings, baseline="dense")
         report["source"] = info
-        report["cost"] = {name: cost_fields(variants[origin[name]], mask if name == "masked" else None, shape)
-                          for name in timed}
+        report["cost"] = {name: cost_fields(net, mask if name == "masked" else None, shape)
+                          for name, net in variants.items()}
         reports.append(report)
         print(format_latency_table(report))
         print()

@@ -12,7 +12,7 @@ description alone and its tensors are loaded from safetensors: loading never unp
 takes float pixels in [0, 1] (:data:`INPUT_CONVENTION`). :func:`save_export` can add portable copies
 (``model.pt`` TorchScript, ``model.onnx``) that run without lottery, each checked before it is kept.
 
-Four exports (``export_model(model, mask, to=...)``):
+Three exports (``export_model(model, mask, to=...)``):
 
 * ``dense`` (channel surgery): an output channel (or neuron) is removed when its output is exactly zero
   for every input: its weight row is all zero, its bias is zero and its BatchNorm gives zero for a zero
@@ -34,11 +34,6 @@ Four exports (``export_model(model, mask, to=...)``):
   (regroup with ``columns='channel'``), its blocks are small dense convs over their input channels (no
   im2col: the CPU's conv kernels do the product).
 * ``csr``: after the surgery, each masked Linear layer keeps its weights as a ``torch.sparse_csr`` matrix.
-* ``semi`` (N:M tickets, :mod:`lottery.export.semi`): the full-size dense masked network (no surgery: it
-  would shift the groups of M consecutive inputs), with the pattern and the Linear layers that keep it in
-  the description; :func:`load_export` runs those layers with ``torch.sparse.to_sparse_semi_structured``
-  on a GPU that supports it (:func:`semi_structured`), elsewhere as the dense masked layers, said in one
-  line. A ticket without any N:M Linear layer is refused.
 
 Every export is checked against the masked network on random inputs (with preprocessing, uniform pixels
 in [0, 1] for the export and their normalised values for the masked network): the largest absolute
@@ -88,7 +83,6 @@ from lottery.export.layers import (  # noqa: F401  (public names)
     BlockConv2d, BlockLinear, CSRLinear, Normalize, _fill, build_network, link_blocks, semi_structured,
 )
 from lottery.export.portable import PORTABLE_FORMATS, write_portable  # noqa: F401
-from lottery.export.semi import nm_record
 from lottery.export.transform import _shrink, _to_blocks, _to_csr, blocks_from_mask  # noqa: F401
 
 
@@ -101,13 +95,11 @@ class Exported:
 
     ``sample`` holds the check's inputs (raw, as the exported network takes them) and the masked
     network's outputs on them, for checking portable files (:func:`save_export`); ``None`` after
-    :func:`load_export`. ``semi_structured``: for a ``semi`` export after :func:`load_export`, the Linear
-    layers that run with the semi-structured kernels (empty where they run dense); ``None`` otherwise."""
+    :func:`load_export`."""
 
     module: nn.Module
     description: dict[str, Any]
     sample: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
-    semi_structured: list[str] | None = None
 
 
 def preprocessing_record(preprocessing: Any, input_shape: Sequence[int]) -> dict[str, Any] | None:
@@ -181,8 +173,7 @@ def _count(module: nn.Module) -> dict[str, int]:
 
 
 def export_model(model: nn.Module, mask: Mask | None = None, to: str = "dense", *, input_shape=None,
-                 preprocessing: Any = None, check_inputs: int = 8, seed: int = 0,
-                 nm: str | tuple[int, int] | None = None) -> Exported:
+                 preprocessing: Any = None, check_inputs: int = 8, seed: int = 0) -> Exported:
     """Export ``model`` (plain or hard-masked, with its trained weights) under ``mask`` (default: the
     model's own hard masks, else no mask).
 
@@ -190,8 +181,6 @@ def export_model(model: nn.Module, mask: Mask | None = None, to: str = "dense", 
     ``input_shape`` (C, H, W) defaults to ``model.input_shape``. ``preprocessing`` (``None``, a mapping
     with ``mean`` and ``std``, or a ``DatasetSpec``) becomes the exported network's first op, so that it
     takes raw pixels in [0, 1] (:data:`INPUT_CONVENTION`) while the masked network takes normalised ones.
-    ``nm`` (``"2:4"`` by default): the N:M pattern of a ``semi`` export (a ticket with no masked Linear layer
-    keeping it is refused with a :class:`ConfigError`, before anything is built).
     Raises :class:`ExportError` if the exported network's outputs differ from the masked network's beyond
     the tolerance."""
     from lottery import masking
@@ -215,8 +204,7 @@ def export_model(model: nn.Module, mask: Mask | None = None, to: str = "dense", 
         if k not in state:
             raise ExportError(f"the mask names {k}, which the model does not have")
         state[k] = state[k].masked_fill(~m.cpu(), 0)
-    nm_entry = nm_record(ops, masks, nm) if to == "semi" else None
-    new_ops, layers = _shrink(ops, state, masks, input_shape[0], keep_all=to == "semi")
+    new_ops, layers = _shrink(ops, state, masks, input_shape[0])
     if to == "blocks":
         new_ops = _to_blocks(new_ops, state, masks)
     elif to == "csr":
@@ -250,8 +238,6 @@ def export_model(model: nn.Module, mask: Mask | None = None, to: str = "dense", 
         # multiply-accumulates per example (lottery.cost): the network before pruning, the export as built
         "flops": {"dense": dense_flops, "export": export_flops, "theoretical_speedup": dense_flops / export_flops},
     }
-    if nm_entry is not None:
-        description["nm"] = nm_entry
     return Exported(net, description, sample=(raw, ref_out))
 
 
@@ -294,14 +280,8 @@ def save_export(folder: str | Path, exported: Exported, extra: Mapping[str, Any]
     return folder
 
 
-def load_export(folder: str | Path, device: str | torch.device | None = None, log=print) -> Exported:
-    """Rebuild an exported network from ``model.json`` and load ``model.safetensors`` (no unpickling);
-    with ``device``, move it there.
-
-    A ``semi`` export's N:M Linear layers are then converted for the semi-structured kernels
-    (:func:`semi_structured`): on a CUDA GPU of compute capability 8.0 or more they run sparse (listed in
-    ``Exported.semi_structured``); elsewhere (the CPU included) they stay the dense masked layers and
-    ``log`` gets one line saying so. The conversion depends on the device, hence here and not when saving.
+def load_export(folder: str | Path) -> Exported:
+    """Rebuild an exported network from ``model.json`` and load ``model.safetensors`` (no unpickling).
 
     When the description has ``preprocessing`` (exports from ``lottery export`` record the run's data set),
     the network normalises its inputs itself: it takes float pixels in [0, 1], shape (N, C, H, W)
@@ -321,7 +301,4 @@ def load_export(folder: str | Path, device: str | torch.device | None = None, lo
     except RuntimeError as exc:
         raise CheckpointError(f"{tensors_path} does not fit {desc_path}: {exc}") from None
     net.eval()
-    if device is not None:
-        net.to(device)
-    converted = semi_structured(net, log)[1] if desc.get("kind") == "semi" else None
-    return Exported(net, desc, semi_structured=converted)
+    return Exported(net, desc)

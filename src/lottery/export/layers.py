@@ -565,9 +565,7 @@ def semi_structured(module: nn.Module, log=print) -> tuple[nn.Module, list[str]]
     takes (both sides multiples of 64). Elsewhere the layers stay the dense masked layers, said in one
     line through ``log``. Returns the module (changed in place) and the names of the converted layers.
 
-    :func:`lottery.export.load_export` calls it for ``semi`` exports (``lottery export --to semi``), and
-    ``lottery bench-latency`` for each device it times. Not yet run on a GPU (issue 22: no GPU was lent
-    when this was written); only the fallback is tested."""
+    Not yet run on a GPU (issue 22: no GPU was lent when this was written); only the fallback is tested."""
     linears = [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Linear)]
     device = next((p.device for p in module.parameters()), torch.device("cpu"))
     reason = None

@@ -69,16 +69,13 @@ class _Surgery:
         return new, keep, op["out"]
 
 
-def _shrink(ops, state: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], in_channels: int,
-            keep_all: bool = False):
-    """The channel surgery; ``keep_all`` keeps every channel (the ``semi`` export: removing input columns
-    would shift the groups of M consecutive inputs that an N:M pattern is defined on)."""
+def _shrink(ops, state: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], in_channels: int):
     groups = _Groups(ops)
     by_name = {op["name"]: op for op in _layer_ops(ops)}
     kept: dict[int, torch.Tensor] = {}
     for g, names in groups.members().items():
         rows = by_name[names[0]]["out"]
-        if keep_all or groups.pinned(g):
+        if groups.pinned(g):
             kept[g] = torch.arange(rows)
             continue
         alive = torch.zeros(rows, dtype=torch.bool)

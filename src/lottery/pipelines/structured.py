@@ -173,8 +173,7 @@ def read_source(folder: str | Path, after: str | None = None, level: int | None 
 
 def load_run_network(folder: str | Path, level: int | None = None) -> tuple[nn.Module, Mask | None, dict[str, Any]]:
     """The trained network of a run folder (plain, weights loaded), its weight mask (None for a dense
-    run) and a description ``{"run_dir", "kind", "level", "method", "nm"}`` (``nm``: the N:M pattern of an
-    nm run, else None). Works for structured runs (and their
+    run) and a description ``{"run_dir", "kind", "level", "method"}``. Works for structured runs (and their
     levels), CS ticket searches (the retrained ticket), IMP runs (a level's ticket) and dense runs."""
     folder = Path(folder)
     desc = _desc(folder)
@@ -206,9 +205,7 @@ def load_run_network(folder: str | Path, level: int | None = None) -> tuple[nn.M
                               "made that run again to rebuild it")
     mask = Mask.load(mask_path) if kind != "train" else None
     method = (desc.get("structured") or {}).get("method") or kind
-    # an N:M ticket's pattern, for the semi export (lottery export --to semi)
-    nm = (desc.get("structured") or {}).get("nm") if method == "nm" else None
-    return model, mask, {"run_dir": str(folder), "kind": kind, "level": level, "method": method, "nm": nm,
+    return model, mask, {"run_dir": str(folder), "kind": kind, "level": level, "method": method,
                          "model": desc["model"]["model"], "dataset": desc["data"]["dataset"], "seed": desc.get("seed"),
                          # the network's input (C, H, W) from its data set: a user's own model need not say it
                          "input_shape": list(nominal_shape(DataHparams.from_dict(desc["data"]))[0])}
