@@ -146,3 +146,66 @@ def test_semi_structured_on_a_plain_module_falls_back_unchanged_with_one_line_of
     lines.clear()
     semi_structured(nn.Sequential(nn.Linear(8, 4)), log=lines.append)  # nothing 2:4: says so, once
     assert len(lines) == 1 and "nothing to convert" in lines[0]
+
+
+# ============================================================================ command line
+
+
+@pytest.fixture(scope="module")
+def nm_run(tmp_path_factory):
+    """A 1-level IMP run of LeNet-300-100 on tiny synthetic data and its 2:4 N:M ticket."""
+    from lottery.experiment import RunOptions
+    from lottery.hparams import DataHparams, ModelHparams, TrainingHparams
+    from lottery.methods.imp import IMPHparams
+    from lottery.methods.structured import StructuredHparams
+    from lottery.pipelines.imp import IMPJob, run_imp
+    from lottery.pipelines.structured import StructureJob, run_structure
+
+    out = tmp_path_factory.mktemp("semi_runs")
+    data = DataHparams(dataset="synthetic", val_size=32, synthetic_shape=(1, 8, 8), synthetic_classes=4,
+                       synthetic_train_size=96, synthetic_test_size=64)
+    training = TrainingHparams(training_steps="1ep", batch_size=32, lr=0.05, momentum=0.9)
+    options = RunOptions(out=out, progress=False, log=lambda m: None)
+    imp = run_imp(IMPJob(data, ModelHparams(model="lenet_300_100"), training,
+                         IMPHparams(levels=1, rate=0.6, scope="layerwise", rewind="1it")), options)
+    nm = run_structure(StructureJob(Path(imp["run_dir"]), StructuredHparams(method="nm", nm="2:4")), options)
+    return Path(imp["run_dir"]), Path(nm["run_dir"])
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.jit.*:DeprecationWarning")
+def test_cli_export_to_semi_and_bench_latency_mark_the_fallback(nm_run, tmp_path, capsys):
+    from lottery.cli import main
+
+    imp_dir, nm_dir = nm_run
+    assert main(["export", str(nm_dir), "--to", "semi"]) == 0
+    text = capsys.readouterr().out
+    assert "2:4 Linear layers: fc_layers.0 (300x64), fc_layers.2 (100x300)" in text
+    desc = json.loads((nm_dir / "export-semi" / "model.json").read_text())
+    assert desc["kind"] == "semi" and desc["check"]["ok"] and (nm_dir / "export-semi" / "model.pt").exists()
+
+    # an unstructured IMP ticket: one line, nothing written
+    assert main(["export", str(imp_dir), "--to", "semi"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("lottery: error: a semi export needs a 2:4 ticket")
+    assert not (imp_dir / "level_1" / "export-semi").exists()
+
+    assert main(["bench-latency", str(nm_dir), "--to", "dense,semi", "--batch-sizes", "2", "--repeats", "2",
+                 "--warmup", "0", "--device", "cpu", "--json", str(tmp_path / "lat.json")]) == 0
+    text = capsys.readouterr().out
+    report = json.loads((tmp_path / "lat.json").read_text())
+    assert [r["variant"] for r in report["rows"]] == ["dense", "masked", "export:dense", "export:semi"]
+    assert report["settings"]["dtype"] == "float32"
+    note = report["notes"]["export:semi"]
+    assert note.startswith("timed as the dense masked network (semi-structured 2:4:")
+    assert "| 2 | export:semi* |" in text and f"* export:semi: {note}" in text
+    # not converted: its FLOPs are the dense network's, so it promises no speed-up
+    assert report["cost"]["export:semi"]["flops_sparse"] == report["cost"]["dense"]["flops_sparse"]
+
+    # an export folder, and the N:M run's default kinds
+    assert main(["bench-latency", str(nm_dir / "export-semi"), "--batch-sizes", "2", "--repeats", "2",
+                 "--warmup", "0", "--device", "cpu"]) == 0
+    assert "export:semi*" in capsys.readouterr().out
+    assert main(["bench-latency", str(nm_dir), "--batch-sizes", "1", "--repeats", "1", "--warmup", "0",
+                 "--device", "cpu", "--json", str(tmp_path / "auto.json")]) == 0
+    auto = json.loads((tmp_path / "auto.json").read_text())
+    assert {r["variant"] for r in auto["rows"]} == {"dense", "masked", "export:dense", "export:semi"}
