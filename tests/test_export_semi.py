@@ -209,3 +209,30 @@ def test_cli_export_to_semi_and_bench_latency_mark_the_fallback(nm_run, tmp_path
                  "--device", "cpu", "--json", str(tmp_path / "auto.json")]) == 0
     auto = json.loads((tmp_path / "auto.json").read_text())
     assert {r["variant"] for r in auto["rows"]} == {"dense", "masked", "export:dense", "export:semi"}
+
+
+# ============================================================================ the GPU benchmark's dry run
+
+
+def _benchmark():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "nm_layer_speed.py"
+    spec = importlib.util.spec_from_file_location("nm_layer_speed", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_nm_layer_speed_dry_run_checks_the_masks_without_a_gpu(capsys):
+    bench = _benchmark()
+    assert bench.main(["--dry-run", "--sizes", "64,128"]) == 0
+    out = capsys.readouterr().out
+    assert "64x64: 2:4 yes, kept 2048/4096" in out and "128x128: 2:4 yes, kept 8192/16384" in out
+    assert "dry run: every check passed" in out
+
+
+@no_gpu
+def test_nm_layer_speed_without_a_gpu_exits_2_in_one_line(capsys):
+    assert _benchmark().main(["--sizes", "64"]) == 2
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out == ["nm_layer_speed: nothing timed: no CUDA GPU with compute capability >= 8.0 here "
+                   "(--dry-run checks the masks on any machine)"]
