@@ -172,7 +172,7 @@ def _trial(lin: nn.Linear, dense_weight: torch.Tensor) -> str | None:
     return None if diff <= tolerance else f"its output differs from the dense layer's by {diff:.3g}"
 
 
-def semi_structured(module: nn.Module, layers: Iterable[str] | None = None,
+def semi_structured(module: nn.Module, layers: Iterable[str] | None = None, *,
                     log: Callable[[str], None] | None = None) -> tuple[nn.Module, list[str]]:
     """Convert the 2:4 Linear layers of ``module`` (``layers``: their module paths, e.g. from a ``semi``
     export's ``model.json``; default: every ``nn.Linear`` whose weight is :func:`two_four`) to
