@@ -104,3 +104,30 @@ def test_latency_on_cuda_reports_every_variant():
     assert {r["variant"] for r in report["rows"]} == {"a", "b"}
     assert all(r["median_ms"] > 0 for r in report["rows"])
     assert report["machine"]["device"] == torch.cuda.get_device_name(0)  # the GPU, not the CPU, is named
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0),
+                    reason="2:4 sparse tensor cores need compute capability 8.0 or more")
+def test_semi_export_runs_its_2_4_linear_layers_on_sparse_tensor_cores(tmp_path):
+    """``load_export(device="cuda", dtype=float16)`` of a semi export converts both 2:4 layers whose sides fit
+    the kernels (the 4-class output layer is not masked) and still computes the masked network."""
+    from torch import nn
+
+    from lottery.export import load_export, save_export
+    from lottery.methods.nm import nm_mask
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 4))
+    params = dict(net.named_parameters())
+    mask = nm_mask({n: params[n].detach().abs() for n in ("1.weight", "3.weight")}, 2, 4)
+    masking.attach_hard_mask(net, mask)
+    folder = save_export(tmp_path / "e", export_model(net, mask, "semi", input_shape=(1, 16, 16)))
+    lines: list[str] = []
+    loaded = load_export(folder, device="cuda", dtype=torch.float16, log=lines.append)
+    assert len(lines) == 1
+    assert len(loaded.description["semi"]["converted"]) == 2, lines[0]
+    x = torch.randn(32, 1, 16, 16)
+    with torch.no_grad():
+        want = net.eval()(x)
+        got = loaded.module(x.cuda().half()).float().cpu()
+    assert float((got - want).abs().max()) <= 2e-2 * max(1.0, float(want.abs().max()))

@@ -101,18 +101,3 @@ def test_the_logits_suffix_is_the_masking_one():
 
     assert LOGITS_SUFFIX == _common._LOGITS_SUFFIX
 
-
-def test_semi_structured_export_falls_back_to_the_dense_layers_with_one_line_off_a_gpu():
-    from torch import nn
-
-    from lottery.export import semi_structured
-
-    net = nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
-    with torch.no_grad():
-        net[0].weight.mul_(nm_mask({"w": net[0].weight.abs()}, 2, 4)["w"])
-    x = torch.randn(3, 128)
-    before = net(x)
-    lines: list[str] = []
-    out, converted = semi_structured(net, log=lines.append)
-    assert converted == [] and len(lines) == 1 and "dense masked" in lines[0]
-    assert torch.equal(out(x), before)

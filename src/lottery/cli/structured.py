@@ -3,10 +3,12 @@
 * ``lottery structure refill|refill+|regroup RUN_DIR [--level L] [--after cs|imp]``: a structured ticket
   from a CS ticket search or an IMP level, retrained from the rewind point (its own run folder);
   ``--every-level --levels N``: the structure step inside the IMP loop, from an IMP run's dense level 0.
-* ``lottery export RUN_DIR --to dense|blocks|csr``: the run's trained ticket as a smaller dense network,
-  a network of dense blocks or one with CSR Linear layers (``model.safetensors`` + ``model.json``, which
-  records the data set's normalisation), plus portable copies that run without lottery (``--portable``:
-  ``model.pt`` TorchScript by default, ``model.onnx`` with the ``onnx`` extra).
+* ``lottery export RUN_DIR --to dense|blocks|csr|semi``: the run's trained ticket as a smaller dense
+  network, a network of dense blocks, one with CSR Linear layers, or (``semi``, for 2:4 N:M tickets) the
+  masked network whose 2:4 Linear layers run on sparse tensor cores once loaded on a GPU that has them
+  (``model.safetensors`` + ``model.json``, which records the data set's normalisation), plus portable
+  copies that run without lottery (``--portable``: ``model.pt`` TorchScript by default, ``model.onnx``
+  with the ``onnx`` extra; always dense weights).
 * ``lottery bench-latency RUN_DIR_OR_EXPORT``: dense vs masked vs exported, side by side.
 
 :func:`register` adds them to the top-level parsers that :mod:`lottery.cli` builds.
@@ -57,17 +59,23 @@ def register(top_sub, common_flags: Callable[[argparse.ArgumentParser], None] | 
         p.set_defaults(func=lambda a, m=method: cmd_structure(a, m))
 
     p = top_sub.add_parser(
-        "export", help="export a ticket as a smaller dense network, dense blocks or CSR layers",
+        "export", help="export a ticket as a smaller dense network, dense blocks, CSR or 2:4 semi-structured layers",
         description="Export the trained ticket of RUN_DIR: 'dense' removes the channels whose output is "
                     "always zero (BatchNorm and the next layer's inputs shrink with them; residual stages "
                     "shrink as a whole), 'blocks' runs each dense block of a masked layer as one matrix "
-                    "product, 'csr' stores masked Linear layers as torch.sparse_csr matrices. Writes "
+                    "product, 'csr' stores masked Linear layers as torch.sparse_csr matrices, 'semi' (2:4 N:M "
+                    "tickets: lottery structure nm RUN --nm 2:4) keeps the masked network whole and records its 2:4 "
+                    "Linear layers, which load_export and bench-latency run with torch.sparse.to_sparse_semi_structured "
+                    "on a CUDA GPU of compute capability >= 8.0 in float16/bfloat16 (elsewhere: the dense masked "
+                    "layers, said in one line; conv layers always; its portable copies hold the dense masked "
+                    "weights). Writes "
                     "model.safetensors and model.json (shapes and the data set's normalisation; no pickled "
                     "modules) and portable copies (model.pt for torch.jit.load, model.onnx for onnxruntime) "
                     "that take raw pixels in [0, 1] and need no lottery; every file is checked to compute "
                     "what the masked network computes.")
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a structure, CS, IMP or dense run folder")
-    p.add_argument("--to", choices=("dense", "blocks", "csr"), default="dense", help="export kind (default: dense)")
+    p.add_argument("--to", choices=("dense", "blocks", "csr", "semi"), default="dense",
+                   help="export kind (default: dense); semi: 2:4 Linear layers for sparse tensor cores (N:M tickets)")
     p.add_argument("--level", type=int, default=None, help="IMP runs: the level (default: the last finished)")
     p.add_argument("--out", type=Path, default=None, help="export folder (default: RUN_DIR[/level_L]/export-<kind>)")
     p.add_argument("--check-inputs", type=int, default=16, help="random inputs of the equality check (default: 16)")
@@ -87,13 +95,17 @@ def register(top_sub, common_flags: Callable[[argparse.ArgumentParser], None] | 
     p.add_argument("path", type=Path, metavar="RUN_DIR_OR_EXPORT", help="a run folder, or an export folder (model.json)")
     p.add_argument("--level", type=int, default=None, help="IMP runs: the level (default: the last finished)")
     p.add_argument("--to", default=AUTO,
-                   help="comma-separated exports to time: dense, blocks, csr (default: dense for refill runs, "
-                        "dense,blocks for regroup, dense,csr otherwise)")
+                   help="comma-separated exports to time: dense, blocks, csr, semi (default: dense for refill runs, "
+                        "dense,blocks for regroup, dense,semi for nm, dense,csr otherwise); semi runs its 2:4 Linear "
+                        "layers on sparse tensor cores where the device allows it (a CUDA GPU of compute capability "
+                        ">= 8.0, --dtype float16 or bfloat16), else as dense masked layers, marked * in the table")
     p.add_argument("--batch-sizes", default="1,64", help="comma-separated batch sizes (default: 1,64)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads during the timing (default: 1)")
     p.add_argument("--warmup", type=int, default=10, help="untimed calls per variant first (default: 10)")
     p.add_argument("--repeats", type=int, default=50, help="timed calls per variant (default: 50)")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto: the CPU, and the GPU when there is one (default)")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                   help="every variant's dtype (default: float32); the 2:4 kernels of --to semi need float16 or bfloat16")
     p.add_argument("--json", type=Path, default=None, help="also write the report to this JSON file")
     p.set_defaults(func=cmd_bench_latency)
 
@@ -179,6 +191,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     c = d["check"]
     print(f"check: max |masked - exported| = {c['max_abs_diff']:.3g} on {c['inputs']} random inputs "
           f"(tolerance {c['tolerance']:.3g})")
+    if d.get("semi"):
+        layers = d["semi"]["layers"]
+        two_four = [f"{n} ({e['shape'][0]}x{e['shape'][1]})" for n, e in layers.items() if e["eligible"]]
+        print(f"{d['semi']['pattern']} Linear layers: {', '.join(two_four)}: stored dense, run on sparse tensor cores "
+              "once loaded on a CUDA GPU of compute capability >= 8.0 in float16/bfloat16 (load_export(folder, "
+              "device='cuda', dtype=torch.float16)); elsewhere as dense masked layers")
+        others = [f"{n} ({e['why']})" for n, e in layers.items() if not e["eligible"]]
+        if others:
+            print("always dense masked: " + ", ".join(others))
     pre = d.get("preprocessing")
     print("inputs: " + (f"raw pixels in [0, 1], normalised inside with mean {pre['mean']} std {pre['std']}" if pre
                         else "normalised as in training (--no-preprocessing)"))
@@ -200,9 +221,10 @@ def _parse_ints(text: str, what: str) -> tuple[int, ...]:
     return values
 
 
-def latency_variants(model, mask, kinds, exported=None, input_shape=None) -> dict:
+def latency_variants(model, mask, kinds, exported=None, input_shape=None) -> tuple[dict, dict]:
     """``dense`` (the full-size network, no mask), ``masked`` (the ticket with its hard mask, as trained)
-    and ``export:<kind>`` for each kind (or the given ``exported`` module)."""
+    and ``export:<kind>`` for each kind (or the given ``exported``: ``(kind, module, description)``); and
+    the exports' descriptions (model.json) by variant name."""
     import copy
 
     from lottery import masking
@@ -213,11 +235,42 @@ def latency_variants(model, mask, kinds, exported=None, input_shape=None) -> dic
     if mask is not None:
         masking.attach_hard_mask(masked, mask)
     variants = {"dense": dense, "masked": masked.eval()}
+    descriptions = {}
     if exported is not None:
         variants[f"export:{exported[0]}"] = exported[1]
+        descriptions[f"export:{exported[0]}"] = exported[2]
     for kind in kinds:
-        variants[f"export:{kind}"] = export_model(model, mask, kind, input_shape=input_shape).module
-    return variants
+        e = export_model(model, mask, kind, input_shape=input_shape)
+        variants[f"export:{kind}"] = e.module
+        descriptions[f"export:{kind}"] = e.description
+    return variants, descriptions
+
+
+def semi_on_device(module, description: dict, device: str, dtype: str):
+    """A copy of a ``semi`` export on ``device`` in ``dtype`` with its 2:4 Linear layers converted where that
+    device allows it; returns ``(module, converted layer paths, the one line saying what happened)``."""
+    import copy
+
+    import torch
+
+    from lottery.export import semi_modules, semi_structured
+
+    lines: list[str] = []
+    net = copy.deepcopy(module).to(device=device, dtype=getattr(torch, dtype))
+    _, converted = semi_structured(net, semi_modules(description), log=lines.append)
+    return net, converted, lines[0]
+
+
+def _semi_cost_mask(net, converted: list[str]) -> dict:
+    """For the FLOPs column: a converted 2:4 layer multiplies half of its weights (the kernels skip the
+    other half whatever their values); an unconverted one all of them."""
+    import torch
+
+    out = {}
+    for path in converted:
+        w = net.get_submodule(path).weight
+        out[f"{path}.weight"] = (torch.arange(w.shape[1]) % 4 < 2).expand(w.shape[0], -1)
+    return out
 
 
 def cmd_bench_latency(args: argparse.Namespace) -> int:
@@ -233,34 +286,45 @@ def cmd_bench_latency(args: argparse.Namespace) -> int:
     path: Path = args.path
     exported = None
     if (path / "model.json").exists():
-        loaded = load_export(path)
+        loaded = load_export(path, log=lambda line: None)  # on the CPU; a semi export is converted per device below
         source = loaded.description.get("source") or {}
         if not source.get("run_dir"):
             raise ConfigError(f"{path / 'model.json'} does not name its source run; cannot build the dense baseline")
         model, mask, info = load_run_network(source["run_dir"], source.get("level"))
-        exported = (loaded.description["kind"], loaded.module)
+        exported = (loaded.description["kind"], loaded.module, loaded.description)
         kinds: list[str] = []
     elif path.is_dir():
         model, mask, info = load_run_network(path, args.level)
         if args.to == AUTO:
             method = info.get("method")
-            kinds = ["dense"] if method in ("refill", "refill+") else ["dense", "blocks"] if method == "regroup" else ["dense", "csr"]
+            kinds = (["dense"] if method in ("refill", "refill+") else ["dense", "blocks"] if method == "regroup"
+                     else ["dense", "semi"] if method == "nm" else ["dense", "csr"])
         else:
             kinds = [k.strip() for k in args.to.split(",") if k.strip()]
     else:
         raise ConfigError(f"{path} is neither a run folder nor an export folder")
     shape = tuple(info["input_shape"])
-    variants = latency_variants(model, mask, kinds, exported, shape)
+    variants, descriptions = latency_variants(model, mask, kinds, exported, shape)
     devices = ["cpu", "cuda"] if args.device == "auto" and torch.cuda.is_available() else (
         ["cpu"] if args.device == "auto" else [args.device])
     reports = []
     for device in devices:
         settings = LatencySettings(batch_sizes=_parse_ints(args.batch_sizes, "--batch-sizes"), warmup=args.warmup,
-                                   repeats=args.repeats, threads=args.threads, device=device)
-        report = measure_latency(variants, shape, settings, baseline="dense")
+                                   repeats=args.repeats, threads=args.threads, device=device, dtype=args.dtype)
+        timed, notes, cost_masks = dict(variants), {}, {"masked": mask}
+        if "export:semi" in variants:  # converted for this device, or the dense masked layers and a note why
+            net, converted, line = semi_on_device(variants["export:semi"], descriptions["export:semi"], device,
+                                                  args.dtype)
+            timed["export:semi"] = net
+            cost_masks["export:semi"] = _semi_cost_mask(net, converted)
+            if not converted:
+                notes["export:semi"] = f"timed as the dense masked network ({line})"
+            else:
+                notes["export:semi"] = line
+        report = measure_latency(timed, shape, settings, baseline="dense")
         report["source"] = info
-        report["cost"] = {name: cost_fields(net, mask if name == "masked" else None, shape)
-                          for name, net in variants.items()}
+        report["notes"] = notes
+        report["cost"] = {name: cost_fields(variants[name], cost_masks.get(name), shape) for name in timed}
         reports.append(report)
         print(format_latency_table(report))
         print()

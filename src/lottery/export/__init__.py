@@ -1,5 +1,6 @@
-"""Export a ticket as a network that is actually smaller or sparser: channel surgery, dense blocks, CSR
-(docs/methods.md, "Structured tickets").
+"""Export a ticket as a network that is actually smaller or sparser: channel surgery, dense blocks, CSR,
+2:4 semi-structured Linear layers (docs/methods.md, "Structured tickets"; docs/structured.md, "N:M
+tickets").
 
 A model is first *described* as a small JSON program read from its ``torch.fx`` graph (any network,
 registered or not, whose graph uses the supported ops: :data:`SUPPORTED`; anything else is refused in one
@@ -12,7 +13,7 @@ description alone and its tensors are loaded from safetensors: loading never unp
 takes float pixels in [0, 1] (:data:`INPUT_CONVENTION`). :func:`save_export` can add portable copies
 (``model.pt`` TorchScript, ``model.onnx``) that run without lottery, each checked before it is kept.
 
-Three exports (``export_model(model, mask, to=...)``):
+Four exports (``export_model(model, mask, to=...)``):
 
 * ``dense`` (channel surgery): an output channel (or neuron) is removed when its output is exactly zero
   for every input: its weight row is all zero, its bias is zero and its BatchNorm gives zero for a zero
@@ -34,6 +35,12 @@ Three exports (``export_model(model, mask, to=...)``):
   (regroup with ``columns='channel'``), its blocks are small dense convs over their input channels (no
   im2col: the CPU's conv kernels do the product).
 * ``csr``: after the surgery, each masked Linear layer keeps its weights as a ``torch.sparse_csr`` matrix.
+* ``semi``: the masked network at its full size (no surgery: removing a channel would shift the next
+  layer's groups of 4 inputs), its weights stored densely, plus ``model.json``'s ``semi`` entry: which
+  Linear layers keep at most 2 of every 4 consecutive inputs. A ticket without any is refused
+  (:class:`ExportError`). :func:`load_export` with ``device=`` and ``dtype=`` converts those layers with
+  ``torch.sparse.to_sparse_semi_structured`` where a GPU of compute capability 8.0+ and the dtype allow it,
+  and keeps the dense masked layers elsewhere, saying why in one line (:mod:`lottery.export.semi`).
 
 Every export is checked against the masked network on random inputs (with preprocessing, uniform pixels
 in [0, 1] for the export and their normalised values for the masked network): the largest absolute
@@ -45,7 +52,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -75,12 +82,18 @@ __all__ = [
     "max_output_difference",
     "preprocessing_record",
     "save_export",
+    "semi_layers",
+    "semi_modules",
     "semi_structured",
+    "semi_structured_supported",
 ]
 from lottery.export._base import EXPORT_KINDS, FORMAT, FORMAT_VERSION, RTOL, ExportError
 from lottery.export.graph import SUPPORTED, coupled_layers, dead_channel_params, describe  # noqa: F401
 from lottery.export.layers import (  # noqa: F401  (public names)
-    BlockConv2d, BlockLinear, CSRLinear, Normalize, _fill, build_network, link_blocks, semi_structured,
+    BlockConv2d, BlockLinear, CSRLinear, Normalize, _fill, build_network, link_blocks,
+)
+from lottery.export.semi import (  # noqa: F401  (public names)
+    PATTERN as SEMI_PATTERN, semi_layers, semi_structured, semi_structured_supported,
 )
 from lottery.export.portable import PORTABLE_FORMATS, write_portable  # noqa: F401
 from lottery.export.transform import _shrink, _to_blocks, _to_csr, blocks_from_mask  # noqa: F401
@@ -204,13 +217,21 @@ def export_model(model: nn.Module, mask: Mask | None = None, to: str = "dense", 
         if k not in state:
             raise ExportError(f"the mask names {k}, which the model does not have")
         state[k] = state[k].masked_fill(~m.cpu(), 0)
-    new_ops, layers = _shrink(ops, state, masks, input_shape[0])
+    new_ops, layers = _shrink(ops, state, masks, input_shape[0], keep_all=(to == "semi"))
     if to == "blocks":
         new_ops = _to_blocks(new_ops, state, masks)
     elif to == "csr":
         new_ops = _to_csr(new_ops, state, masks)
     if pre is not None:
         new_ops = [{"op": "normalize", "mean": pre["mean"], "std": pre["std"]}, *new_ops]
+    semi = None
+    if to == "semi":
+        semi_record = semi_layers(new_ops, masks)
+        if not any(e["eligible"] for e in semi_record.values()):
+            raise ExportError(f"a semi export needs a {SEMI_PATTERN} ticket: no Linear layer of {type(model).__name__} keeps "
+                              "at most 2 of every 4 consecutive input weights (make one with: lottery structure nm "
+                              "RUN_DIR --nm 2:4)")
+        semi = {"pattern": SEMI_PATTERN, "layers": semi_record}
     net = build_network(new_ops)
     _fill(net, new_ops, state)
     net.eval()
@@ -238,6 +259,8 @@ def export_model(model: nn.Module, mask: Mask | None = None, to: str = "dense", 
         # multiply-accumulates per example (lottery.cost): the network before pruning, the export as built
         "flops": {"dense": dense_flops, "export": export_flops, "theoretical_speedup": dense_flops / export_flops},
     }
+    if semi is not None:
+        description["semi"] = semi
     return Exported(net, description, sample=(raw, ref_out))
 
 
@@ -262,6 +285,9 @@ def save_export(folder: str | Path, exported: Exported, extra: Mapping[str, Any]
     ``"onnx"``: ``model.onnx``), each checked against the masked network's outputs on the check's inputs
     before it is kept (see :mod:`lottery.export.portable`); returns the folder."""
     folder = Path(folder)
+    if any(_is_semi_tensor(p) for p in exported.module.parameters()):
+        raise ExportError("this network runs semi-structured 2:4 weights, which are not portable: save the export "
+                          "as exported, or as loaded on the CPU (load_export without device=)")
     folder.mkdir(parents=True, exist_ok=True)
     description = {**exported.description, **(extra or {})}
     files: dict[str, Any] = {}
@@ -280,8 +306,21 @@ def save_export(folder: str | Path, exported: Exported, extra: Mapping[str, Any]
     return folder
 
 
-def load_export(folder: str | Path) -> Exported:
-    """Rebuild an exported network from ``model.json`` and load ``model.safetensors`` (no unpickling).
+def _is_semi_tensor(t: torch.Tensor) -> bool:
+    cls = getattr(torch.sparse, "SparseSemiStructuredTensor", None)
+    return cls is not None and isinstance(t, cls)
+
+
+def load_export(folder: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                log: Callable[[str], None] | None = None) -> Exported:
+    """Rebuild an exported network from ``model.json`` and load ``model.safetensors`` (no unpickling), then
+    move it to ``device`` and ``dtype`` (default: the CPU, float32, as stored).
+
+    A ``semi`` export's N:M Linear layers are then converted to ``torch.sparse`` semi-structured weights
+    where the device and dtype allow it (a CUDA GPU of compute capability 8.0 or more; float16 or bfloat16,
+    e.g. ``load_export(folder, device="cuda", dtype=torch.float16)``); otherwise they stay the dense masked
+    layers, and one line through ``log`` (default: standard error) says why (:func:`semi_structured`).
+    The converted layers are in ``description["semi"]["converted"]``.
 
     When the description has ``preprocessing`` (exports from ``lottery export`` record the run's data set),
     the network normalises its inputs itself: it takes float pixels in [0, 1], shape (N, C, H, W)
@@ -301,4 +340,15 @@ def load_export(folder: str | Path) -> Exported:
     except RuntimeError as exc:
         raise CheckpointError(f"{tensors_path} does not fit {desc_path}: {exc}") from None
     net.eval()
+    if device is not None or dtype is not None:
+        net.to(device=device, dtype=dtype)
+    if desc.get("kind") == "semi":
+        _, converted = semi_structured(net, semi_modules(desc), log=log)
+        desc["semi"] = {**desc.get("semi", {}), "converted": converted}
     return Exported(net, desc)
+
+
+def semi_modules(description: Mapping[str, Any]) -> list[str]:
+    """The module paths of a ``semi`` export's eligible (2:4 Linear) layers, from its ``model.json``."""
+    layers = (description.get("semi") or {}).get("layers") or {}
+    return [e["module"] for e in layers.values() if e.get("eligible")]

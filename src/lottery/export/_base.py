@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from lottery.errors import LotteryError
 
-EXPORT_KINDS = ("dense", "blocks", "csr")
+EXPORT_KINDS = ("dense", "blocks", "csr", "semi")
 FORMAT = "lottery.export"
 FORMAT_VERSION = 2  # 2: ops of any traced network (residual ``relu`` flag, ``batchnorm``, ``avgpool2d``,
 # ``normalize``) and the data set's ``preprocessing``; version 1 descriptions still load

@@ -557,39 +557,3 @@ def _fill(net: nn.Sequential, ops: list[dict[str, Any]], state: Mapping[str, tor
         if kind.endswith("_blocks"):
             target.pack()
 
-
-def semi_structured(module: nn.Module, log=print) -> tuple[nn.Module, list[str]]:
-    """Run the 2:4 Linear layers of ``module`` with ``torch.sparse.to_sparse_semi_structured`` (NVIDIA's
-    sparse tensor cores) where that can work: a CUDA module on a GPU of compute capability 8.0 or more, a
-    weight whose every group of 4 consecutive inputs keeps at most 2 non-zeros and whose shape the kernel
-    takes (both sides multiples of 64). Elsewhere the layers stay the dense masked layers, said in one
-    line through ``log``. Returns the module (changed in place) and the names of the converted layers.
-
-    Not yet run on a GPU (issue 22: no GPU was lent when this was written); only the fallback is tested."""
-    linears = [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Linear)]
-    device = next((p.device for p in module.parameters()), torch.device("cpu"))
-    reason = None
-    if device.type != "cuda":
-        reason = f"the module is on {device.type}, not a CUDA GPU"
-    elif torch.cuda.get_device_capability(device) < (8, 0):
-        reason = f"GPU compute capability {torch.cuda.get_device_capability(device)} < (8, 0)"
-    elif not hasattr(torch.sparse, "to_sparse_semi_structured"):
-        reason = "this torch has no torch.sparse.to_sparse_semi_structured"
-    if reason is not None:
-        log(f"semi-structured 2:4 kernels not used ({reason}): the N:M layers run as dense masked layers")
-        return module, []
-    converted = []
-    for name, lin in linears:
-        w = lin.weight.detach()
-        out_f, in_f = w.shape
-        if out_f % 64 or in_f % 64 or bool((w.reshape(out_f, -1, 4).ne(0).sum(2) > 2).any()):
-            continue
-        try:
-            lin.weight = nn.Parameter(torch.sparse.to_sparse_semi_structured(w), requires_grad=False)
-        except (RuntimeError, TypeError, ValueError) as exc:  # dtype or shape the kernel refuses
-            log(f"{name}: semi-structured conversion refused ({str(exc).splitlines()[0]}); stays dense")
-            continue
-        converted.append(name)
-    if not converted:
-        log("semi-structured 2:4 kernels not used: no Linear layer is 2:4 with sides that are multiples of 64")
-    return module, converted

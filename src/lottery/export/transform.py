@@ -69,13 +69,17 @@ class _Surgery:
         return new, keep, op["out"]
 
 
-def _shrink(ops, state: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], in_channels: int):
+def _shrink(ops, state: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], in_channels: int,
+            keep_all: bool = False):
+    """Channel surgery (``keep_all``: none, every channel kept; the ``semi`` export keeps the layers' full
+    shapes, because removing a dead channel shifts the next layer's groups of 4 inputs and breaks the
+    2:4 pattern and the multiples of 16 or 64 the sparse kernels need)."""
     groups = _Groups(ops)
     by_name = {op["name"]: op for op in _layer_ops(ops)}
     kept: dict[int, torch.Tensor] = {}
     for g, names in groups.members().items():
         rows = by_name[names[0]]["out"]
-        if groups.pinned(g):
+        if keep_all or groups.pinned(g):
             kept[g] = torch.arange(rows)
             continue
         alive = torch.zeros(rows, dtype=torch.bool)
