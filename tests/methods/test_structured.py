@@ -378,7 +378,7 @@ def test_cli_structure_export_and_bench_latency(tiny_runs, tmp_path, capsys):
     assert _run_cli(["bench-latency", str(run / "export-dense"), "--batch-sizes", "1,2", "--repeats", "3",
                      "--warmup", "1", "--json", str(tmp_path / "lat.json")]) == 0
     report = json.loads((tmp_path / "lat.json").read_text())
-    assert {r["variant"] for r in report["rows"]} == {"dense", "masked", "export:dense"}
+    assert {r["variant"] for r in report["rows"]} == {"dense", "dense:channels_last", "masked", "export:dense"}
     assert set(report["speedup"]) == {"1", "2"}
     assert _run_cli(["bench-latency", str(cs_dir), "--batch-sizes", "1", "--repeats", "2", "--warmup", "0"]) == 0
     assert "export:csr" in capsys.readouterr().out

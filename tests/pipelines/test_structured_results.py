@@ -120,11 +120,13 @@ def test_bench_latency_of_a_regroup_run_puts_flop_counts_beside_the_timings(sour
                  "--json", str(tmp_path / "lat.json")]) == 0
     text = capsys.readouterr().out
     report = json.loads((tmp_path / "lat.json").read_text())
-    assert [row["variant"] for row in report["rows"]] == ["dense", "masked", "export:dense", "export:blocks"]
+    assert [row["variant"] for row in report["rows"]] == ["dense", "dense:channels_last", "masked", "export:dense",
+                                                          "export:blocks"]
     model, mask, _ = load_run_network(folder)
     shape = (1, 8, 8)
     cost = report["cost"]
     assert cost["dense"]["flops_sparse"] == network_cost(model, None, shape)["flops_dense"]
+    assert cost["dense:channels_last"]["flops_sparse"] == cost["dense"]["flops_sparse"]
     assert cost["masked"]["flops_sparse"] == network_cost(model, mask, shape)["flops_sparse"] < cost["dense"]["flops_sparse"]
     blocks = export_model(model, mask, "blocks")
     assert cost["export:blocks"]["flops_sparse"] == blocks.description["flops"]["export"] < cost["dense"]["flops_sparse"]

@@ -222,10 +222,14 @@ def _parse_ints(text: str, what: str) -> tuple[int, ...]:
 
 
 def latency_variants(model, mask, kinds, exported=None, input_shape=None) -> tuple[dict, dict]:
-    """``dense`` (the full-size network, no mask), ``masked`` (the ticket with its hard mask, as trained)
-    and ``export:<kind>`` for each kind (or the given ``exported``: ``(kind, module, description)``); and
-    the exports' descriptions (model.json) by variant name."""
+    """``dense`` (the full-size network, no mask), for convolutional networks also ``dense:channels_last``
+    (the same network in NHWC memory, the layout the block exports' convolutions run in and often the
+    faster one: a block export's speed-up is only fair against the faster dense row), ``masked`` (the
+    ticket with its hard mask, as trained) and ``export:<kind>`` for each kind (or the given ``exported``:
+    ``(kind, module, description)``); and the exports' descriptions (model.json) by variant name."""
     import copy
+
+    import torch
 
     from lottery import masking
     from lottery.export import export_model
@@ -234,7 +238,10 @@ def latency_variants(model, mask, kinds, exported=None, input_shape=None) -> tup
     masked = copy.deepcopy(model)
     if mask is not None:
         masking.attach_hard_mask(masked, mask)
-    variants = {"dense": dense, "masked": masked.eval()}
+    variants = {"dense": dense}
+    if any(isinstance(m, torch.nn.Conv2d) for m in model.modules()):
+        variants["dense:channels_last"] = copy.deepcopy(model).eval().to(memory_format=torch.channels_last)
+    variants["masked"] = masked.eval()
     descriptions = {}
     if exported is not None:
         variants[f"export:{exported[0]}"] = exported[1]
