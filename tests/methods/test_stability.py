@@ -7,7 +7,9 @@ from torch import nn
 from conftest import TensorBatches, blobs
 from lottery.engine import evaluate
 from lottery.errors import ConfigError
-from lottery.methods.stability import StabilityHparams, instability, interpolate_states, l2_distance
+from lottery.methods.stability import (
+    StabilityHparams, instability, interpolate_states, l2_distance, reestimate_batchnorm,
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -111,6 +113,46 @@ def test_a_barrier_is_measured():
     assert out["error_a"] == 0.0 and out["error_b"] == 0.0
     assert out["errors"][2] == 0.5  # alpha = 0.5
     assert out["instability"] == 0.5
+
+
+def test_reestimate_batchnorm_recomputes_the_statistics_of_the_data():
+    """The running statistics become the equal-weight average over the batches of the data's batch
+    statistics (not a blend with the old ones), the weights are untouched, momentum and eval mode are
+    restored; a network without BatchNorm is left alone."""
+    net = _net(0)
+    x, y = blobs(n=192, seed=5)
+    batches = [(x[i:i + 64], y[i:i + 64]) for i in range(0, 192, 64)]
+    weights = {k: v.clone() for k, v in net.state_dict().items() if "running" not in k and "tracked" not in k}
+    assert reestimate_batchnorm(net, batches, batches=2) == 2
+    with torch.no_grad():
+        h = [net.fc1(b[0]) for b in batches[:2]]
+    want_mean = (h[0].mean(0) + h[1].mean(0)) / 2
+    want_var = (h[0].var(0, unbiased=True) + h[1].var(0, unbiased=True)) / 2
+    assert torch.allclose(net.bn.running_mean, want_mean, atol=1e-5)
+    assert torch.allclose(net.bn.running_var, want_var, atol=1e-5)
+    assert not net.training and net.bn.momentum == 0.1
+    for k, v in weights.items():
+        assert torch.equal(net.state_dict()[k], v), k
+    plain = nn.Sequential(nn.Linear(20, 4))
+    before = plain[0].weight.clone()
+    assert reestimate_batchnorm(plain, batches, batches=2) == 0 and torch.equal(plain[0].weight, before)
+
+
+def test_instability_with_reestimated_batchnorm_statistics(test_loader):
+    """Two networks whose blended BN statistics are wrong for the data: with the statistics recomputed at
+    every point the end points are the networks with their data's statistics, and the option refuses
+    to run without the batches it needs."""
+    x, y = blobs(n=192, seed=5)
+    batches = [(x[i:i + 64], y[i:i + 64]) for i in range(0, 192, 64)]
+    na, nb = _net(0), _net(1)
+    plain = instability(BNMLP, na.state_dict(), nb.state_dict(), test_loader, points=5)
+    fresh = instability(BNMLP, na.state_dict(), nb.state_dict(), test_loader, points=5, bn_loader=batches,
+                        bn_batches=3)
+    reestimate_batchnorm(na, batches, 3)
+    assert fresh["error_a"] == pytest.approx(1 - evaluate(na, test_loader)["top1"])
+    assert fresh["errors"] != plain["errors"]
+    with pytest.raises(ConfigError, match="needs bn_loader"):
+        instability(BNMLP, na.state_dict(), nb.state_dict(), test_loader, points=5, bn_batches=3)
 
 
 def test_l2_distance():

@@ -11,7 +11,10 @@ BatchNorm: every floating-point tensor of the state is interpolated, buffers inc
 mean and variance on the line are the same blend of the two networks' statistics as the weights (our
 choice: the whole state dict is treated as one vector). These statistics are not the ones the
 interpolated weights would produce on the data; re-estimating them on training batches (as REPAIR,
-Jordan et al. 2022, does) would lower the barrier of BN networks, and is not what is measured here. Integer buffers
+Jordan et al. 2022, does) can lower the barrier of BN networks a lot. That is not the default measure;
+:func:`instability` does it when given ``bn_loader`` and ``bn_batches`` (:func:`reestimate_batchnorm`: at
+every point of the line, end points included, the running statistics are recomputed from training
+batches), so a barrier can be told apart from stale statistics. Integer buffers
 (BN's ``num_batches_tracked``) are counters that do not affect evaluation; the rounded blend is used.
 Boolean buffers (hard masks) must be equal in both states.
 """
@@ -29,7 +32,7 @@ from lottery.errors import ConfigError
 from lottery.hparams import Hparams
 from lottery.step import validate_step_spec
 
-__all__ = ["StabilityHparams", "interpolate_states", "instability", "l2_distance"]
+__all__ = ["StabilityHparams", "interpolate_states", "instability", "l2_distance", "reestimate_batchnorm"]
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,38 @@ def interpolate_states(
     return out
 
 
+@torch.no_grad()
+def reestimate_batchnorm(model: nn.Module, loader: Iterable, batches: int, device: str | torch.device = "cpu") -> int:
+    """Recompute every BatchNorm layer's running mean and variance from ``batches`` batches of ``loader``
+    (inputs only, in training mode, no gradients, weights untouched), as an equal-weight average over the
+    batches (momentum ``None``), then put the model back in evaluation mode. Returns the batches used
+    (fewer when the loader ends first); 0 and nothing changed when the model has no BatchNorm.
+
+    Why: on the line between two networks the blended running statistics are not those of the blended
+    weights; a barrier measured with them can be stale statistics rather than a loss barrier."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms or batches <= 0:
+        return 0
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    used = 0
+    try:
+        for batch in loader:
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            model(x.to(device))
+            used += 1
+            if used >= batches:
+                break
+    finally:
+        for m, momentum in zip(norms, saved):
+            m.momentum = momentum
+        model.eval()
+    return used
+
+
 def instability(
     model_fn: Callable[[], nn.Module],
     state_a: Mapping[str, torch.Tensor],
@@ -99,21 +134,29 @@ def instability(
     loader: Iterable,
     points: int = 30,
     device: str | torch.device = "cpu",
+    *,
+    bn_loader: Iterable | None = None,
+    bn_batches: int = 0,
 ) -> dict[str, Any]:
     """Test error along the line from ``state_a`` to ``state_b`` and the instability.
 
     ``model_fn()`` returns a network into which both states load (one instance is reused). Returns
     ``alphas`` and ``errors`` (``points`` of each, ``alphas[0] == 0``, ``alphas[-1] == 1``), ``losses``,
     ``error_a``, ``error_b``, ``max_error`` and ``instability = max_error - (error_a + error_b) / 2``
-    (errors as fractions in 0..1).
+    (errors as fractions in 0..1). With ``bn_loader`` and ``bn_batches`` > 0, BatchNorm statistics are
+    recomputed at every point (:func:`reestimate_batchnorm`) instead of blended.
     """
     if not isinstance(points, int) or points < 2:
         raise ConfigError(f"points must be an integer >= 2 (the two end points at least), got {points!r}")
+    if bn_batches and bn_loader is None:
+        raise ConfigError("bn_batches > 0 needs bn_loader, the training batches the BatchNorm statistics come from")
     model = model_fn().to(device)
     alphas = [i / (points - 1) for i in range(points)]
     errors, losses = [], []
     for alpha in alphas:
         model.load_state_dict(interpolate_states(state_a, state_b, alpha))
+        if bn_batches:
+            reestimate_batchnorm(model, bn_loader, bn_batches, device)
         m = evaluate(model, loader, device)
         errors.append(1.0 - m["top1"])
         losses.append(m["loss"])
