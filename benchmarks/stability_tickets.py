@@ -9,6 +9,13 @@ benchmarks (no search here): CS ``s0 = 0`` (16.3 % density) and IMP-R (k = 1ep) 
     python benchmarks/stability_tickets.py --seeds 0,1,2 --workers 2 --points 100it,5ep
     python benchmarks/stability_tickets.py --report-only       # every finished k, from the run folders
 
+Another recipe (issue 21, ResNet-20): ``--preset fashion_resnet20``, CS tickets picked by their target
+density (``--cs-density 0.1678``, runs of ``lottery sweep cs --density``) and IMP-R by its rewind point:
+
+    python benchmarks/stability_tickets.py --preset fashion_resnet20 --cs-density 0.1678 --imp-rewind K \
+        --imp-level 8 --points 0it,K --cs-out benchmarks/out/resnet_fashion --imp-out benchmarks/out/resnet_fashion \
+        --out benchmarks/out/resnet_fashion
+
 Each --points set is its own stability run (its own dense reference run, deterministic per seed).
 
 The dense network's own instability at the same k is in the IMP benchmark (benchmarks/imp_lenet_fashion.py).
@@ -27,27 +34,31 @@ POINTS = ("0it", "1ep")
 REPORT_ORDER = ("0it", "100it", "1ep", "5ep")
 
 
-def find_masks(cs_out: Path, imp_out: Path, seed: int, cs_s0: float, imp_level: int) -> dict[str, Path]:
-    """{ticket name: mask file} of one seed, from the finished CS and IMP-R runs."""
+def find_masks(cs_out: Path, imp_out: Path, seed: int, cs_s0: float, imp_level: int, cs_density: float | None = None,
+               imp_rewind: str = "1ep") -> dict[str, Path]:
+    """{ticket name: mask file} of one seed, from the finished CS and IMP-R runs: the CS run with that
+    ``s0`` (or, given ``cs_density``, the one searched for that target density) and IMP-R's level."""
     masks = {}
     for folder, r in read_results(cs_out, "search-cs_*/results.json"):
-        if r.get("seed") == seed and r.get("s0") == cs_s0 and r.get("mode") == "ticket":
+        picked = r.get("target_density") == cs_density if cs_density is not None else (
+            r.get("s0") == cs_s0 and r.get("target_density") is None)
+        if r.get("seed") == seed and picked and r.get("mode") == "ticket":
             masks["CS"] = folder / "mask.safetensors"
     for folder, r in read_results(imp_out, "search-imp_*/results.json"):
-        if r.get("seed") == seed and r.get("method") == "imp" and r.get("rewind") == "1ep":
+        if r.get("seed") == seed and r.get("method") == "imp" and r.get("rewind") == imp_rewind:
             path = folder / f"level_{imp_level}" / "mask.safetensors"
             if path.exists():
                 masks["IMP-R"] = path
     return masks
 
 
-def stability_job(mask: str, seed: int, out: str, points: tuple[str, ...] = POINTS):
+def stability_job(mask: str, seed: int, out: str, points: tuple[str, ...] = POINTS, preset: str = "fashion_lenet"):
     from lottery.experiment import RunOptions
     from lottery.methods.stability import StabilityHparams
     from lottery.pipelines.imp import StabilityJob, run_stability
     from lottery.presets import get_preset
 
-    p = get_preset("fashion_lenet")
+    p = get_preset(preset)
     hp = StabilityHparams(rewind_points=tuple(points), copy_seeds=(101 + seed, 201 + seed), mask=mask)
     return run_stability(StabilityJob(p.data, p.model, p.training, hp, seed=seed), RunOptions(out=out, progress=False))
 
@@ -59,7 +70,11 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/out/stability_tickets")
     ap.add_argument("--cs-out", default="benchmarks/out/cs_lenet_fashion")
     ap.add_argument("--imp-out", default="benchmarks/out/imp_lenet_fashion")
+    ap.add_argument("--preset", default="fashion_lenet", help="the recipe the tickets were found with")
     ap.add_argument("--cs-s0", type=float, default=0.0)
+    ap.add_argument("--cs-density", type=float, default=None,
+                    help="pick the CS runs searched for this target density (--density) instead of by s0")
+    ap.add_argument("--imp-rewind", default="1ep", help="the IMP-R runs' rewind point")
     ap.add_argument("--imp-level", type=int, default=8)
     ap.add_argument("--points", default=",".join(POINTS), help="rewind points k of this run")
     ap.add_argument("--report-only", action="store_true")
@@ -68,12 +83,13 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     jobs, names = [], {}
     for seed in seeds:
-        masks = find_masks(Path(args.cs_out), Path(args.imp_out), seed, args.cs_s0, args.imp_level)
+        masks = find_masks(Path(args.cs_out), Path(args.imp_out), seed, args.cs_s0, args.imp_level, args.cs_density,
+                           args.imp_rewind)
         if set(masks) != {"CS", "IMP-R"}:
             sys.exit(f"seed {seed}: missing finished runs for {sorted({'CS', 'IMP-R'} - set(masks))} under "
                      f"--cs-out / --imp-out; run benchmarks/cs_lenet_fashion.py and imp_lenet_fashion.py first")
         for name, path in masks.items():
-            jobs.append((str(path), seed, args.out, points))
+            jobs.append((str(path), seed, args.out, points, args.preset))
             names[str(path)] = name
     if not args.report_only:
         run_parallel(stability_job, jobs, args.workers)
