@@ -44,6 +44,15 @@ def _files(folder: Path) -> set[str]:
     return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: one intra-op thread is faster, and immune to OpenMP spinning on a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """The two replicates stacked and alone (module scope: the tests below share them)."""
@@ -184,3 +193,28 @@ def test_a_stack_stopped_after_level_1_resumes_as_a_stack(runs, tmp_path):
     for full, a, r in zip(stacked, alone, again):
         assert "stack" not in r
         _assert_same_masks(Path(r["run_dir"]), Path(a["run_dir"]), 2)
+
+
+def test_a_member_that_diverges_stops_the_stack_and_the_members_finish_unstacked(tmp_path, monkeypatch):
+    from lottery.engine import stacking
+    from lottery.errors import NumericalError
+
+    jobs = _jobs(IMP.replace(levels=1), TRAINING.replace(training_steps="1ep"))
+    alone = [run_imp(j, _options(tmp_path / "alone")) for j in jobs]
+    original = stacking.StackedTrainer._train_step
+
+    def diverge_in_level_1(self, x, y):
+        if self.desc.startswith("imp level 1/") and self.iteration == 3:
+            raise NumericalError("the loss became nan at step 3 (stacked members [1])")
+        original(self, x, y)
+
+    monkeypatch.setattr(stacking.StackedTrainer, "_train_step", diverge_in_level_1)
+    lines: list[str] = []
+    results = run_imp_stacked(jobs, _options(tmp_path / "stacked", lines), raise_errors=True)
+    assert any(line.startswith("stack: the loss became nan at step 3") and
+               line.endswith("the 2 IMP searches finish unstacked") for line in lines), lines
+    for r, a in zip(results, alone):  # level 0 from the stack, level 1 alone
+        assert "stack" not in r and [x["level"] for x in r["levels"]] == [0, 1]
+        assert "stack" in read_json(Path(r["run_dir"]) / "level_0" / "history.json")
+        assert "stack" not in read_json(Path(r["run_dir"]) / "level_1" / "history.json")
+        _assert_same_masks(Path(r["run_dir"]), Path(a["run_dir"]), 1)
