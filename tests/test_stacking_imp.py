@@ -218,3 +218,21 @@ def test_a_member_that_diverges_stops_the_stack_and_the_members_finish_unstacked
         assert "stack" in read_json(Path(r["run_dir"]) / "level_0" / "history.json")
         assert "stack" not in read_json(Path(r["run_dir"]) / "level_1" / "history.json")
         _assert_same_masks(Path(r["run_dir"]), Path(a["run_dir"]), 1)
+
+
+def test_an_unstacked_checkpoint_or_a_trained_unfinished_level_sends_a_member_unstacked(runs, tmp_path):
+    from lottery.pipelines.imp_stacked import _finished_levels
+
+    stacked, _, _ = runs
+    options = _options(tmp_path)
+    folder = tmp_path / "copy"
+    shutil.copytree(Path(stacked[0]["run_dir"]), folder)
+    assert _finished_levels(folder, 2, options) == 3
+    (folder / "level_2" / "results.json").unlink()  # level 2 trained (model.safetensors) but not finished
+    assert _finished_levels(folder, 2, options) is None
+    shutil.rmtree(folder / "level_2")
+    assert _finished_levels(folder, 2, options) == 2
+    (folder / "level_2").mkdir()
+    (folder / "level_2" / "checkpoint.safetensors").write_bytes(b"")  # an unstacked run's, mid-level
+    assert _finished_levels(folder, 2, options) is None
+    assert _finished_levels(tmp_path / "empty", 2, options) == 0
