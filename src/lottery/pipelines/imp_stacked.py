@@ -145,9 +145,8 @@ def run_imp_stacked(jobs: Sequence[IMPJob], options: RunOptions, *, raise_errors
         for n, group in by_level.items():
             if n is None or len(group) < 2:
                 if n != 0:
-                    log_line(options, f"stack: {len(group)} IMP search(es) with "
-                                      f"{'an unstacked checkpoint or a partly trained level' if n is None else f'{n} finished level(s)'} "
-                                      "on disk finish unstacked")
+                    what = "an unstacked checkpoint or a partly trained level" if n is None else f"{n} finished level(s)"
+                    log_line(options, f"stack: {len(group)} IMP search(es) with {what} on disk finish unstacked")
                 alone += group
             else:
                 groups.append((n, group))
