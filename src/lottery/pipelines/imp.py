@@ -71,6 +71,7 @@ from lottery.pipelines.stages import (  # noqa: F401  (final_lr_recipe, StageCal
     StageCallbacks, _Context, _accuracies, _identity, _identity_dict, _mask_counts, _masked_state, _pct,
     final_lr_recipe,
 )
+from lottery.step import Step
 
 
 #: Columns of the per-level summary table.
@@ -144,8 +145,7 @@ class _Plan:
 
 def run_imp(job: IMPJob, options: RunOptions, *, callbacks: StageCallbacks | None = None) -> dict[str, Any]:
     """IMP (``variant='rewind'``) or IMP-C (``'continue'``): run, resume or reuse; return the summary."""
-    plan = _Plan(job.kind, job.method, job.imp, job.imp.rewind, True, job.imp.variant == "continue")
-    return _run_levels(job, plan, options, callbacks)
+    return _run_levels(job, _imp_plan(job), options, callbacks)
 
 
 def run_lrr(job: LRRJob, options: RunOptions, *, callbacks: StageCallbacks | None = None) -> dict[str, Any]:
@@ -158,18 +158,37 @@ def run_finetune(job: FinetuneJob, options: RunOptions, *, callbacks: StageCallb
     return _run_levels(job, _Plan(job.kind, job.method, job.finetune, None, False, False), options, callbacks)
 
 
-def _run_levels(job, plan: _Plan, options: RunOptions, callbacks: StageCallbacks | None) -> dict[str, Any]:
+def _imp_plan(job: IMPJob) -> _Plan:
+    return _Plan(job.kind, job.method, job.imp, job.imp.rewind, True, job.imp.variant == "continue")
+
+
+def _levels_folder(job, plan: _Plan, options: RunOptions) -> tuple[Path, dict[str, Any]]:
+    """The run folder of an iterative job and its description (hparams.json), ``levels`` left out."""
     hp = plan.hp
-    ident = _identity(hp)
-    folder = options.out / run_folder_name(plan.kind, job.data, job.model, job.training, ident, seed=job.seed)
+    folder = options.out / run_folder_name(plan.kind, job.data, job.model, job.training, _identity(hp), seed=job.seed)
     desc = describe_run(plan.kind, job.seed, data=job.data, model=job.model, training=job.training)
     desc[hp._prefix] = _identity_dict(hp)  # "imp" (both variants), "lrr", "finetune"
+    return folder, desc
+
+
+def _open_levels(job, plan: _Plan, options: RunOptions,
+                 callbacks: StageCallbacks | None) -> tuple[Path, _Context, dict[str, Any]]:
+    """Prepare an iterative job's run folder; its context and the keys every level's results share.
+    (Shared with the stacked IMP path, lottery.pipelines.imp_stacked, which writes the same folders.)"""
+    hp = plan.hp
+    folder, desc = _levels_folder(job, plan, options)
     prepare_run_folder(folder, desc)
     ctx = _Context(folder, plan.kind, job.data, job.model, job.training, job.seed, options, callbacks)
     common = {"kind": plan.kind, "method": plan.method, "model": job.model.model, "dataset": job.data.dataset,
               "seed": job.seed, "rate": hp.rate, "scope": hp.scope, "run_dir": str(folder)}
     if plan.rewind is not None:
         common["rewind"] = plan.rewind
+    return folder, ctx, common
+
+
+def _run_levels(job, plan: _Plan, options: RunOptions, callbacks: StageCallbacks | None) -> dict[str, Any]:
+    hp = plan.hp
+    folder, ctx, common = _open_levels(job, plan, options, callbacks)
 
     with folder_lock(folder):
         levels = [_level_zero(job, plan, ctx, common)]
@@ -203,9 +222,7 @@ def _level_zero(job, plan: _Plan, ctx: _Context, common: dict[str, Any]) -> dict
         if not rewind_path.exists():
             raise CheckpointError(f"{rewind_path} is missing although level 0 went past the rewind point; "
                                   f"delete {ldir} to train level 0 again")
-        epochs = ctx.end.epochs
-        wall = record["wall_seconds"]
-        accs = _accuracies(record)
+        return _finish_level_zero(plan, ctx, common, record, ctx.end.epochs, record["wall_seconds"], extra)
     else:
         if plan.rewind is not None:
             ctx.check_before_end(ctx.step(plan.rewind), f"{type(plan.hp).__name__}.rewind (the LR rewind point)")
@@ -216,9 +233,16 @@ def _level_zero(job, plan: _Plan, ctx: _Context, common: dict[str, Any]) -> dict
                            "test_loss": dense.get("test_loss")}, "dense_run_dir": dense["run_dir"]}
         write_json(ldir / "history.json", record)
         save_tensors(ldir / "model.safetensors", state)
-        epochs, wall = dense["epochs"], dense.get("wall_seconds") or 0.0
-        accs = _accuracies(record)
         extra["dense_run_dir"] = dense["run_dir"]
+        return _finish_level_zero(plan, ctx, common, record, dense["epochs"], dense.get("wall_seconds") or 0.0, extra)
+
+
+def _finish_level_zero(plan: _Plan, ctx: _Context, common: dict[str, Any], record: dict[str, Any], epochs: float,
+                       wall: float, extra: dict[str, Any]) -> dict[str, Any]:
+    """Level 0's mask (all ones) and results.json, once its network is trained (``record``: its history)."""
+    ldir = ctx.folder / "level_0"
+    results_path = ldir / "results.json"
+    accs = _accuracies(record)
     mask = Mask.load_or_create(ldir / "mask.safetensors", lambda: Mask.ones(ctx.build(), ctx.prunable_names()))
     result = {**common, "level": 0, **_mask_counts(mask), **ctx.cost(mask, ldir / "mask.json"), **accs,
               "epochs": epochs, "wall_seconds": wall, "level_dir": str(ldir), **extra}
@@ -233,7 +257,6 @@ def _level_zero(job, plan: _Plan, ctx: _Context, common: dict[str, Any]) -> dict
 def _level(job, plan: _Plan, ctx: _Context, common: dict[str, Any], level: int, dense: dict[str, Any]) -> dict[str, Any]:
     hp = plan.hp
     ldir = ctx.folder / f"level_{level}"
-    prev = ctx.folder / f"level_{level - 1}"
     results_path = ldir / "results.json"
     done = finished_results(results_path, ctx.options)
     if done is not None:
@@ -241,22 +264,11 @@ def _level(job, plan: _Plan, ctx: _Context, common: dict[str, Any], level: int, 
             ctx.load_stage(ldir, "continued")
         ctx.load_stage(ldir, "model")
         return done
-    ldir.mkdir(parents=True, exist_ok=True)
-    # The weights this level prunes from: the previous level's trained network, or for IMP-C the
-    # previous continued run (level 0's dense network at level 1).
-    source = prev / ("continued.safetensors" if plan.continued and level > 1 else "model.safetensors")
-    prev_mask = Mask.load(prev / "mask.safetensors")
-    source_state = load_tensors(source)
-    mask = Mask.load_or_create(ldir / "mask.safetensors",
-                           lambda: magnitude_prune(source_state, prev_mask, hp.rate, hp.scope))
-    if not _is_subset(mask, prev_mask):
-        raise CheckpointError(f"{ldir / 'mask.safetensors'} keeps weights that level {level - 1} pruned; "
-                              f"delete {ldir} to prune this level again")
+    source_state, mask = _prune_level(plan, ctx, level)
     T = ctx.end
     tags = {"level": level}
     wall = 0.0
-    result: dict[str, Any] = {**common, "level": level, **_mask_counts(mask), **ctx.cost(mask, ldir / "mask.json"),
-                              "level_dir": str(ldir)}
+    result = _level_head(ctx, common, level, mask)
     if plan.continued:
         cont = ctx.train_stage(
             stage=f"level_{level}_continued", directory=ldir, stem="continued",
@@ -274,8 +286,7 @@ def _level(job, plan: _Plan, ctx: _Context, common: dict[str, Any], level: int, 
             mask=mask, recipe=ctx.training, start=k.iteration, desc=f"{plan.method} level {level}/{hp.levels}",
             tags=tags,
         )
-        retrain = (T.iteration - k.iteration) / T.iterations_per_epoch
-        epochs = (level * T.epochs + retrain) if plan.continued else (T.epochs + level * retrain)
+        epochs = _ticket_epochs(plan, T, k, level)
     elif plan.method == "lrr":
         k = ctx.step(plan.rewind)
         record = ctx.train_stage(
@@ -291,12 +302,51 @@ def _level(job, plan: _Plan, ctx: _Context, common: dict[str, Any], level: int, 
             mask=mask, recipe=recipe, start=0, desc=f"fine-tune level {level}/{hp.levels}", tags=tags,
         )
         epochs = T.epochs + level * ctx.step(steps).epochs
-    wall += record["wall_seconds"]
+    return _finish_level(plan, ctx, result, record, epochs, wall + record["wall_seconds"], dense)
+
+
+def _prune_level(plan: _Plan, ctx: _Context, level: int) -> tuple[dict[str, Any], Mask]:
+    """Level ``level``'s mask (pruned from the previous level's weights, or read back when this level was
+    started before) and the weights it was pruned from. Shared with the stacked IMP path so that a stacked
+    member prunes exactly as an unstacked run: the same call on its own weights."""
+    hp = plan.hp
+    ldir = ctx.folder / f"level_{level}"
+    prev = ctx.folder / f"level_{level - 1}"
+    ldir.mkdir(parents=True, exist_ok=True)
+    # The weights this level prunes from: the previous level's trained network, or for IMP-C the
+    # previous continued run (level 0's dense network at level 1).
+    source = prev / ("continued.safetensors" if plan.continued and level > 1 else "model.safetensors")
+    prev_mask = Mask.load(prev / "mask.safetensors")
+    source_state = load_tensors(source)
+    mask = Mask.load_or_create(ldir / "mask.safetensors",
+                           lambda: magnitude_prune(source_state, prev_mask, hp.rate, hp.scope))
+    if not _is_subset(mask, prev_mask):
+        raise CheckpointError(f"{ldir / 'mask.safetensors'} keeps weights that level {level - 1} pruned; "
+                              f"delete {ldir} to prune this level again")
+    return source_state, mask
+
+
+def _level_head(ctx: _Context, common: dict[str, Any], level: int, mask: Mask) -> dict[str, Any]:
+    """The keys of a level's results known before it trains (its mask's counts and cost; mask.json)."""
+    ldir = ctx.folder / f"level_{level}"
+    return {**common, "level": level, **_mask_counts(mask), **ctx.cost(mask, ldir / "mask.json"),
+            "level_dir": str(ldir)}
+
+
+def _ticket_epochs(plan: _Plan, T: Step, k: Step, level: int) -> float:
+    """Every epoch spent to obtain an IMP (IMP-C) level's ticket (see the module docstring)."""
+    retrain = (T.iteration - k.iteration) / T.iterations_per_epoch
+    return (level * T.epochs + retrain) if plan.continued else (T.epochs + level * retrain)
+
+
+def _finish_level(plan: _Plan, ctx: _Context, result: dict[str, Any], record: dict[str, Any], epochs: float,
+                  wall: float, dense: dict[str, Any]) -> dict[str, Any]:
+    """A trained level's results.json (``record``: the history of its network's training)."""
     result.update(_accuracies(record))
     result["epochs"] = epochs
     result["wall_seconds"] = wall
-    write_results(results_path, result)
-    _level_line(ctx.options, plan, result, dense, hp.levels)
+    write_results(Path(result["level_dir"]) / "results.json", result)
+    _level_line(ctx.options, plan, result, dense, plan.hp.levels)
     return result
 
 
