@@ -214,3 +214,53 @@ def test_stack_one_or_a_lone_member_runs_unstacked(tmp_path, stack):
     else:  # the lone run is told why it runs alone
         assert said == ["stack: 1 dense job(s) share their data order with no other and run unstacked (runs of "
                         "different seeds share one only with --data-order-seed)"], said
+
+
+def test_ray_runs_a_stack_as_one_task(tmp_path):
+    ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'lottery[ray]')")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    lines: list[str] = []
+    try:
+        specs = _dense_specs(seeds=range(4))
+        result = run_sweep(specs, RunOptions(out=tmp_path / "ray", progress=False), backend="ray", num_cpus=1,
+                           stack="auto", log=lines.append)
+    finally:
+        ray.shutdown()
+    assert result.ok, [o.error for o in result.failures]
+    # 2 tasks at once on the cluster: auto gives each a stack of 2.
+    assert sum(ln.startswith("stack: 2 dense runs as one") for ln in lines) == 2, lines
+    serial = run_sweep(specs, RunOptions(out=tmp_path / "serial", progress=False), backend="serial",
+                       threads_per_worker=1, stack=2, log=lambda line: None)
+    assert [o.results["stack"]["size"] for o in result.outcomes] == [2, 2, 2, 2]
+    assert [o.results["test_accuracy"] for o in result.outcomes] == [o.results["test_accuracy"] for o in serial.outcomes]
+
+
+# A stack kind registered by strings, as lottery.pipelines.imp_stacked's will be (module-level: importable).
+def imp_key(job):
+    return job.seed % 2
+
+
+def imp_refusal(jobs, options):
+    return "seed 9 never stacks" if any(j.seed == 9 for j in jobs) else None
+
+
+def test_a_stack_kind_registers_with_one_call(tmp_path, monkeypatch):
+    from lottery.errors import ConfigError
+    from lottery.methods.imp import IMPHparams
+    from lottery.sweep import register_stack_kind
+
+    monkeypatch.setattr("lottery.sweep.stacks.STACK_KINDS", dict(STACK_KINDS))
+    from lottery.sweep import stacks
+
+    kind = register_stack_kind("imp", key=f"{__name__}:imp_key", refusal=f"{__name__}:imp_refusal",
+                               run=f"{__name__}:stack_takes_first_only", noun="IMP searches")
+    assert stacks.STACK_KINDS["imp"] is kind and kind.kinds == ("imp",) and stacks.stack_kind_of("imp") is kind
+    with pytest.raises(ConfigError, match="already stack as 'imp'"):
+        register_stack_kind("imp2", kinds=("imp",), key=imp_key, run=stack_takes_first_only)
+    specs = expand_grid(make_spec("imp", data=DATA, model=MODEL, training=SHARED, imp=IMPHparams(levels=1)),
+                        seeds=[0, 1, 2, 3, 9])
+    lines: list[str] = []
+    planned = plan_stacks(_entries(specs), 4, RunOptions(out=tmp_path), lines.append)
+    imp_stacks = [[e.spec.seed for e in s.members] for s in planned if s.kind.name == "imp"]
+    assert imp_stacks == [[0, 2], [1, 3]]
+    assert "stack: 1 IMP job(s) run unstacked: seed 9 never stacks" in lines
