@@ -22,7 +22,9 @@ their recipe (CS, LRR, fine-tuning, one-shot pruning) get the dense training of 
 training, seed)`` as a job of its own, run once and before them, so no worker ever waits on, or fails
 on, another worker's folder lock; two jobs that would write one folder are refused before anything runs. A job that raises is reported (kind, hparams,
 error) and the others go on; ``<out>/sweep_<name>.json`` records every job, its run folder, status and
-results, the epochs trained, the wall time, the backend and the number of workers.
+results, the epochs trained, the wall time, the backend and the number of workers. Runs that can share
+one stacked network (dense seeds, CS searches: :mod:`lottery.sweep.stacks`) run as stacks, each stack one
+job of the backend (``stack``, default ``'auto'``).
 
 Scripts that call :func:`run_sweep` with the local backend need the usual ``if __name__ == "__main__":``
 guard: workers are started with the *spawn* method (a forked PyTorch process can deadlock).
@@ -45,12 +47,12 @@ from lottery.sweep.kinds import (  # noqa: F401
 from lottery.sweep.record import (  # noqa: F401
     JobOutcome, SweepResult, _dedupe_key, _Entry, _record, _summary, _sweep_name,
 )
-from lottery.sweep.stacks import (  # noqa: F401
-    STACK_KINDS, Stack, StackKind, finish_stack, plan_stacks, register_stack_kind, split_evenly,
-)
 from lottery.sweep.spec import (  # noqa: F401
     JobSpec, build_job, default_threads_per_worker, dense_reference_spec, expand_grid, job_labels, make_spec, run_job,
     spec_from_job,
+)
+from lottery.sweep.stacks import (  # noqa: F401
+    STACK_KINDS, Stack, StackKind, finish_stack, plan_stacks, register_stack_kind, split_evenly,
 )
 
 __all__ = [

@@ -61,7 +61,7 @@ class StackKind:
     run: Callable[..., list[Any]] | str
     refusal: Callable[..., str | None] | str | None = None
     noun: str = "runs"
-    alone: str = "share their stack key with no other"
+    alone: str = "share their stack key with no other and run unstacked"
 
 
 STACK_KINDS: dict[str, StackKind] = {}
@@ -79,17 +79,9 @@ def register_stack_kind(name: str, *, key: Callable[[Any], Any] | str, run: Call
         taken = set(other.kinds) & set(kinds)
         if other.name != name and taken:
             raise ConfigError(f"job kind(s) {', '.join(sorted(taken))} already stack as {other.name!r}")
-    kind = StackKind(name, kinds, key, run, refusal, noun or f"{name} runs",
-                     alone or "share their stack key with no other and run unstacked")
+    kind = StackKind(name, kinds, key, run, refusal, noun or f"{name} runs", *([alone] if alone else []))
     STACK_KINDS[name] = kind
     return kind
-
-
-def stack_kind_of(job_kind: str) -> StackKind | None:
-    for kind in STACK_KINDS.values():
-        if job_kind in kind.kinds:
-            return kind
-    return None
 
 
 # -- the built-in kinds ------------------------------------------------------------------------------
@@ -162,7 +154,6 @@ class Stack:
     kind: StackKind
     members: list[_Entry]
     status: str = "pending"
-    attempts: int = 0
     label: str = field(default="", init=False)
 
     def __post_init__(self) -> None:
@@ -199,7 +190,6 @@ class Stack:
     def start(self) -> str:
         """Mark the stack and its members running; the log line that says so."""
         self.status = "running"
-        self.attempts += 1
         for e in self.members:
             e.status = "running"
             e.attempts += 1
