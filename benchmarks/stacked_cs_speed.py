@@ -6,7 +6,9 @@ run folders written), K at a time, three ways, side by side in one run:
   path, lottery.pipelines.cs_stacked), with every core's threads (``--threads``);
 - ``sequential``: the same K searches one after another in one process, with every core's threads;
 - ``workers``: the same K searches as a local sweep with ``--workers W`` (default: one per core, 1 thread
-  each: the best unstacked setting on the CPU, benchmarks/RESULTS.md).
+  each: the best unstacked setting on the CPU, benchmarks/RESULTS.md), unstacked (``--stack 1``);
+- ``stacked-workers``: the same local sweep with ``--stack auto`` (``lottery sweep``'s default): stacks of
+  at most ``ceil(K / W)``, each a worker's job, side by side, 1 thread per worker.
 
 Each measurement runs in a fresh process (its peak RSS is its own) on a fresh output folder; no dense
 reference (``--no-dense``), so only the searches are timed. Members differ in s0 (and seed with
@@ -99,12 +101,14 @@ def one(args) -> None:
                 results.append(run_cs(j, options))
             except Exception as e:  # noqa: BLE001
                 results.append(e)
-    else:
+    elif args.mode in ("workers", "stacked-workers"):
         from lottery.sweep import run_sweep
 
         sweep = run_sweep(js, options, workers=args.workers or os.cpu_count() or 1, threads_per_worker=1,
-                          backend="local")
+                          backend="local", stack="auto" if args.mode == "stacked-workers" else 1)
         results = [o.results if o.ok else RuntimeError(o.error) for o in sweep.outcomes]
+    else:
+        raise SystemExit(f"unknown mode {args.mode!r}")
     seconds = time.perf_counter() - t0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     rss_children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
@@ -123,7 +127,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="lenet_300_100", choices=["lenet_300_100", "conv4"])
     ap.add_argument("--ks", default="2,4,8")
-    ap.add_argument("--modes", default="stacked,sequential,workers")
+    ap.add_argument("--modes", default="stacked,sequential,workers,stacked-workers")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--round-steps", default="1ep")
     ap.add_argument("--training-steps", default="2ep", help="the recipe's length: the ticket retrains from the rewind point to it")
@@ -166,7 +170,7 @@ def main() -> None:
             r = json.loads(lines[-1])
             r["load"] = os.getloadavg()[0]
             rows.append(r)
-            print(f"  K={k} {mode}: {r['seconds']:.1f} s, {r['ok']}/{k} ok, load {r['load']:.2f}", flush=True)
+            print(f"  K={k} {mode}: {r['seconds']:.1f} s, {r['ok']}/{k} ok ({r['stacked']} stacked), load {r['load']:.2f}", flush=True)
     print()
     print("| K | mode | seconds | experiments/hour | vs sequential | vs workers | peak RSS per member (MB) | load |")
     print("|---|------|---------|------------------|---------------|------------|--------------------------|------|")
@@ -176,7 +180,7 @@ def main() -> None:
         seq, wrk = by.get((r["k"], "sequential")), by.get((r["k"], "workers"))
         vs = lambda other: f"{other['seconds'] / r['seconds']:.2f}x" if other else "-"  # noqa: E731
         rss = max(r["peak_rss"], r["peak_rss_worker"] * (args.workers or os.cpu_count() or 1)
-                  if r["mode"] == "workers" else 0)
+                  if r["mode"] in ("workers", "stacked-workers") else 0)
         print(f"| {r['k']} | {r['mode']} | {r['seconds']:.1f} | {eph:.0f} | {vs(seq)} | {vs(wrk)} | "
               f"{rss / r['k'] / 2**20:.0f} | {r['load']:.2f} |")
     print(f"\nparameters + optimizer state per member: {per_member_state / 2**20:.2f} MB (the same stacked or not)")

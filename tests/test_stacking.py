@@ -262,7 +262,7 @@ def test_sweep_stacks_dense_runs_that_share_a_data_order(tmp_path):
     assert not result.failures
     stacked = [o.results.get("stack", {}).get("size") for o in result.outcomes]
     assert stacked == [2, 2, None, None, None]  # seed 2 alone in the second stack of two: unstacked
-    assert any(line.startswith("stack: training 2 dense runs as one") for line in lines)
+    assert any(line.startswith("stack: 2 dense runs as one") for line in lines)
     assert any(line.startswith("stack: 2 dense job(s) share their data order with no other") for line in lines)
     # Again: every run is reused, stacked or not.
     again = run_sweep(specs, RunOptions(out=tmp_path, progress=False, log=lines.append), backend="serial", stack=2,

@@ -685,13 +685,16 @@ AUTO_STACK_GPU = 16
 _STATE_BYTES_PER_PARAMETER = 4 * 7 * 2
 
 
-def auto_stack_size(model: nn.Module, device: str, members: int) -> tuple[int, str]:
+def auto_stack_size(model: nn.Module, device: str, members: int, workers: int = 1) -> tuple[int, str]:
     """The stack size ``--stack auto`` uses for ``members`` runs of ``model`` on ``device``, and why (one line).
 
     At most :data:`AUTO_STACK_CPU` / :data:`AUTO_STACK_GPU`, at most ``members``, and at most what fits in
-    a quarter of the free memory of the device (RAM on the CPU) at the training state's size."""
+    a quarter of the free memory of the device (RAM on the CPU) at the training state's size. On the CPU
+    also at most ``ceil(members / workers)``: a sweep runs each stack on one worker, and a stack of 8 that
+    leaves the second of 2 workers idle is slower than two stacks of 4 side by side. 1: no stacking."""
     params = sum(p.numel() for p in model.parameters())
     per_member = params * _STATE_BYTES_PER_PARAMETER
+    by_workers = members
     if str(device).startswith("cuda"):
         free, _ = torch.cuda.mem_get_info(torch.device(device))
         cap, where = AUTO_STACK_GPU, "GPU"
@@ -701,12 +704,15 @@ def auto_stack_size(model: nn.Module, device: str, members: int) -> tuple[int, s
         except (ValueError, OSError, AttributeError):  # not on Linux: no memory bound
             free = 1 << 50
         cap, where = AUTO_STACK_CPU, "CPU"
+        by_workers = -(-members // max(1, workers))
     by_memory = max(1, int(free // 4 // max(1, per_member)))
-    k = max(1, min(cap, members, by_memory))
+    k = max(1, min(cap, members, by_workers, by_memory))
     limit = ("the number of runs that can share a stack" if k == members else
+             f"the {workers} workers (a stack each)" if k == by_workers else
              f"a quarter of the free {where} memory ({free / 2**30:.1f} GiB)" if k == by_memory else
              f"the largest {where} stack measured")
-    return k, (f"--stack auto: stacks of {k} for {type(model).__name__} ({params:,} parameters, about "
+    what = f"stacks of {k}" if k > 1 else "no stacks (each run alone)"
+    return k, (f"--stack auto: {what} for {type(model).__name__} ({params:,} parameters, about "
                f"{per_member / 2**20:.0f} MiB of training state per member) on the {where}; limited by {limit}")
 
 

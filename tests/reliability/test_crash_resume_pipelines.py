@@ -46,8 +46,9 @@ ARGS = {
     "sweep": ["sweep", "train", *TRAIN, "--seeds", "0,1", "--workers", "2", "--threads-per-worker", "1", "--no-report",
               "--no-progress"],
 }
-# --stack 2: both dense jobs train as one stacked network in the sweep's own process (no worker).
-ARGS["sweep-stack"] = [*ARGS["sweep"], "--stack", "2", "--data-order-seed", "0"]
+# --stack 2: both dense jobs train as one stacked network, a job of the sweep's backend; --backend serial runs
+# it in the sweep's own process (no worker), so the kills below land in the parent.
+ARGS["sweep-stack"] = [*ARGS["sweep"], "--stack", "2", "--data-order-seed", "0", "--backend", "serial"]
 STRUCTURED = {"refill": ["structure", "refill"], "refill+": ["structure", "refill+", "--fillback-rate", "0.5"],
               # --coverage 1.0: blocks no larger than the kept weights, so the ticket stays sparse (at the default
               # 1.5 the blocks of a 0.8-dense source cover every weight and the ticket would be dense)
@@ -322,7 +323,8 @@ def test_sweep_parent_and_workers_killed_at_every_write_point(procs, tmp_path):
 
 @pytest.mark.slow
 def test_sweep_parent_killed_mid_job_in_its_own_process(procs, tmp_path):
-    """``--stack 2``: the sweep's parent trains both jobs itself, as one stacked network, so kills at counted
+    """``--stack 2 --backend serial``: the sweep's parent trains both jobs itself, as one stacked network (the
+    serial backend runs the stack's job in its own process), so kills at counted
     steps (:func:`step_kills`) kill the parent in the middle of its jobs, deterministically; each restart
     resumes the stack, and the last one's folders must equal the uninterrupted stacked sweep's bit for bit.
 

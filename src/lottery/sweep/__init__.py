@@ -22,7 +22,9 @@ their recipe (CS, LRR, fine-tuning, one-shot pruning) get the dense training of 
 training, seed)`` as a job of its own, run once and before them, so no worker ever waits on, or fails
 on, another worker's folder lock; two jobs that would write one folder are refused before anything runs. A job that raises is reported (kind, hparams,
 error) and the others go on; ``<out>/sweep_<name>.json`` records every job, its run folder, status and
-results, the epochs trained, the wall time, the backend and the number of workers.
+results, the epochs trained, the wall time, the backend and the number of workers. Runs that can share
+one stacked network (dense seeds, CS searches: :mod:`lottery.sweep.stacks`) run as stacks, each stack one
+job of the backend (``stack``, default ``'auto'``).
 
 Scripts that call :func:`run_sweep` with the local backend need the usual ``if __name__ == "__main__":``
 guard: workers are started with the *spawn* method (a forked PyTorch process can deadlock).
@@ -36,7 +38,7 @@ from typing import Any, Callable, Sequence
 
 from lottery.errors import ConfigError, LotteryError  # noqa: F401  (LotteryError: re-exported)
 from lottery.sweep.backends import (  # noqa: F401
-    BACKENDS, _LocalBackend, _options_state, _RayBackend, _SerialBackend, _execute, clean_ray_line,
+    BACKENDS, JobTask, _LocalBackend, _options_state, _RayBackend, _SerialBackend, _execute, clean_ray_line,
     import_ray, one_line,
 )
 from lottery.sweep.kinds import (  # noqa: F401
@@ -49,6 +51,9 @@ from lottery.sweep.spec import (  # noqa: F401
     JobSpec, build_job, default_threads_per_worker, dense_reference_spec, expand_grid, job_labels, make_spec, run_job,
     spec_from_job,
 )
+from lottery.sweep.stacks import (  # noqa: F401
+    STACK_KINDS, Stack, StackKind, finish_stack, plan_stacks, register_stack_kind, split_evenly,
+)
 
 __all__ = [
     "BACKENDS",
@@ -57,6 +62,8 @@ __all__ = [
     "JobOutcome",
     "JobSpec",
     "KINDS",
+    "STACK_KINDS",
+    "StackKind",
     "SweepResult",
     "available_kinds",
     "build_job",
@@ -70,6 +77,7 @@ __all__ = [
     "kind_available",
     "make_spec",
     "register_kind",
+    "register_stack_kind",
     "run_job",
     "run_sweep",
     "spec_from_job",
@@ -89,7 +97,7 @@ def run_sweep(
     num_gpus: float = 0,
     progress: bool | None = None,
     log: Callable[[str], None] | None = None,
-    stack: int | str = 1,
+    stack: int | str = "auto",
 ) -> SweepResult:
     """Run many experiments in parallel; return what became of each, failures included.
 
@@ -106,14 +114,15 @@ def run_sweep(
     initialised Ray is used as it is. ``backend='serial'``: one job at a time in this process.
     With the local backend every worker uses ``options.device``; to spread jobs over several GPUs use Ray.
 
-    ``stack`` > 1: dense jobs (``train``, requested or dense references) that differ only in their seed and
-    share one data order (``TrainingHparams.data_order_seed``) are trained in groups of at most ``stack`` as
-    one stacked network (:func:`lottery.experiment.train_dense_stacked`), in this process and before the
-    other jobs, writing the same run folders; then CS ticket searches (``cs``) that differ only in ``s0``,
-    ``lam`` and seed and share one data order, as stacks of at most ``stack``
-    (:func:`lottery.pipelines.cs_stacked.run_cs_stacked`). The others (and stacks the stacked path
-    refuses, with one line) run as usual. ``stack='auto'``: each group's stack size from the device and the
-    model's size (:func:`lottery.experiment.auto_stack_size`), said in one line.
+    ``stack``: runs that can share a stacked network (:mod:`lottery.sweep.stacks`: dense runs that differ
+    only in their seed, CS ticket searches that differ only in ``s0``, ``lam`` and seed; both sharing one
+    data order, ``TrainingHparams.data_order_seed``) run in stacks of at most ``stack``, each stack one job
+    of the backend (a worker, a Ray task), writing the run folders their unstacked runs write; dense stacks
+    before the CS stacks that start from them. Runs that cannot share a stack (one line per reason), and
+    members a stack does not take, run as usual. ``'auto'`` (default): each group's stack size from the
+    device, the model's size and, on the CPU, the number of workers, so that every worker gets a stack
+    (:func:`lottery.experiment.auto_stack_size`), said in one line; a group of one, or as few runs as
+    workers on the CPU, runs unstacked. ``1``: no stacking.
     """
     from lottery.experiment import RunOptions
     from lottery.io import write_json
@@ -197,8 +206,6 @@ def run_sweep(
     if backend == "ray" and num_gpus > 0:
         # Ray gives each task its GPU(s) (CUDA_VISIBLE_DEVICES); the driver itself may have none.
         opts["device"] = "cuda"
-    # Dense references first: their dependents can only start once they are finished.
-    queue = sorted(entries, key=lambda e: (e.role != "dense-reference", e.index))
     start_time = time.time()
     t0 = time.perf_counter()
 
@@ -246,15 +253,27 @@ def run_sweep(
     record("running")
     cancelled = True
     try:
-        if stack == "auto" or stack > 1:
-            _run_stacks(entries, stack, options, log, finish)
+        stacks = plan_stacks(entries, stack, options, log, workers) if stack == "auto" or stack > 1 else []
+        # Dense references (and stacks of them) first: their dependents can only start once they are
+        # finished; a stack before the jobs of its level, as it takes longest.
+        queue: list[Any] = sorted(
+            [*stacks, *entries],
+            key=lambda it: ((max(e.role != "dense-reference" for e in it.members), 0, it.members[0].index)
+                            if isinstance(it, Stack) else (it.role != "dense-reference", 1, it.index)))
         in_flight = 0
         isolated = False  # a job retried after its pool broke runs alone, so a second crash is its own
         while True:
-            for e in queue:
+            for item in queue:
                 if in_flight >= cap or isolated:
                     break
-                if e.status != "pending" or (e.isolate and in_flight > 0):
+                if isinstance(item, Stack):
+                    if item.ready(entries):
+                        log(item.start())
+                        runner.submit(item, item.task(), opts)
+                        in_flight += 1
+                    continue
+                e = item
+                if e.status != "pending" or e.stacked or (e.isolate and in_flight > 0):
                     continue
                 if e.depends_on is not None:
                     dep = entries[e.depends_on]
@@ -266,16 +285,20 @@ def run_sweep(
                         continue
                 e.status = "running"
                 e.attempts += 1
-                runner.submit(e, opts)
+                runner.submit(e, JobTask(e.kind, e.spec), opts)
                 in_flight += 1
                 isolated = e.isolate
             if in_flight == 0:
                 break
-            for e, outcome in runner.wait():
+            for item, outcome in runner.wait():
                 in_flight -= 1
+                if isinstance(item, Stack):
+                    finish_stack(item, outcome, finish, log)
+                    continue
+                e = item
                 if e.isolate:
                     isolated = False
-                if outcome.get("crashed") and e.attempts < 2:
+                if outcome.get("crashed") and not e.isolate:
                     # The pool broke, taking every job in it: the culprit is unknown, so each is retried
                     # once, alone. An innocent job then finishes; the culprit breaks its pool again.
                     log(f"retrying {e.label} alone: {outcome['error']}")
@@ -301,123 +324,3 @@ def run_sweep(
         for o in result.failures:
             log(f"  {o.label}: {one_line(o.error)}")
     return result
-
-
-def _chunks(group: list[_Entry], job, size: int | str, options, log: Callable[[str], None]) -> list[list[_Entry]]:
-    """``group`` cut into stacks of at most ``size`` (``'auto'``: :func:`lottery.experiment.auto_stack_size`),
-    as even as possible: 9 runs in stacks of at most 8 are 5 + 4, not 8 + 1 (a stack of one is no stack)."""
-    if size == "auto":
-        from lottery.experiment import auto_stack_size, build_model, load_data
-
-        size, why = auto_stack_size(build_model(job.model, load_data(job.data, options), job.seed), options.device,
-                                    len(group))
-        log(f"stack: {why}")
-    n = -(-len(group) // size)  # stacks
-    per = -(-len(group) // n)
-    return [group[i:i + per] for i in range(0, len(group), per)]
-
-
-def _run_stacks(entries: list[_Entry], size: int | str, options, log: Callable[[str], None],
-                finish: Callable[[_Entry, dict[str, Any]], None]) -> None:
-    """Train the sweep's dense jobs that can share a stack, ``size`` at most per stack, in this process; then
-    its CS searches (:func:`_run_cs_stacks`). Dense first: a CS stack's dense references are then reused."""
-    from lottery.experiment import data_order_of, train_dense_stacked
-
-    groups: dict[Any, list[_Entry]] = {}
-    for e in entries:
-        if e.kind.name != "train" or e.status != "pending":
-            continue
-        job = build_job(e.spec, e.kind)
-        groups.setdefault((job.data, job.model, job.training, data_order_of(job.training, job.seed)), []).append(e)
-    unstackable = [g[0] for g in groups.values() if len(g) == 1]
-    if unstackable:
-        log(f"stack: {len(unstackable)} dense job(s) share their data order with no other and run unstacked "
-            "(runs of different seeds share one only with --data-order-seed)")
-    for group in groups.values():
-        if len(group) < 2:
-            continue
-        for chunk in _chunks(group, build_job(group[0].spec, group[0].kind), size, options, log):
-            if len(chunk) < 2:
-                continue
-            jobs = [build_job(e.spec, e.kind) for e in chunk]
-            log(f"stack: training {len(chunk)} dense runs as one ({', '.join(e.label for e in chunk)})")
-            done = _run_stack(chunk, lambda: train_dense_stacked(jobs, options, wait_for_lock=True), finish)
-            if done is None:
-                continue
-            results, seconds = done
-            for e, r in zip(chunk, results):
-                finish(e, {"ok": True, "results": r, "seconds": seconds})
-    _run_cs_stacks(entries, size, options, log, finish)
-
-
-def _run_stack(chunk: list[_Entry], train: Callable[[], Any],
-               finish: Callable[[_Entry, dict[str, Any]], None]) -> tuple[Any, float] | None:
-    """Mark ``chunk``'s entries running and call ``train`` (one stack, in this process). Returns its results and
-    each member's share of the time, or None after reporting an exception as every member's failure (as a
-    worker's failure would be reported)."""
-    for e in chunk:
-        e.status = "running"
-        e.attempts += 1
-    t0 = time.perf_counter()
-    try:
-        results = train()
-    except Exception as err:
-        import traceback
-
-        outcome = {"ok": False, "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(),
-                   "seconds": time.perf_counter() - t0}
-        for e in chunk:
-            finish(e, outcome)
-        return None
-    return results, (time.perf_counter() - t0) / len(chunk)
-
-
-def _run_cs_stacks(entries: list[_Entry], size: int | str, options, log: Callable[[str], None],
-                   finish: Callable[[_Entry, dict[str, Any]], None]) -> None:
-    """Run the sweep's CS ticket searches that can share a stack (lottery.pipelines.cs_stacked), ``size``
-    at most per stack, in this process; members a stack cannot take stay pending for the workers."""
-    from lottery.pipelines.cs_stacked import run_cs_stacked, stack_key, stack_refusal
-
-    groups: dict[Any, list[_Entry]] = {}
-    jobs: dict[int, Any] = {}
-    refused: dict[str, int] = {}
-    for e in entries:
-        if e.kind.name not in ("cs", "cs-prune") or e.status != "pending":
-            continue
-        try:
-            job = build_job(e.spec, e.kind)
-        except Exception:  # an unbuildable job fails when it runs, with its own message
-            continue
-        why = stack_refusal([job], options)
-        if why is not None:
-            refused[why] = refused.get(why, 0) + 1
-            continue
-        jobs[e.index] = job
-        groups.setdefault(stack_key(job), []).append(e)
-    for why, n in refused.items():
-        log(f"stack: {n} CS job(s) run unstacked: {why}")
-    alone = sum(len(g) for g in groups.values() if len(g) == 1)
-    if alone:
-        log(f"stack: {alone} CS job(s) share their model, recipe and data order with no other and run unstacked "
-            "(searches of different seeds share one only with --data-order-seed)")
-    for group in groups.values():
-        if len(group) < 2:
-            continue
-        for chunk in _chunks(group, jobs[group[0].index], size, options, log):
-            if len(chunk) < 2:
-                continue
-            log(f"stack: {len(chunk)} CS searches as one ({', '.join(e.label for e in chunk)})")
-            members = [jobs[e.index] for e in chunk]
-            done = _run_stack(chunk, lambda: run_cs_stacked(members, options, raise_errors=False, fallback=False),
-                              finish)
-            if done is None:
-                continue
-            results, seconds = done
-            for e, r in zip(chunk, results):
-                if r is None:  # not stacked: the workers run it
-                    e.status = "pending"
-                    e.attempts -= 1
-                elif isinstance(r, BaseException):
-                    finish(e, {"ok": False, "error": f"{type(r).__name__}: {r}", "seconds": seconds})
-                else:
-                    finish(e, {"ok": True, "results": r, "seconds": seconds})

@@ -10,12 +10,12 @@ import sys
 import threading
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from lottery.errors import LotteryError
 from lottery.sweep.kinds import JobKind
-from lottery.sweep.record import _Entry
 from lottery.sweep.spec import JobSpec, run_job
 
 BACKENDS = ("local", "ray", "serial")
@@ -86,9 +86,26 @@ def _options_state(options) -> dict[str, Any]:
             "imports": imported_model_modules(), "cwd": os.getcwd()}
 
 
-def _execute(kind: JobKind, spec: JobSpec, opts: dict[str, Any], label: str, log: Callable[[str], None],
+@dataclass(frozen=True)
+class JobTask:
+    """One sweep job as a backend runs it: frozen and picklable, so it goes to a spawned worker or a Ray task
+    as it is. A task is called with the worker's ``RunOptions`` and returns what the sweep records as the
+    job's results (:class:`lottery.sweep.stacks.StackTask` is the other kind of task: a stack of jobs)."""
+
+    kind: JobKind
+    spec: JobSpec
+
+    def __call__(self, options) -> dict[str, Any]:
+        results = run_job(self.spec, options, self.kind)
+        if not isinstance(results, dict):
+            raise LotteryError(f"job kind {self.kind.name!r} returned {type(results).__name__}, not a results dict")
+        return results
+
+
+def _execute(task: Callable[[Any], Any], opts: dict[str, Any], label: str, log: Callable[[str], None],
              threads: int | None = None) -> dict[str, Any]:
-    """Run one job; never raises: returns ``{"ok": True, "results": ...}`` or the error and traceback."""
+    """Run one task (a :class:`JobTask`, a stack); never raises: returns ``{"ok": True, "results": ...}`` or
+    the error and traceback."""
     from lottery.experiment import RunOptions
 
     start = time.perf_counter()
@@ -106,9 +123,7 @@ def _execute(kind: JobKind, spec: JobSpec, opts: dict[str, Any], label: str, log
         options = RunOptions(out=Path(opts["out"]), data_dir=opts["data_dir"], device=opts["device"],
                              progress=False, download=opts["download"], log=lambda line: log(f"[{label}] {line}"),
                              strict=bool(opts.get("strict", False)), tensorboard=bool(opts.get("tensorboard", False)))
-        results = run_job(spec, options, kind)
-        if not isinstance(results, dict):
-            raise LotteryError(f"job kind {kind.name!r} returned {type(results).__name__}, not a results dict")
+        results = task(options)
         return {"ok": True, "results": results, "seconds": time.perf_counter() - start}
     except BaseException as e:  # a crashed experiment (even sys.exit) is reported, never stops the sweep
         if isinstance(e, KeyboardInterrupt):
@@ -117,13 +132,13 @@ def _execute(kind: JobKind, spec: JobSpec, opts: dict[str, Any], label: str, log
                 "seconds": time.perf_counter() - start}
 
 
-def _local_task(kind: JobKind, spec: JobSpec, opts: dict[str, Any], label: str) -> dict[str, Any]:
-    return _execute(kind, spec, opts, label, _emit)
+def _local_task(task: Callable[[Any], Any], opts: dict[str, Any], label: str) -> dict[str, Any]:
+    return _execute(task, opts, label, _emit)
 
 
-def _ray_task(kind: JobKind, spec: JobSpec, opts: dict[str, Any], label: str, threads: int) -> dict[str, Any]:
+def _ray_task(task: Callable[[Any], Any], opts: dict[str, Any], label: str, threads: int) -> dict[str, Any]:
     # Ray reuses its worker processes for other tasks, so the thread count is set per task.
-    return _execute(kind, spec, opts, label, _emit, threads=threads)
+    return _execute(task, opts, label, _emit, threads=threads)
 
 
 # -- backends --------------------------------------------------------------------------------------
@@ -133,17 +148,17 @@ class _SerialBackend:
     def __init__(self, threads: int, log: Callable[[str], None]):
         self.threads, self.log, self.done = threads, log, []
 
-    def submit(self, entry: "_Entry", opts: dict[str, Any]) -> Any:
+    def submit(self, item: Any, task: Callable[[Any], Any], opts: dict[str, Any]) -> Any:
         import torch
 
         before = torch.get_num_threads()
         try:
-            self.done.append((entry, _execute(entry.kind, entry.spec, opts, entry.label, self.log, self.threads)))
+            self.done.append((item, _execute(task, opts, item.label, self.log, self.threads)))
         finally:
             torch.set_num_threads(before)
-        return entry
+        return item
 
-    def wait(self) -> list[tuple["_Entry", dict[str, Any]]]:
+    def wait(self) -> list[tuple[Any, dict[str, Any]]]:
         done, self.done = self.done, []
         return done
 
@@ -179,7 +194,7 @@ class _LocalBackend:
         self.pool = None
         self.queue: Any = None
         self.drain: threading.Thread | None = None
-        self.futures: dict[Any, _Entry] = {}
+        self.futures: dict[Any, Any] = {}
 
     def _drain(self, queue) -> None:
         while True:
@@ -216,13 +231,13 @@ class _LocalBackend:
             pass
         self.queue = self.drain = None
 
-    def submit(self, entry: "_Entry", opts: dict[str, Any]) -> Any:
+    def submit(self, item: Any, task: Callable[[Any], Any], opts: dict[str, Any]) -> Any:
         with _no_sigint():  # the pool starts its worker processes here, on demand
-            fut = self._pool().submit(_local_task, entry.kind, entry.spec, opts, entry.label)
-        self.futures[fut] = entry
+            fut = self._pool().submit(_local_task, task, opts, item.label)
+        self.futures[fut] = item
         return fut
 
-    def wait(self) -> list[tuple["_Entry", dict[str, Any]]]:
+    def wait(self) -> list[tuple[Any, dict[str, Any]]]:
         from concurrent.futures import FIRST_COMPLETED
         from concurrent.futures import wait as futures_wait
         from concurrent.futures.process import BrokenProcessPool
@@ -231,15 +246,15 @@ class _LocalBackend:
         out = []
         broken = False
         for fut in done:
-            entry = self.futures.pop(fut)
+            item = self.futures.pop(fut)
             try:
-                out.append((entry, fut.result()))
+                out.append((item, fut.result()))
             except BrokenProcessPool:
                 broken = True
-                out.append((entry, {"ok": False, "crashed": True, "seconds": 0.0,
+                out.append((item, {"ok": False, "crashed": True, "seconds": 0.0,
                                     "error": "its worker process died (killed, out of memory, or a crash in native code)"}))
             except Exception as e:  # e.g. an unpicklable argument
-                out.append((entry, {"ok": False, "error": f"{type(e).__name__}: {e}", "seconds": 0.0,
+                out.append((item, {"ok": False, "error": f"{type(e).__name__}: {e}", "seconds": 0.0,
                                     "traceback": traceback.format_exc()}))
         if broken:
             self.pool.shutdown(wait=False, cancel_futures=True)
@@ -393,7 +408,7 @@ class _RayBackend:
         self.info = {"cluster_cpus": resources.get("CPU", 0.0), "cluster_gpus": resources.get("GPU", 0.0),
                      "nodes": len(ray.nodes())}
         self.num_cpus, self.num_gpus, self.threads = num_cpus, num_gpus, threads
-        self.refs: dict[Any, _Entry] = {}
+        self.refs: dict[Any, Any] = {}
 
     def _relay_worker_logs(self) -> None:
         """Take the tasks' lines from Ray's dispatcher instead of Ray's printer (which colours, prefixes and
@@ -427,21 +442,21 @@ class _RayBackend:
         except Exception:  # never break Ray's log thread over one line
             pass
 
-    def submit(self, entry: "_Entry", opts: dict[str, Any]) -> Any:
+    def submit(self, item: Any, task: Callable[[Any], Any], opts: dict[str, Any]) -> Any:
         ref = self.remote.options(num_cpus=self.num_cpus, num_gpus=self.num_gpus, max_retries=1,
-                                  name=entry.label[:100]).remote(entry.kind, entry.spec, opts, entry.label, self.threads)
-        self.refs[ref] = entry
+                                  name=item.label[:100]).remote(task, opts, item.label, self.threads)
+        self.refs[ref] = item
         return ref
 
-    def wait(self) -> list[tuple["_Entry", dict[str, Any]]]:
+    def wait(self) -> list[tuple[Any, dict[str, Any]]]:
         ready, _ = self.ray.wait(list(self.refs), num_returns=1)
         out = []
         for ref in ready:
-            entry = self.refs.pop(ref)
+            item = self.refs.pop(ref)
             try:
-                out.append((entry, self.ray.get(ref)))
+                out.append((item, self.ray.get(ref)))
             except Exception as e:  # the task's worker died, or its result could not be fetched
-                out.append((entry, {"ok": False, "seconds": 0.0, "error": f"{type(e).__name__}: {one_line(e)}",
+                out.append((item, {"ok": False, "seconds": 0.0, "error": f"{type(e).__name__}: {one_line(e)}",
                                     "traceback": traceback.format_exc()}))
         return out
 

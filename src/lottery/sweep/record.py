@@ -27,6 +27,7 @@ class _Entry:
     status: str = "pending"  # pending | running | ok | failed
     attempts: int = 0
     isolate: bool = False
+    stacked: bool = False  # a member of a planned stack (lottery.sweep.stacks) that has not finished
     outcome: dict[str, Any] = field(default_factory=dict)
     run_dir: str | None = None
     reused: bool | None = None
