@@ -249,7 +249,8 @@ def test_a_stack_kind_registers_with_one_call(tmp_path, monkeypatch):
     from lottery.methods.imp import IMPHparams
     from lottery.sweep import register_stack_kind
 
-    monkeypatch.setattr("lottery.sweep.stacks.STACK_KINDS", dict(STACK_KINDS))
+    # Without the built-in imp kind, so that this test's own takes its place.
+    monkeypatch.setattr("lottery.sweep.stacks.STACK_KINDS", {k: v for k, v in STACK_KINDS.items() if k != "imp"})
     from lottery.sweep import stacks
 
     kind = register_stack_kind("imp", key=f"{__name__}:imp_key", refusal=f"{__name__}:imp_refusal",
