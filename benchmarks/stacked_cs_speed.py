@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -139,6 +140,9 @@ def main() -> None:
                     help="torch threads of the stacked and sequential processes (default: one per core; on a loaded "
                          "machine a 2-thread process stalls on every busy core, so compare with 1 there)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (on a GPU compare --modes stacked,sequential)")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="rounds of measurements: every (K, mode) once per round, rounds one after another, so the "
+                         "modes interleave; the table gives medians over rounds (default 1)")
     ap.add_argument("--out", default=None, help="also write the measurements to this JSON file")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--mode", default=None, help=argparse.SUPPRESS)
@@ -152,28 +156,39 @@ def main() -> None:
     print(f"{machine()}; load average at start {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
     per_member_state = param_bytes_per_member(args)
     rows = []
-    for k in [int(v) for v in args.ks.split(",")]:
-        for mode in args.modes.split(","):
-            cmd = [sys.executable, __file__, "--one", "--mode", mode, "--k", str(k), "--model", args.model,
-                   "--rounds", str(args.rounds), "--round-steps", args.round_steps, "--training-steps",
-                   args.training_steps, "--rewind", args.rewind]
-            cmd += ["--seeds"] if args.seeds else []
-            cmd += ["--synthetic"] if args.synthetic else []
-            cmd += ["--workers", str(args.workers)] if args.workers else []
-            cmd += ["--device", args.device]
-            cmd += ["--threads", str(args.threads)] if args.threads else []
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
-            lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-            if proc.returncode != 0 or not lines:
-                print(f"K={k} {mode}: failed: {proc.stderr.strip().splitlines()[-1:]}")
-                continue
-            r = json.loads(lines[-1])
-            r["load"] = os.getloadavg()[0]
-            rows.append(r)
-            print(f"  K={k} {mode}: {r['seconds']:.1f} s, {r['ok']}/{k} ok ({r['stacked']} stacked), load {r['load']:.2f}", flush=True)
+    for rep in range(args.repeats):
+        for k in [int(v) for v in args.ks.split(",")]:
+            for mode in args.modes.split(","):
+                cmd = [sys.executable, __file__, "--one", "--mode", mode, "--k", str(k), "--model", args.model,
+                       "--rounds", str(args.rounds), "--round-steps", args.round_steps, "--training-steps",
+                       args.training_steps, "--rewind", args.rewind]
+                cmd += ["--seeds"] if args.seeds else []
+                cmd += ["--synthetic"] if args.synthetic else []
+                cmd += ["--workers", str(args.workers)] if args.workers else []
+                cmd += ["--device", args.device]
+                cmd += ["--threads", str(args.threads)] if args.threads else []
+                proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+                lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+                if proc.returncode != 0 or not lines:
+                    print(f"K={k} {mode}: failed: {proc.stderr.strip().splitlines()[-1:]}")
+                    continue
+                r = json.loads(lines[-1])
+                r["load"] = os.getloadavg()[0]
+                r["repeat"] = rep
+                rows.append(r)
+                print(f"  round {rep + 1}/{args.repeats} K={k} {mode}: {r['seconds']:.1f} s, {r['ok']}/{k} ok "
+                      f"({r['stacked']} stacked), load {r['load']:.2f}", flush=True)
+    measured = rows
+    rows = []  # per (K, mode): the median run over the rounds (its seconds; the spread beside it)
+    for key in dict.fromkeys((r["k"], r["mode"]) for r in measured):
+        runs = sorted((r for r in measured if (r["k"], r["mode"]) == key), key=lambda r: r["seconds"])
+        med = dict(runs[len(runs) // 2])
+        med["seconds"] = statistics.median(r["seconds"] for r in runs)
+        med["all_seconds"] = [r["seconds"] for r in runs]
+        rows.append(med)
     print()
-    print("| K | mode | seconds | experiments/hour | vs sequential | vs workers | peak RSS per member (MB) | load |")
-    print("|---|------|---------|------------------|---------------|------------|--------------------------|------|")
+    print("| K | mode | seconds (median) | runs (s) | experiments/hour | vs sequential | vs workers | peak RSS per member (MB) | load |")
+    print("|---|------|---------|------|------------------|---------------|------------|--------------------------|------|")
     by = {(r["k"], r["mode"]): r for r in rows}
     for r in rows:
         eph = 3600 * r["k"] / r["seconds"]
@@ -181,7 +196,8 @@ def main() -> None:
         vs = lambda other: f"{other['seconds'] / r['seconds']:.2f}x" if other else "-"  # noqa: E731
         rss = max(r["peak_rss"], r["peak_rss_worker"] * (args.workers or os.cpu_count() or 1)
                   if r["mode"] in ("workers", "stacked-workers") else 0)
-        print(f"| {r['k']} | {r['mode']} | {r['seconds']:.1f} | {eph:.0f} | {vs(seq)} | {vs(wrk)} | "
+        runs = " / ".join(f"{v:.1f}" for v in r["all_seconds"])
+        print(f"| {r['k']} | {r['mode']} | {r['seconds']:.1f} | {runs} | {eph:.0f} | {vs(seq)} | {vs(wrk)} | "
               f"{rss / r['k'] / 2**20:.0f} | {r['load']:.2f} |")
     print(f"\nparameters + optimizer state per member: {per_member_state / 2**20:.2f} MB (the same stacked or not)")
     print("peak RSS per member: the process's peak / K (workers: each worker's peak x workers / K; it includes "
@@ -191,7 +207,7 @@ def main() -> None:
         print(f"failed members: {errors[:3]}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"machine": machine(), "args": vars(args), "rows": rows,
+        Path(args.out).write_text(json.dumps({"machine": machine(), "args": vars(args), "rows": rows, "runs": measured,
                                               "state_bytes_per_member": per_member_state}, indent=1))
 
 
