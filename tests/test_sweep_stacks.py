@@ -192,6 +192,10 @@ def test_auto_gives_every_cpu_worker_a_stack(tmp_path):
     k, why = auto_stack_size(model, "cpu", 2, workers=2)
     assert k == 1 and "no stacks" in why
     assert auto_stack_size(model, "cpu", 20, workers=1)[0] == 8  # the CPU cap
+    # Convolutional networks are not stacked on the CPU by auto (measured slower there).
+    conv = build_model("conv4", input_shape=(1, 8, 8), num_classes=10, width=0.125)
+    k, why = auto_stack_size(conv, "cpu", 8, workers=2)
+    assert k == 1 and "no stacks" in why and "convolutions" in why
     # In the planner: 8 dense seeds, 2 workers -> two stacks of 4; 2 seeds on 2 workers -> none.
     lines: list[str] = []
     stacks = plan_stacks(_entries(_dense_specs(seeds=range(8))), "auto", RunOptions(out=tmp_path), lines.append,

@@ -691,10 +691,16 @@ def auto_stack_size(model: nn.Module, device: str, members: int, workers: int = 
     At most :data:`AUTO_STACK_CPU` / :data:`AUTO_STACK_GPU`, at most ``members``, and at most what fits in
     a quarter of the free memory of the device (RAM on the CPU) at the training state's size. On the CPU
     also at most ``ceil(members / workers)``: a sweep runs each stack on one worker, and a stack of 8 that
-    leaves the second of 2 workers idle is slower than two stacks of 4 side by side. 1: no stacking."""
+    leaves the second of 2 workers idle is slower than two stacks of 4 side by side. On the CPU, networks
+    with convolutions are not stacked: their stacks (grouped convolutions) were slower than the same runs
+    unstacked (Conv-4 at width 0.125, K = 4: 0.78x in one process, 0.94x as two stacks on 2 workers,
+    benchmarks/RESULTS.md); an explicit ``--stack K`` still stacks them. 1: no stacking."""
     params = sum(p.numel() for p in model.parameters())
     per_member = params * _STATE_BYTES_PER_PARAMETER
     by_workers = members
+    if not str(device).startswith("cuda") and any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules()):
+        return 1, (f"--stack auto: no stacks (each run alone) for {type(model).__name__} on the CPU: stacked "
+                   "convolutions ran slower than unstacked runs there (benchmarks/RESULTS.md); --stack K forces stacks")
     if str(device).startswith("cuda"):
         free, _ = torch.cuda.mem_get_info(torch.device(device))
         cap, where = AUTO_STACK_GPU, "GPU"

@@ -146,12 +146,13 @@ def _sweep_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-gpus", type=float, default=0,
                    help="ray: GPUs asked per experiment; > 0 runs the experiments on cuda (default: 0)")
     g.add_argument("--stack", type=_stack_size, default="auto",
-                   help="train runs that differ only in their seed (dense runs, dense references) or in s0, lam and "
-                        "seed (CS ticket searches) and share one data order (--data-order-seed for different seeds) "
-                        "as stacked networks of at most this many, each stack one job of a worker; 'auto': a size "
+                   help="train runs that differ only in their seed (dense runs, dense references, IMP replicates) or "
+                        "in s0, lam and seed (CS ticket searches) and share one data order (--data-order-seed for "
+                        "different seeds) as stacked networks of at most this many, each stack one job of a worker; 'auto': a size "
                         "from the device, the model's size and, on the CPU, the workers (every worker gets a "
-                        "stack), said in the log, and no stacks where they do not pay (one run, or no more runs "
-                        "than workers on the CPU); 1: no stacking; unsupported models and options run unstacked "
+                        "stack), said in the log, and no stacks where they do not pay (one run, no more runs "
+                        "than workers, or a convolutional network on the CPU); 1: no stacking; unsupported models "
+                        "and options run unstacked "
                         "after one line (default: auto)")
     g.add_argument("--name", default=None, help="sweep name: the record is <out>/sweep_<name>.json (default: a hash of the jobs)")
     g.add_argument("--no-report", action="store_true", help="skip the table and plots at the end")
