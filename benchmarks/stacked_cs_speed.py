@@ -7,8 +7,9 @@ run folders written), K at a time, three ways, side by side in one run:
 - ``sequential``: the same K searches one after another in one process, with every core's threads;
 - ``workers``: the same K searches as a local sweep with ``--workers W`` (default: one per core, 1 thread
   each: the best unstacked setting on the CPU, benchmarks/RESULTS.md), unstacked (``--stack 1``);
-- ``stacked-workers``: the same local sweep with ``--stack auto`` (``lottery sweep``'s default): stacks of
-  at most ``ceil(K / W)``, each a worker's job, side by side, 1 thread per worker.
+- ``stacked-workers``: the same local sweep with stacks of ``ceil(K / W)`` (what ``--stack auto``, the
+  default, picks for LeNet; forced here, since auto does not stack convolutional networks on the CPU),
+  each a worker's job, side by side, 1 thread per worker.
 
 Each measurement runs in a fresh process (its peak RSS is its own) on a fresh output folder; no dense
 reference (``--no-dense``), so only the searches are timed. Members differ in s0 (and seed with
@@ -105,8 +106,9 @@ def one(args) -> None:
     elif args.mode in ("workers", "stacked-workers"):
         from lottery.sweep import run_sweep
 
-        sweep = run_sweep(js, options, workers=args.workers or os.cpu_count() or 1, threads_per_worker=1,
-                          backend="local", stack="auto" if args.mode == "stacked-workers" else 1)
+        workers = args.workers or os.cpu_count() or 1
+        sweep = run_sweep(js, options, workers=workers, threads_per_worker=1, backend="local",
+                          stack=-(-len(js) // workers) if args.mode == "stacked-workers" else 1)
         results = [o.results if o.ok else RuntimeError(o.error) for o in sweep.outcomes]
     else:
         raise SystemExit(f"unknown mode {args.mode!r}")
