@@ -236,3 +236,26 @@ def test_an_unstacked_checkpoint_or_a_trained_unfinished_level_sends_a_member_un
     (folder / "level_2" / "checkpoint.safetensors").write_bytes(b"")  # an unstacked run's, mid-level
     assert _finished_levels(folder, 2, options) is None
     assert _finished_levels(tmp_path / "empty", 2, options) == 0
+
+
+def test_any_other_failure_of_a_stack_sends_its_members_unstacked(tmp_path, monkeypatch):
+    """A stack that fails for a reason not known to be every member's (here a RuntimeError in level 1)
+    leaves its members to run alone from their last finished level: with ``fallback`` they finish there,
+    in a sweep (``fallback=False``) they come back as None for the sweep's workers."""
+    from lottery.engine import stacking
+
+    jobs = _jobs(IMP.replace(levels=1), TRAINING.replace(training_steps="1ep"))
+    original = stacking.StackedTrainer._train_step
+
+    def fail_in_level_1(self, x, y):
+        if self.desc.startswith("imp level 1/") and self.iteration == 3:
+            raise RuntimeError("disk trouble")
+        original(self, x, y)
+
+    monkeypatch.setattr(stacking.StackedTrainer, "_train_step", fail_in_level_1)
+    lines: list[str] = []
+    assert run_imp_stacked(jobs, _options(tmp_path / "sweep", lines), fallback=False) == [None, None]
+    assert any(line.startswith("stack: RuntimeError: disk trouble") and
+               line.endswith("the 2 IMP searches finish unstacked") for line in lines), lines
+    results = run_imp_stacked(jobs, _options(tmp_path / "alone"), raise_errors=True)
+    assert all([x["level"] for x in r["levels"]] == [0, 1] and "stack" not in r for r in results)

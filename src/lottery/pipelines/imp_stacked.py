@@ -166,9 +166,12 @@ def run_imp_stacked(jobs: Sequence[IMPJob], options: RunOptions, *, raise_errors
             # last finished level and only the one that diverges fails, as it would unstacked.
             log_line(options, f"stack: {_one_line(e)}; the {len(group)} IMP searches finish unstacked")
             alone += group
-        except Exception as e:  # noqa: BLE001  (reported per member below)
-            for i in group:
-                out[i] = e
+        except Exception as e:  # noqa: BLE001
+            # Any other failure of the stack (a member's damaged file, say) is not known to be every member's:
+            # alone, each member goes on from its last finished level and only the faulty one fails.
+            log_line(options, f"stack: {type(e).__name__}: {_one_line(e)}; the {len(group)} IMP searches finish "
+                              "unstacked")
+            alone += group
     for i in sorted(alone):
         finished = why is None and _finished_levels(folders[i], jobs[i].imp.levels, options) == jobs[i].imp.levels + 1
         if not (fallback or finished):
