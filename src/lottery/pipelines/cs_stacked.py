@@ -158,12 +158,18 @@ def run_cs_stacked(jobs: Sequence[CSJob], options: RunOptions, *, raise_errors: 
             # on from its last finished round and only the one that diverges fails, as it would unstacked.
             log_line(options, f"stack: {_one_line(e)}; the {len(group)} searches finish unstacked")
             alone += group
+    return finish_members(out, alone if fallback else [], lambda i: run_cs(jobs[i], options), raise_errors)
+
+
+def finish_members(out: list[Any], alone: Sequence[int], run_alone: Callable[[int], Any],
+                   raise_errors: bool) -> list[Any]:
+    """The end of a stacked run (CS here, IMP in lottery.pipelines.imp_stacked): members ``alone`` run
+    unstacked (``run_alone(i)``), each failure kept in its member's place so the others' results stand;
+    with ``raise_errors`` the first failure is then raised. Returns ``out``."""
     for i in sorted(alone):
-        if not fallback:
-            continue
         try:
-            out[i] = run_cs(jobs[i], options)
-        except Exception as e:  # noqa: BLE001  (reported per member below)
+            out[i] = run_alone(i)
+        except Exception as e:  # noqa: BLE001  (kept per member; raised below when asked)
             out[i] = e
     if raise_errors:
         for r in out:

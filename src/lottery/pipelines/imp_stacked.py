@@ -45,7 +45,7 @@ from lottery.io import load_tensors, save_tensors, write_json
 from lottery.masks import Mask
 from lottery.methods.cs import EnforceMaskCallback
 from lottery.methods.imp import derived_seed
-from lottery.pipelines.cs_stacked import _StackedSnapshot
+from lottery.pipelines.cs_stacked import _StackedSnapshot, finish_members
 from lottery.pipelines.imp import (
     IMPJob, _finish_level, _finish_level_zero, _finish_report, _imp_plan, _level, _level_head, _level_zero,
     _levels_folder, _open_levels, _prune_level, _summary, _ticket_epochs, run_imp,
@@ -172,19 +172,11 @@ def run_imp_stacked(jobs: Sequence[IMPJob], options: RunOptions, *, raise_errors
             log_line(options, f"stack: {type(e).__name__}: {_one_line(e)}; the {len(group)} IMP searches finish "
                               "unstacked")
             alone += group
-    for i in sorted(alone):
-        finished = why is None and _finished_levels(folders[i], jobs[i].imp.levels, options) == jobs[i].imp.levels + 1
-        if not (fallback or finished):
-            continue
-        try:
-            out[i] = run_imp(jobs[i], options)
-        except Exception as e:  # noqa: BLE001  (reported per member below)
-            out[i] = e
-    if raise_errors:
-        for r in out:
-            if isinstance(r, BaseException):
-                raise r
-    return out
+    def finished(i: int) -> bool:  # every level done: run_imp only reads the folder and writes the summary
+        return why is None and _finished_levels(folders[i], jobs[i].imp.levels, options) == jobs[i].imp.levels + 1
+
+    take = [i for i in alone if fallback or finished(i)]
+    return finish_members(out, take, lambda i: run_imp(jobs[i], options), raise_errors)
 
 
 class _LevelMetricsCSV(StackedMetricsCSV):
