@@ -45,7 +45,7 @@ from lottery.io import load_tensors, save_tensors, write_json
 from lottery.masks import Mask
 from lottery.methods.cs import EnforceMaskCallback
 from lottery.methods.imp import derived_seed
-from lottery.pipelines.cs_stacked import _StackedSnapshot, finish_members
+from lottery.pipelines.cs_stacked import _one_line, _StackedSnapshot, finish_members
 from lottery.pipelines.imp import (
     IMPJob, _finish_level, _finish_level_zero, _finish_report, _imp_plan, _level, _level_head, _level_zero,
     _levels_folder, _open_levels, _prune_level, _summary, _ticket_epochs, run_imp,
@@ -87,10 +87,6 @@ def imp_stack_refusal(jobs: Sequence[Any], options: RunOptions) -> str | None:
     except StackingError as e:
         return _one_line(e)
     return None
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())
 
 
 def _finished_levels(folder: Path, levels: int, options: RunOptions) -> int | None:
