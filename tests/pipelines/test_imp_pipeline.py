@@ -381,6 +381,33 @@ def test_stability_job(imp_run, tmp_path):
     assert sum(line.startswith("stability k=") for line in lines) == 2
 
 
+def test_stability_reuses_a_sibling_runs_dense_network(imp_run, tmp_path):
+    """A second analysis of the same recipe and seed (another mask) starts from the first one's dense
+    run instead of training it again, and gets the same rows as a run that trained its own."""
+    _, source, _, _ = imp_run
+    job = lambda hp: StabilityJob(DATA, ModelHparams(model=MODEL), TRAIN, hp, seed=0)  # noqa: E731
+    first = StabilityHparams(rewind_points=("0it", "1ep"), points=4)
+    run_stability(job(first), _options(tmp_path / "shared"))
+    ticket = StabilityHparams(rewind_points=("1ep",), points=4, mask=str(source / "level_2" / "mask.safetensors"))
+    log, lines = {}, []
+    reused = run_stability(job(ticket), _options(tmp_path / "shared", lines), callbacks=recorder(log))
+    assert "dense" not in log, "the dense network was trained again"
+    assert any(line.startswith("stability dense: reused from") for line in lines)
+    alone = run_stability(job(ticket), _options(tmp_path / "alone"))
+    for a, b in zip(reused["rows"], alone["rows"]):
+        assert a["errors"] == b["errors"] and a["l2_to_dense"] == b["l2_to_dense"]
+    assert reused["dense_test_accuracy"] == alone["dense_test_accuracy"]
+    # a rewind point the sibling did not save, or another seed: trained here
+    log2 = {}
+    run_stability(job(StabilityHparams(rewind_points=("2it",), points=4)), _options(tmp_path / "shared"),
+                  callbacks=recorder(log2))
+    assert "dense" in log2
+    log3 = {}
+    run_stability(StabilityJob(DATA, ModelHparams(model=MODEL), TRAIN, first, seed=1), _options(tmp_path / "shared"),
+                  callbacks=recorder(log3))
+    assert "dense" in log3
+
+
 # -- the command line -------------------------------------------------------------------------------------
 def _parser():
     from lottery import cli

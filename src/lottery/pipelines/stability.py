@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 from lottery.engine import Callback
 from lottery.errors import CheckpointError
-from lottery.experiment import write_results, RunOptions, describe_run, folder_lock, log_line, reuse_finished, run_folder_name, write_metrics_csv
+from lottery.experiment import write_results, RunOptions, copy_finished_files, describe_run, folder_lock, log_line, reuse_finished, run_folder_name, write_metrics_csv
 from lottery.hparams import DataHparams, ModelHparams, TrainingHparams
 from lottery.io import load_tensors, read_json, save_tensors, write_json
 from lottery.masks import Mask
@@ -84,6 +84,8 @@ def run_stability(job: StabilityJob, options: RunOptions, *, callbacks: StageCal
             path = ddir / f"rewind_{k.iteration}it.safetensors"
             return SnapshotCallback(k.iteration, lambda sd, p=path: save_tensors(p, sd))
 
+        if not (ddir / "history.json").exists():
+            _reuse_sibling_dense(folder, desc, [k.iteration for _, k in ks], options)
         dense = ctx.train_stage(stage="dense", directory=ddir, stem="model", start_state=ctx.build().state_dict(),
                                 mask=None, recipe=job.training, desc="stability dense",
                                 extra_callbacks=[snapshot(spec, k) for spec, k in ks])
@@ -143,6 +145,31 @@ def run_stability(job: StabilityJob, options: RunOptions, *, callbacks: StageCal
         write_metrics_csv(folder / "metrics.csv", ctx.rows)
     log_line(options, f"\nstability: {folder}\n" + format_table(table_rows, STABILITY_COLUMNS))
     return results
+
+
+def _reuse_sibling_dense(folder: Path, desc: dict[str, Any], iterations: Sequence[int],
+                         options: RunOptions) -> None:
+    """Start ``folder``'s dense stage from a finished sibling stability run's files, when one beside it
+    (same data, model, training and seed; any mask or rewind points) saved every rewind state needed.
+
+    Why: the dense run depends only on the recipe and the seed (its stage draws from a seed of its own), so
+    analysing several masks of one recipe (tickets of CS and IMP at several densities) would otherwise
+    train the same dense network again for each: 16 of the 48 epochs of a ticket's analysis at one k."""
+    same = {key: desc[key] for key in ("data", "model", "training", "seed")}
+    snaps = [f"dense/rewind_{it}it.safetensors" for it in iterations]
+    files = [*snaps, "dense/model.safetensors", "dense/history.json"]
+    for sibling in sorted(folder.parent.glob("stability_*")):
+        if sibling == folder or not (sibling / "hparams.json").exists():
+            continue
+        try:
+            other = read_json(sibling / "hparams.json")
+        except (OSError, ValueError):
+            continue
+        if {key: other.get(key) for key in same} != same:
+            continue
+        if copy_finished_files(sibling, folder, files, last="dense/history.json"):
+            log_line(options, f"stability dense: reused from {sibling} (same data, model, training and seed)")
+            return
 
 
 def plot_stability(rows: Sequence[dict[str, Any]], path: Path, title: str = "") -> None:
