@@ -15,6 +15,8 @@ for 425 epochs against IMP's 2550 sequential epochs on CIFAR-10 (6x). Here:
   one (the wall-clock length with K workers), against the IMP run that reaches the sparsest of them.
 
     python benchmarks/ticket_cost.py --k 5
+    python benchmarks/ticket_cost.py --k 5 --cs-out benchmarks/out/resnet_fashion \
+        --imp-out benchmarks/out/resnet_fashion --rewind K --cs-rewind      # ResNet-20 (issue 21)
 """
 
 from __future__ import annotations
@@ -33,15 +35,19 @@ def _read(pattern: str, root: Path) -> list[dict]:
     return [r for _, r in read_results(root, pattern)]
 
 
-def cs_settings(cs_out: Path, seeds: list[int]) -> list[dict]:
-    """One row per CS setting (s0, lam) finished for every seed: mean density, epochs per ticket."""
-    runs = [r for r in _read("search-cs_*/results.json", cs_out) if r.get("seed") in seeds and r.get("mode") == "ticket"]
+def cs_settings(cs_out: Path, seeds: list[int], rewind: str | None = None) -> list[dict]:
+    """One row per CS setting (s0, lam, or the target density of ``--density`` runs) finished for every
+    seed (only tickets rewound to ``rewind``, when given): mean density, epochs per ticket."""
+    runs = [r for r in _read("search-cs_*/results.json", cs_out) if r.get("seed") in seeds and r.get("mode") == "ticket"
+            and (rewind is None or r.get("rewind") == rewind)]
     rows = []
-    for key in sorted({(r["s0"], r["lam"]) for r in runs}, key=lambda k: -k[0]):
-        rs = [r for r in runs if (r["s0"], r["lam"]) == key]
+    settings = {(r["s0"], r["lam"], r.get("target_density")) for r in runs}
+    for key in sorted(settings, key=lambda k: (-(k[2] or 2), -k[0])):
+        rs = [r for r in runs if (r["s0"], r["lam"], r.get("target_density")) == key]
         if sorted(r["seed"] for r in rs) != sorted(seeds):
             continue
-        rows.append({"s0": key[0], "lam": key[1], "density": statistics.mean(r["density"] for r in rs),
+        label = f"density={key[2]:g}" if key[2] is not None else f"s0={key[0]:g} lam={key[1]:g}"
+        rows.append({"setting": label, "density": statistics.mean(r["density"] for r in rs),
                      "epochs": statistics.mean(r["epochs"] for r in rs),
                      "test_accuracy": statistics.mean(r["test_accuracy"] for r in rs)})
     return rows
@@ -82,14 +88,18 @@ def main() -> None:
     ap.add_argument("--cs-out", default="benchmarks/out/cs_lenet_fashion")
     ap.add_argument("--imp-out", default="benchmarks/out/imp_lenet_fashion")
     ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--rewind", default="1ep", help="IMP-R's and IMP-C's rewind point (and CS's, with --cs-rewind)")
+    ap.add_argument("--cs-rewind", action="store_true", help="count only CS tickets rewound to --rewind")
     ap.add_argument("--imp-rate", type=float, default=0.2, help="IMP's pruning rate per level (for extrapolation)")
     ap.add_argument("--k", type=int, default=None, help="K: the K sparsest CS settings form the set of tickets "
                                                          "(default: all finished settings)")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    cs = cs_settings(Path(args.cs_out), seeds)
+    cs = cs_settings(Path(args.cs_out), seeds, args.rewind if args.cs_rewind else None)
     imps = {name: imp_levels(Path(args.imp_out), seeds, method, rewind)
-            for name, method, rewind in (("IMP k=0", "imp", "0it"), ("IMP-R k=1ep", "imp", "1ep"))}
+            for name, method, rewind in (("IMP k=0", "imp", "0it"), (f"IMP-R k={args.rewind}", "imp", args.rewind),
+                                         (f"IMP-C k={args.rewind}", "imp-c", args.rewind))}
+    imps = {name: levels for name, levels in imps.items() if levels or name.startswith("IMP-R")}  # IMP-C if run
     if not cs or not all(imps.values()):
         sys.exit("no finished CS or IMP runs with all seeds under --cs-out / --imp-out: run the CS and IMP benchmarks first")
     print(f"machine: {machine()}\n")
@@ -107,7 +117,7 @@ def main() -> None:
             mark = "" if measured else "*"
             cells += [f"{level}{mark}", f"{epochs:.0f}{mark}"]
             ratios.append(f"{epochs / row['epochs']:.1f}{mark}")
-        print(f"| s0={row['s0']:g} lam={row['lam']:g} | {row['density']:.4f} | {row['epochs']:.0f} | " + " | ".join(cells)
+        print(f"| {row['setting']} | {row['density']:.4f} | {row['epochs']:.0f} | " + " | ".join(cells)
               + f" | {' / '.join(ratios)} |")
     if args.k is not None:
         cs = sorted(cs, key=lambda r: r["density"])[: args.k][::-1]

@@ -1,0 +1,404 @@
+"""Issue 21's comparison on a residual network (ResNet-20 at width 0.25 on Fashion-MNIST, the
+``fashion_resnet20`` preset): every part, in the order its inputs allow, on one pool of workers;
+resumable (each job is a lottery run that resumes), so it may span many sessions.
+
+    python benchmarks/resnet_fashion.py run --workers 2     # runs (or resumes) everything still missing
+    python benchmarks/resnet_fashion.py report              # tables, figure and claims from what finished
+
+The parts, 3 seeds each (the jobs of benchmarks/imp_lenet_fashion.py and benchmarks/stability_tickets.py
+with this preset, and ``lottery search cs``, so their run folders are the same as those commands'):
+
+1. instability of the dense network against the rewind point k (0, 100 iterations, 1, 2, 5 epochs);
+2. IMP k = 0, 12 levels (to 6.9 % density);
+3. once every seed's instability is known: k = the earliest rewind point whose mean instability is
+   below 2 points (the stability line of Frankle et al.), or ``--rewind``; written to rewind_choice.json;
+4. IMP-R and IMP-C rewinding to k; random pruning and random re-initialisation of IMP-R's levels 4, 8, 12;
+5. CS tickets (rewinding to the same k) at IMP's densities 0.4096, 0.1678, 0.0859, 0.0687 and at half
+   just under half of the sparsest, 0.0343 (CS's own sparsest setting: where claim (c) needs it to match);
+6. instability of the IMP-R and CS tickets at about 17 % (k = 0 and k) and 7 % (k), each starting from
+   its seed's dense instability run's dense network (no retraining of it).
+
+Jobs run in priority order (the instability first: everything after step 3 waits for it), at most
+``--workers`` at a time, each with one torch thread; a job that fails is reported and the others go on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import math
+import statistics
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+sys.path.insert(0, str(Path(__file__).parent))
+import imp_lenet_fashion as imp_bench  # noqa: E402
+import stability_tickets as ticket_bench  # noqa: E402
+from _common import _init_worker, machine, mean_std, read_results  # noqa: E402
+
+PRESET = "fashion_resnet20"
+SEEDS = (0, 1, 2)
+LEVELS = 12
+STABILITY_POINTS = ("0it", "100it", "1ep", "2ep", "5ep")
+CONTROL_LEVELS = (4, 8, 12)
+CS_DENSITIES = (0.4096, 0.1678, 0.0859, 0.0687, 0.0343)
+TICKET_STABILITY = ((0.1678, 8, True), (0.0687, 12, False))  # (CS density, IMP-R level, also at k = 0)
+STABLE_BELOW = 0.02  # instability (test error, as a fraction) under which a network counts as stable
+MATCHING = 0.002  # a ticket matches when its accuracy is within 0.2 points of the dense network's
+
+
+# -- jobs -------------------------------------------------------------------------------------------------
+def cs_job(seed: int, density: float, rewind: str, out: str, preset: str = PRESET) -> dict:
+    """One CS ticket through the command line, so that the folder is the one `lottery search cs` makes."""
+    from lottery.cli import main
+
+    rc = main(["search", "cs", "--preset", preset, "--density", repr(density), "--rewind", rewind,
+               "--seed", str(seed), "--out", out, "--no-progress"])
+    if rc != 0:
+        raise RuntimeError(f"lottery search cs exited with {rc}")
+    return {"seed": seed, "density": density}
+
+
+def control_job(control: str, source: str, level: int, out: str) -> dict:
+    from lottery.experiment import RunOptions
+    from lottery.methods.imp import RandomPruneHparams, RandomReinitHparams
+    from lottery.pipelines.imp import run_random_prune, run_random_reinit
+
+    options = RunOptions(out=out, progress=False)
+    if control == "random-prune":
+        return run_random_prune(source, RandomPruneHparams(level=level, seed=1, scope="layerwise"), options)
+    return run_random_reinit(source, RandomReinitHparams(level=level, seed=1), options)
+
+
+def ticket_stability_job(seed: int, ticket: str, density: float, imp_level: int, rewind: str, points: tuple,
+                         out: str, preset: str = PRESET) -> dict:
+    masks = ticket_bench.find_masks(Path(out), Path(out), seed, 0.0, imp_level, cs_density=density, imp_rewind=rewind)
+    if ticket not in masks:
+        raise RuntimeError(f"no {ticket} mask of seed {seed} at density {density} / level {imp_level} in {out}")
+    return ticket_bench.stability_job(str(masks[ticket]), seed, out, points, preset)
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str
+    priority: int  # smaller runs first
+    fn: Callable[..., Any]
+    args: tuple
+    needs: tuple[str, ...] = ()
+
+
+def imp_runs(out: Path, seed: int, rewind: str, kind: str = "search-imp") -> list[dict]:
+    return [r for _, r in read_results(out, f"{kind}_*/results.json")
+            if r.get("seed") == seed and r.get("rewind") == rewind and len(r.get("levels", [])) > 1]
+
+
+def dense_instability(out: Path, seeds=SEEDS, points=STABILITY_POINTS) -> dict[str, list[float]]:
+    """{k: [instability of each finished seed]} of the dense network's runs."""
+    table: dict[str, list[float]] = {k: [] for k in points}
+    for _, r in read_results(out, "stability_*/results.json"):
+        if r.get("mask") is None and r.get("seed") in seeds:
+            for row in r["rows"]:
+                if row["rewind"] in table:
+                    table[row["rewind"]].append(row["instability"])
+    return table
+
+
+def pick_rewind(out: Path, seeds=SEEDS, points=STABILITY_POINTS) -> tuple[str | None, str]:
+    """(k, why): the earliest rewind point whose mean instability over every seed is below the line;
+    (None, why) while a seed has not finished or when no point is stable."""
+    table = dense_instability(out, seeds, points)
+    if any(len(v) < len(seeds) for v in table.values()):
+        return None, "the dense network's instability is not finished for every seed"
+    for k in points:
+        if statistics.fmean(table[k]) < STABLE_BELOW:
+            return k, (f"earliest k with mean instability below {100 * STABLE_BELOW:g} points: "
+                       f"{k} ({100 * statistics.fmean(table[k]):.2f} over {len(seeds)} seeds)")
+    return None, (f"no rewind point is stable (means {', '.join(f'{k} {100 * statistics.fmean(v):.2f}' for k, v in table.items())}); "
+                  "pass --rewind K to go on with a k of your choice")
+
+
+def plan(out: Path, seeds, rewind: str | None, levels: int = LEVELS, preset: str = PRESET,
+         points: tuple[str, ...] = STABILITY_POINTS) -> list[Job]:
+    """Every job whose inputs are known now (the jobs after the choice of k appear once it is made)."""
+    o = str(out)
+    jobs = [Job(f"stability s{s}", 0, imp_bench.stability_job, (s, o, preset, points)) for s in seeds]
+    jobs += [Job(f"IMP k=0 s{s}", 3, imp_bench.imp_job, ("rewind", "0it", levels, s, o, preset)) for s in seeds]
+    if rewind is None:
+        return jobs
+    stab = tuple(f"stability s{s}" for s in seeds)
+    for s in seeds:
+        impr = f"IMP k=0 s{s}" if rewind == "0it" else f"IMP-R k={rewind} s{s}"  # k = 0: IMP-R is IMP
+        if rewind != "0it":
+            jobs.append(Job(impr, 1, imp_bench.imp_job, ("rewind", rewind, levels, s, o, preset), stab))
+        jobs.append(Job(f"IMP-C k={rewind} s{s}", 6, imp_bench.imp_job, ("continue", rewind, levels, s, o, preset), stab))
+        for d in CS_DENSITIES:
+            jobs.append(Job(f"CS {d} s{s}", 2, cs_job, (s, d, rewind, o, preset), stab))
+        source = imp_runs(out, s, rewind)
+        if source:  # the controls need IMP-R's folder: planned once it has finished
+            for control in ("random-prune", "random-reinit"):
+                for level in CONTROL_LEVELS:
+                    jobs.append(Job(f"{control} level {level} s{s}", 4, control_job,
+                                    (control, source[0]["run_dir"], level, o), (impr,)))
+        for density, level, at_zero in TICKET_STABILITY:
+            kpoints = ("0it", rewind) if at_zero and rewind != "0it" else (rewind,)
+            for ticket in ("IMP-R", "CS"):
+                jobs.append(Job(f"instability {ticket} {density} s{s}", 5, ticket_stability_job,
+                                (s, ticket, density, level, rewind, kpoints, o, preset),
+                                (impr, f"CS {density} s{s}", f"stability s{s}")))
+    return jobs
+
+
+def _log(message: str) -> None:
+    print(f"[{_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M:%S} UTC] {message}", flush=True)
+
+
+def run(out: Path, seeds, workers: int, rewind: str | None, levels: int = LEVELS, preset: str = PRESET,
+        points: tuple[str, ...] = STABILITY_POINTS) -> int:
+    """Run every job of :func:`plan` (re-planned as jobs finish), ``workers`` at a time. Returns the
+    number of jobs that failed (their dependants are not run)."""
+    import multiprocessing as mp
+
+    from lottery.io import write_json
+
+    out.mkdir(parents=True, exist_ok=True)
+    done: set[str] = set()
+    failed: set[str] = set()
+    running: dict[Any, Job] = {}
+    started: dict[str, float] = {}
+    chosen = rewind
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                             initargs=(1,)) as pool:
+        while True:
+            if chosen is None:
+                chosen, why = pick_rewind(out, seeds, points)
+                if chosen is not None:
+                    _log(f"rewind point k = {chosen}: {why}")
+                    write_json(out / "rewind_choice.json", {"rewind": chosen, "why": why, "seeds": list(seeds),
+                                                            "stable_below": STABLE_BELOW})
+            jobs = plan(out, seeds, chosen, levels, preset, points)
+            names = {j.name for j in jobs}
+            for j in jobs:  # dependants of a failed job fail too, so the loop can end
+                if j.name not in failed and any(n in failed for n in j.needs):
+                    failed.add(j.name)
+                    _log(f"skipped {j.name}: it needs {', '.join(n for n in j.needs if n in failed)}")
+            busy = {j.name for j in running.values()}
+            ready = sorted((j for j in jobs if j.name not in done | failed | busy
+                            and all(n in done for n in j.needs)), key=lambda j: (j.priority, j.name))
+            for j in ready[:max(0, workers - len(running))]:
+                running[pool.submit(j.fn, *j.args)] = j
+                started[j.name] = time.monotonic()
+                _log(f"start {j.name}")
+            if not running:
+                waiting = sorted(names - done - failed)
+                if chosen is None and rewind is None and all(f"stability s{s}" in done for s in seeds):
+                    _log(f"stopped before k: {pick_rewind(out, seeds, points)[1]}")
+                elif waiting:
+                    _log(f"stopped with {len(waiting)} jobs whose inputs are missing: {', '.join(waiting)}")
+                break
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                j = running.pop(fut)
+                minutes = (time.monotonic() - started[j.name]) / 60
+                try:
+                    fut.result()
+                    done.add(j.name)
+                    _log(f"done {j.name} ({minutes:.1f} min)")
+                except Exception as e:  # one job's failure must not stop the others
+                    failed.add(j.name)
+                    _log(f"FAILED {j.name} after {minutes:.1f} min: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    _log(f"{len(done)} jobs done, {len(failed)} failed")
+    return len(failed)
+
+
+# -- report -----------------------------------------------------------------------------------------------
+def _pm(values: list[float]) -> str:
+    m, s = mean_std(values)
+    return f"{100 * m:.2f} ± {100 * s:.2f}" if values else "-"
+
+
+def nominal(level: int, rate: float = 0.2) -> float:
+    """An IMP level's nominal density, (1 - rate)^level: the row it shares with CS's target density (the
+    exact density differs in the 4th digit, as the counts are rounded per layer)."""
+    return (1 - rate) ** level
+
+
+def collect(out: Path, seeds, rewind: str | None, points: tuple[str, ...] = STABILITY_POINTS) -> dict[str, Any]:
+    """Every finished result, as {series: {density: [per-seed rows]}} plus the instabilities; IMP's levels
+    and the controls under their nominal density, CS under its target density (what it has exactly)."""
+    series: dict[str, dict[float, list[dict]]] = {}
+
+    def add(name: str, density: float, row: dict) -> None:
+        series.setdefault(name, {}).setdefault(round(density, 4), []).append(row)
+
+    for s in seeds:
+        for name, rw, kind in (("IMP k=0", "0it", "search-imp"), (f"IMP-R k={rewind}", rewind, "search-imp"),
+                               (f"IMP-C k={rewind}", rewind, "search-imp-c")):
+            if rw is None:
+                continue
+            for r in imp_runs(out, s, rw, kind)[:1]:
+                for lv in r["levels"]:
+                    if lv.get("test_accuracy") is None or (lv["level"] == 0 and name != "IMP k=0"):
+                        continue
+                    add("dense" if lv["level"] == 0 else name, nominal(lv["level"]), lv)
+    for _, r in read_results(out, "search-cs_*/results.json"):
+        if r.get("seed") in seeds and r.get("mode") == "ticket" and r.get("target_density") and r.get("rewind") == rewind:
+            add("CS", r["target_density"], r)
+    for control in ("random-prune", "random-reinit"):
+        for _, r in read_results(out, f"*{control}*/results.json"):
+            if r.get("seed") in seeds and r.get("test_accuracy") is not None and r.get("rewind") == rewind:
+                add(f"{control.replace('-', ' ')} (IMP-R masks)", nominal(r["level"]), r)
+    tickets: dict[tuple[str, float, str], list[float]] = {}
+    for _, r in read_results(out, "stability_*/results.json"):
+        if r.get("mask") is None or r.get("seed") not in seeds:
+            continue
+        name = "CS" if "search-cs_" in r["mask"] else "IMP-R" if "search-imp_" in r["mask"] else "?"
+        for row in r["rows"]:
+            tickets.setdefault((name, round(r["mask_density"], 4), row["rewind"]), []).append(row["instability"])
+    return {"series": series, "dense_instability": dense_instability(out, seeds, points), "tickets": tickets}
+
+
+def sparsest_matching(rows_by_density: dict[float, list[dict]], dense: float) -> float | None:
+    """The smallest density whose mean accuracy over seeds is within MATCHING of the dense mean."""
+    ok = [d for d, rows in rows_by_density.items() if d < 1
+          and statistics.fmean(r["test_accuracy"] for r in rows) >= dense - MATCHING]
+    return min(ok) if ok else None
+
+
+def first_below(rows_by_density: dict[float, list[dict]], dense: float) -> float | None:
+    """The densest density (walking down from dense) whose mean accuracy falls below dense - MATCHING."""
+    for d in sorted(rows_by_density, reverse=True):
+        if d < 1 and statistics.fmean(r["test_accuracy"] for r in rows_by_density[d]) < dense - MATCHING:
+            return d
+    return None
+
+
+def welch_t(a: list[float], b: list[float]) -> float:
+    if len(a) < 2 or len(b) < 2:
+        return math.nan
+    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    return (statistics.fmean(a) - statistics.fmean(b)) / math.sqrt(va + vb) if va + vb > 0 else math.nan
+
+
+def report(out: Path, seeds, rewind: str | None, figure: Path | None, points: tuple[str, ...] = STABILITY_POINTS) -> None:
+    print(f"machine: {machine()}\nrun folders: {out}\n")
+    if rewind is None:
+        rewind, why = pick_rewind(out, seeds, points)
+        print(f"rewind point k: {rewind} ({why})\n" if rewind else f"rewind point k: not chosen yet ({why})\n")
+    data = collect(out, seeds, rewind, points)
+    series = data["series"]
+    dense_rows = series.get("dense", {}).get(1.0, [])
+    dense = statistics.fmean(r["test_accuracy"] for r in dense_rows) if dense_rows else None
+    print(f"dense (IMP level 0): {_pm([r['test_accuracy'] for r in dense_rows])} % over {len(dense_rows)} seeds\n")
+    methods = [m for m in series if m != "dense"]
+    densities = sorted({d for m in methods for d in series[m]}, reverse=True)
+    print("| density | " + " | ".join(methods) + " |")
+    print("|---" * (len(methods) + 1) + "|")
+    for d in densities:
+        cells = []
+        for m in methods:
+            rows = series[m].get(d, [])
+            cells.append(f"{_pm([r['test_accuracy'] for r in rows])} ({len(rows)})" if rows else "")
+        print(f"| {d:.4f} | " + " | ".join(cells) + " |")
+    print("\ntest accuracy %, mean ± std over seeds (number of seeds)\n")
+
+    print("| k | instability of the dense network, points (mean ± std) | per seed |\n|---|---|---|")
+    for k, values in data["dense_instability"].items():
+        if values:
+            print(f"| {k} | {_pm(values)} | {' / '.join(f'{100 * v:.2f}' for v in values)} |")
+    if data["tickets"]:
+        print("\n| ticket | density | k | instability, points (mean ± std) | seeds |\n|---|---|---|---|---|")
+        for (name, d, k), values in sorted(data["tickets"].items()):
+            print(f"| {name} | {d:.4f} | {k} | {_pm(values)} | {len(values)} |")
+
+    if dense is not None:
+        print("\nclaims (a ticket matches when its mean accuracy is within 0.2 points of the dense mean):")
+        imp0, impr, cs = series.get("IMP k=0", {}), series.get(f"IMP-R k={rewind}", {}), series.get("CS", {})
+        fa, fr = first_below(imp0, dense), first_below(impr, dense)
+        print(f"(a) IMP k=0 first falls below dense at density {fa}; IMP-R at {fr} "
+              f"({'holds' if fa is not None and (fr is None or fa > fr) else 'does not hold' if impr else 'IMP-R not run yet'})")
+        inst = data["dense_instability"]
+        means = [statistics.fmean(v) for v in inst.values() if v]
+        print(f"(b) mean instability against k: {', '.join(f'{100 * m:.2f}' for m in means)} points "
+              f"({'falls with k' if all(a >= b for a, b in zip(means, means[1:])) else 'does not fall monotonically'}); "
+              f"IMP-R (k={rewind}) sparsest matching {sparsest_matching(impr, dense)}, IMP k=0 {sparsest_matching(imp0, dense)}")
+        sc, sr = sparsest_matching(cs, dense), sparsest_matching(impr, dense)
+        shared = sorted(set(cs) & set(impr), reverse=True)
+        diffs = []
+        for d in shared:
+            a, b = [r["test_accuracy"] for r in cs[d]], [r["test_accuracy"] for r in impr[d]]
+            diffs.append(f"{d:.4f}: {100 * (statistics.fmean(a) - statistics.fmean(b)):+.2f} (Welch t {welch_t(a, b):+.1f})")
+        half = sc is not None and sr is not None and sc <= sr / 2 + 1e-9
+        ge = all(statistics.fmean(r["test_accuracy"] for r in cs[d]) >= statistics.fmean(r["test_accuracy"] for r in impr[d])
+                 for d in shared)
+        print(f"(c) CS sparsest matching {sc}, IMP-R {sr} (at most half: {'yes' if half else 'no'}); "
+              f"CS - IMP-R at shared densities: {'; '.join(diffs) or 'none yet'} "
+              f"(CS at least as accurate at every one: {'yes' if shared and ge else 'no' if shared else '-'})")
+    if figure is not None and methods:
+        plot(series, dense_rows, figure)
+        print(f"\nfigure: {figure}")
+
+
+def plot(series: dict[str, dict[float, list[dict]]], dense_rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lottery.io import atomic_write_bytes
+    import io
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if dense_rows:
+        m, s = mean_std([100 * r["test_accuracy"] for r in dense_rows])
+        ax.axhspan(m - s, m + s, color="0.85", label=f"dense {m:.2f} ± {s:.2f}")
+        ax.axhline(m - 100 * MATCHING, color="0.5", ls=":", lw=1, label="dense - 0.2 (matching)")
+    for name, by_density in series.items():
+        if name == "dense":
+            continue
+        ds = sorted(d for d in by_density if d < 1)
+        if not ds:
+            continue
+        stats = [mean_std([100 * r["test_accuracy"] for r in by_density[d]]) for d in ds]
+        ax.errorbar(ds, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", ms=4, capsize=3, label=name,
+                    ls="-" if not name.startswith("random") else "--")
+    ax.set_xscale("log")
+    ax.invert_xaxis()
+    ax.set_xlabel("density (fraction of prunable weights kept)")
+    ax.set_ylabel("test accuracy % (mean ± std over seeds)")
+    ax.set_title("ResNet-20 (width 0.25) / Fashion-MNIST: tickets")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("command", choices=("run", "report"))
+    ap.add_argument("--out", default="benchmarks/out/resnet_fashion")
+    ap.add_argument("--seeds", default=",".join(map(str, SEEDS)))
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--preset", default=PRESET, help="the recipe (another one only to try the script out)")
+    ap.add_argument("--levels", type=int, default=LEVELS)
+    ap.add_argument("--stability-points", default=",".join(STABILITY_POINTS))
+    ap.add_argument("--rewind", default=None, help="IMP-R's and CS's rewind point (default: chosen from the instability)")
+    ap.add_argument("--figure", default="benchmarks/figures/resnet_fashion/accuracy_vs_density.png")
+    args = ap.parse_args()
+    seeds = tuple(int(s) for s in args.seeds.split(","))
+    out = Path(args.out)
+    points = tuple(p.strip() for p in args.stability_points.split(",") if p.strip())
+    if args.command == "run":
+        sys.exit(1 if run(out, seeds, args.workers, args.rewind, args.levels, args.preset, points) else 0)
+    report(out, seeds, args.rewind, Path(args.figure) if args.figure else None, points)
+
+
+if __name__ == "__main__":
+    main()
