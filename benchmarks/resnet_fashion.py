@@ -16,7 +16,7 @@ with this preset, and ``lottery search cs``, so their run folders are the same a
 5. CS tickets (rewinding to the same k) at IMP's densities 0.4096, 0.1678, 0.0859, 0.0687 and at half
    just under half of the sparsest, 0.0343 (CS's own sparsest setting: where claim (c) needs it to match);
 6. instability of the IMP-R and CS tickets at about 17 % (k = 0 and k) and 7 % (k), each starting from
-   its seed's dense instability run's dense network (no retraining of it).
+   its seed's dense instability run's dense network (k and 0 are among its points, so nothing is retrained).
 
 Jobs run in priority order (the instability first: everything after step 3 waits for it), at most
 ``--workers`` at a time, each with one torch thread; a job that fails is reported and the others go on.
@@ -31,6 +31,7 @@ import statistics
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -76,7 +77,8 @@ def control_job(control: str, source: str, level: int, out: str) -> dict:
 
 def ticket_stability_job(seed: int, ticket: str, density: float, imp_level: int, rewind: str, points: tuple,
                          out: str, preset: str = PRESET) -> dict:
-    masks = ticket_bench.find_masks(Path(out), Path(out), seed, 0.0, imp_level, cs_density=density, imp_rewind=rewind)
+    masks = ticket_bench.find_masks(Path(out), Path(out), seed, 0.0, imp_level, cs_density=density, imp_rewind=rewind,
+                                    cs_rewind=rewind)
     if ticket not in masks:
         raise RuntimeError(f"no {ticket} mask of seed {seed} at density {density} / level {imp_level} in {out}")
     return ticket_bench.stability_job(str(masks[ticket]), seed, out, points, preset)
@@ -91,26 +93,53 @@ class Job:
     needs: tuple[str, ...] = ()
 
 
-def imp_runs(out: Path, seed: int, rewind: str, kind: str = "search-imp") -> list[dict]:
-    return [r for _, r in read_results(out, f"{kind}_*/results.json")
-            if r.get("seed") == seed and r.get("rewind") == rewind and len(r.get("levels", [])) > 1]
+def same_recipe(folder: Path, preset: str) -> bool:
+    """Whether the run in ``folder`` trained the preset's data, model and training recipe (so that runs of
+    another recipe left in the same --out are never mixed in)."""
+    from lottery.io import read_json
+    from lottery.presets import get_preset
+
+    p = get_preset(preset)
+    try:
+        hp = read_json(folder / "hparams.json")
+    except (OSError, ValueError):
+        return False
+    return (hp.get("data"), hp.get("model"), hp.get("training")) == (
+        p.data.to_dict(), p.model.to_dict(), p.training.to_dict())
 
 
-def dense_instability(out: Path, seeds=SEEDS, points=STABILITY_POINTS) -> dict[str, list[float]]:
-    """{k: [instability of each finished seed]} of the dense network's runs."""
+def imp_runs(out: Path, seed: int, rewind: str, kind: str = "search-imp", preset: str = PRESET) -> list[dict]:
+    """The finished IMP (``kind`` search-imp-c: IMP-C) runs of the preset's recipe rewinding to ``rewind``
+    (one per seed: more levels continue the same folder)."""
+    return [r for folder, r in read_results(out, f"{kind}_*/results.json")
+            if r.get("seed") == seed and r.get("rewind") == rewind and len(r.get("levels", [])) > 1
+            and same_recipe(folder, preset)]
+
+
+def dense_instability(out: Path, seeds=SEEDS, points=STABILITY_POINTS, preset: str = PRESET) -> dict[str, list[float]]:
+    """{k: [instability of each finished seed]} of the dense network's runs: one run per seed, the one
+    analysing exactly ``points`` with the benchmark's copy seeds."""
+    from lottery.io import read_json
+
+    by_seed: dict[int, dict] = {}
+    for folder, r in read_results(out, "stability_*/results.json"):
+        seed = r.get("seed")
+        if r.get("mask") is not None or seed not in seeds or seed in by_seed or not same_recipe(folder, preset):
+            continue
+        hp = read_json(folder / "hparams.json")["stability"]
+        if hp["rewind_points"] == list(points) and hp["copy_seeds"] == [101 + seed, 201 + seed]:
+            by_seed[seed] = r
     table: dict[str, list[float]] = {k: [] for k in points}
-    for _, r in read_results(out, "stability_*/results.json"):
-        if r.get("mask") is None and r.get("seed") in seeds:
-            for row in r["rows"]:
-                if row["rewind"] in table:
-                    table[row["rewind"]].append(row["instability"])
+    for seed in sorted(by_seed):
+        for row in by_seed[seed]["rows"]:
+            table[row["rewind"]].append(row["instability"])
     return table
 
 
-def pick_rewind(out: Path, seeds=SEEDS, points=STABILITY_POINTS) -> tuple[str | None, str]:
+def pick_rewind(out: Path, seeds=SEEDS, points=STABILITY_POINTS, preset: str = PRESET) -> tuple[str | None, str]:
     """(k, why): the earliest rewind point whose mean instability over every seed is below the line;
     (None, why) while a seed has not finished or when no point is stable."""
-    table = dense_instability(out, seeds, points)
+    table = dense_instability(out, seeds, points, preset)
     if any(len(v) < len(seeds) for v in table.values()):
         return None, "the dense network's instability is not finished for every seed"
     for k in points:
@@ -137,7 +166,7 @@ def plan(out: Path, seeds, rewind: str | None, levels: int = LEVELS, preset: str
         jobs.append(Job(f"IMP-C k={rewind} s{s}", 6, imp_bench.imp_job, ("continue", rewind, levels, s, o, preset), stab))
         for d in CS_DENSITIES:
             jobs.append(Job(f"CS {d} s{s}", 2, cs_job, (s, d, rewind, o, preset), stab))
-        source = imp_runs(out, s, rewind)
+        source = imp_runs(out, s, rewind, preset=preset)
         if source:  # the controls need IMP-R's folder: planned once it has finished
             for control in ("random-prune", "random-reinit"):
                 for level in CONTROL_LEVELS:
@@ -162,7 +191,7 @@ def run(out: Path, seeds, workers: int, rewind: str | None, levels: int = LEVELS
     number of jobs that failed (their dependants are not run)."""
     import multiprocessing as mp
 
-    from lottery.io import write_json
+    from lottery.io import read_json, write_json
 
     out.mkdir(parents=True, exist_ok=True)
     done: set[str] = set()
@@ -170,14 +199,20 @@ def run(out: Path, seeds, workers: int, rewind: str | None, levels: int = LEVELS
     running: dict[Any, Job] = {}
     started: dict[str, float] = {}
     chosen = rewind
+    choice = out / "rewind_choice.json"
+    if rewind is not None:
+        write_json(choice, {"rewind": rewind, "why": "given with --rewind", "seeds": list(seeds)})
+    elif choice.exists():
+        chosen = read_json(choice)["rewind"]
+        _log(f"rewind point k = {chosen} ({choice}; delete it to choose again)")
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
                              initargs=(1,)) as pool:
         while True:
             if chosen is None:
-                chosen, why = pick_rewind(out, seeds, points)
+                chosen, why = pick_rewind(out, seeds, points, preset)
                 if chosen is not None:
                     _log(f"rewind point k = {chosen}: {why}")
-                    write_json(out / "rewind_choice.json", {"rewind": chosen, "why": why, "seeds": list(seeds),
+                    write_json(choice, {"rewind": chosen, "why": why, "seeds": list(seeds),
                                                             "stable_below": STABLE_BELOW})
             jobs = plan(out, seeds, chosen, levels, preset, points)
             names = {j.name for j in jobs}
@@ -189,13 +224,18 @@ def run(out: Path, seeds, workers: int, rewind: str | None, levels: int = LEVELS
             ready = sorted((j for j in jobs if j.name not in done | failed | busy
                             and all(n in done for n in j.needs)), key=lambda j: (j.priority, j.name))
             for j in ready[:max(0, workers - len(running))]:
-                running[pool.submit(j.fn, *j.args)] = j
+                try:
+                    running[pool.submit(j.fn, *j.args)] = j
+                except BrokenProcessPool:
+                    _log("the worker pool broke (a worker died: out of memory or killed); run the command again "
+                         "to resume")
+                    return len(failed) + 1
                 started[j.name] = time.monotonic()
                 _log(f"start {j.name}")
             if not running:
                 waiting = sorted(names - done - failed)
                 if chosen is None and rewind is None and all(f"stability s{s}" in done for s in seeds):
-                    _log(f"stopped before k: {pick_rewind(out, seeds, points)[1]}")
+                    _log(f"stopped before k: {pick_rewind(out, seeds, points, preset)[1]}")
                 elif waiting:
                     _log(f"stopped with {len(waiting)} jobs whose inputs are missing: {', '.join(waiting)}")
                 break
@@ -226,9 +266,14 @@ def nominal(level: int, rate: float = 0.2) -> float:
     return (1 - rate) ** level
 
 
-def collect(out: Path, seeds, rewind: str | None, points: tuple[str, ...] = STABILITY_POINTS) -> dict[str, Any]:
-    """Every finished result, as {series: {density: [per-seed rows]}} plus the instabilities; IMP's levels
-    and the controls under their nominal density, CS under its target density (what it has exactly)."""
+def collect(out: Path, seeds, rewind: str | None, points: tuple[str, ...] = STABILITY_POINTS,
+            preset: str = PRESET) -> dict[str, Any]:
+    """Every finished result of the preset's recipe, as {series: {density: [per-seed rows]}}, plus the
+    instabilities; IMP's levels and the controls under their nominal density, CS under its target density
+    (which it has exactly). Only runs of rewind point ``rewind`` (IMP-R, IMP-C, CS, the controls of IMP-R,
+    the tickets analysed) are taken, so runs of another k in the same folder are never mixed in."""
+    from lottery.io import read_json
+
     series: dict[str, dict[float, list[dict]]] = {}
 
     def add(name: str, density: float, row: dict) -> None:
@@ -237,28 +282,41 @@ def collect(out: Path, seeds, rewind: str | None, points: tuple[str, ...] = STAB
     for s in seeds:
         for name, rw, kind in (("IMP k=0", "0it", "search-imp"), (f"IMP-R k={rewind}", rewind, "search-imp"),
                                (f"IMP-C k={rewind}", rewind, "search-imp-c")):
-            if rw is None:
+            if rw is None or (name.startswith("IMP-R") and rw == "0it"):
                 continue
-            for r in imp_runs(out, s, rw, kind)[:1]:
+            for r in imp_runs(out, s, rw, kind, preset)[:1]:
                 for lv in r["levels"]:
                     if lv.get("test_accuracy") is None or (lv["level"] == 0 and name != "IMP k=0"):
                         continue
                     add("dense" if lv["level"] == 0 else name, nominal(lv["level"]), lv)
-    for _, r in read_results(out, "search-cs_*/results.json"):
-        if r.get("seed") in seeds and r.get("mode") == "ticket" and r.get("target_density") and r.get("rewind") == rewind:
+    for folder, r in read_results(out, "search-cs_*/results.json"):
+        if (r.get("seed") in seeds and r.get("mode") == "ticket" and r.get("target_density")
+                and r.get("rewind") == rewind and same_recipe(folder, preset)):
             add("CS", r["target_density"], r)
     for control in ("random-prune", "random-reinit"):
-        for _, r in read_results(out, f"*{control}*/results.json"):
-            if r.get("seed") in seeds and r.get("test_accuracy") is not None and r.get("rewind") == rewind:
+        for folder, r in read_results(out, f"*{control}*/results.json"):
+            source = Path(str(r.get("source_run", ""))).name
+            if (r.get("seed") in seeds and r.get("test_accuracy") is not None and r.get("rewind") == rewind
+                    and source.startswith("search-imp_") and r.get("control_seed") == 1
+                    and r.get("scope", "layerwise") == "layerwise" and same_recipe(out / source, preset)):
                 add(f"{control.replace('-', ' ')} (IMP-R masks)", nominal(r["level"]), r)
-    tickets: dict[tuple[str, float, str], list[float]] = {}
-    for _, r in read_results(out, "stability_*/results.json"):
-        if r.get("mask") is None or r.get("seed") not in seeds:
+    tickets: dict[tuple[str, float, str], dict[int, float]] = {}
+    for folder, r in read_results(out, "stability_*/results.json"):
+        if r.get("mask") is None or r.get("seed") not in seeds or not same_recipe(folder, preset):
             continue
-        name = "CS" if "search-cs_" in r["mask"] else "IMP-R" if "search-imp_" in r["mask"] else "?"
+        mask = Path(r["mask"])
+        source = mask.parent if mask.parent.name.startswith("search-cs_") else mask.parent.parent
+        try:
+            found = read_json(out / source.name / "results.json")
+        except (OSError, ValueError):
+            continue
+        if found.get("rewind") != rewind or found.get("method") not in ("cs", "imp"):
+            continue  # a ticket of another k (IMP at k = 0 included)
+        name = "CS" if found["method"] == "cs" else "IMP-R"
         for row in r["rows"]:
-            tickets.setdefault((name, round(r["mask_density"], 4), row["rewind"]), []).append(row["instability"])
-    return {"series": series, "dense_instability": dense_instability(out, seeds, points), "tickets": tickets}
+            tickets.setdefault((name, round(r["mask_density"], 4), row["rewind"]), {})[r["seed"]] = row["instability"]
+    return {"series": series, "dense_instability": dense_instability(out, seeds, points, preset),
+            "tickets": {key: [v[s] for s in sorted(v)] for key, v in tickets.items()}}
 
 
 def sparsest_matching(rows_by_density: dict[float, list[dict]], dense: float) -> float | None:
@@ -283,12 +341,20 @@ def welch_t(a: list[float], b: list[float]) -> float:
     return (statistics.fmean(a) - statistics.fmean(b)) / math.sqrt(va + vb) if va + vb > 0 else math.nan
 
 
-def report(out: Path, seeds, rewind: str | None, figure: Path | None, points: tuple[str, ...] = STABILITY_POINTS) -> None:
+def report(out: Path, seeds, rewind: str | None, figure: Path | None, points: tuple[str, ...] = STABILITY_POINTS,
+           preset: str = PRESET) -> None:
     print(f"machine: {machine()}\nrun folders: {out}\n")
-    if rewind is None:
-        rewind, why = pick_rewind(out, seeds, points)
+    choice = out / "rewind_choice.json"
+    if rewind is None and choice.exists():
+        from lottery.io import read_json
+
+        made = read_json(choice)
+        rewind = made["rewind"]
+        print(f"rewind point k: {rewind} (rewind_choice.json: {made['why']})\n")
+    elif rewind is None:
+        rewind, why = pick_rewind(out, seeds, points, preset)
         print(f"rewind point k: {rewind} ({why})\n" if rewind else f"rewind point k: not chosen yet ({why})\n")
-    data = collect(out, seeds, rewind, points)
+    data = collect(out, seeds, rewind, points, preset)
     series = data["series"]
     dense_rows = series.get("dense", {}).get(1.0, [])
     dense = statistics.fmean(r["test_accuracy"] for r in dense_rows) if dense_rows else None
@@ -315,31 +381,56 @@ def report(out: Path, seeds, rewind: str | None, figure: Path | None, points: tu
             print(f"| {name} | {d:.4f} | {k} | {_pm(values)} | {len(values)} |")
 
     if dense is not None:
-        print("\nclaims (a ticket matches when its mean accuracy is within 0.2 points of the dense mean):")
-        imp0, impr, cs = series.get("IMP k=0", {}), series.get(f"IMP-R k={rewind}", {}), series.get("CS", {})
-        fa, fr = first_below(imp0, dense), first_below(impr, dense)
-        print(f"(a) IMP k=0 first falls below dense at density {fa}; IMP-R at {fr} "
-              f"({'holds' if fa is not None and (fr is None or fa > fr) else 'does not hold' if impr else 'IMP-R not run yet'})")
-        inst = data["dense_instability"]
-        means = [statistics.fmean(v) for v in inst.values() if v]
-        print(f"(b) mean instability against k: {', '.join(f'{100 * m:.2f}' for m in means)} points "
-              f"({'falls with k' if all(a >= b for a, b in zip(means, means[1:])) else 'does not fall monotonically'}); "
-              f"IMP-R (k={rewind}) sparsest matching {sparsest_matching(impr, dense)}, IMP k=0 {sparsest_matching(imp0, dense)}")
-        sc, sr = sparsest_matching(cs, dense), sparsest_matching(impr, dense)
-        shared = sorted(set(cs) & set(impr), reverse=True)
-        diffs = []
-        for d in shared:
-            a, b = [r["test_accuracy"] for r in cs[d]], [r["test_accuracy"] for r in impr[d]]
-            diffs.append(f"{d:.4f}: {100 * (statistics.fmean(a) - statistics.fmean(b)):+.2f} (Welch t {welch_t(a, b):+.1f})")
-        half = sc is not None and sr is not None and sc <= sr / 2 + 1e-9
-        ge = all(statistics.fmean(r["test_accuracy"] for r in cs[d]) >= statistics.fmean(r["test_accuracy"] for r in impr[d])
-                 for d in shared)
-        print(f"(c) CS sparsest matching {sc}, IMP-R {sr} (at most half: {'yes' if half else 'no'}); "
-              f"CS - IMP-R at shared densities: {'; '.join(diffs) or 'none yet'} "
-              f"(CS at least as accurate at every one: {'yes' if shared and ge else 'no' if shared else '-'})")
+        claims(series, data["dense_instability"], dense, rewind, len(seeds))
     if figure is not None and methods:
         plot(series, dense_rows, figure)
         print(f"\nfigure: {figure}")
+
+
+def claims(series: dict[str, dict[float, list[dict]]], instability: dict[str, list[float]], dense: float,
+           rewind: str | None, n_seeds: int) -> None:
+    """Print claims (a)-(c) as measured. Only densities every seed has finished count, and (a) compares
+    IMP k = 0 and IMP-R over the levels both have reached."""
+    def complete(name: str) -> dict[float, list[dict]]:
+        return {d: rows for d, rows in series.get(name, {}).items() if len(rows) == n_seeds}
+
+    def mean(rows: list[dict]) -> float:
+        return statistics.fmean(r["test_accuracy"] for r in rows)
+
+    print(f"\nclaims (only densities with all {n_seeds} seeds; a ticket matches when its mean accuracy is within "
+          f"{100 * MATCHING:g} points of the dense mean, {100 * dense:.2f}):")
+    imp0, impr, cs = complete("IMP k=0"), complete(f"IMP-R k={rewind}"), complete("CS")
+    if rewind is None:
+        print("(a) k is not chosen yet")
+    elif rewind == "0it":
+        print("(a) not applicable: k = 0, so IMP-R is IMP k = 0")
+    elif not impr or not imp0:
+        print(f"(a) not measured yet (finished levels: IMP k=0 {len(imp0)}, IMP-R {len(impr)})")
+    else:
+        both = set(imp0) & set(impr)
+        fa = first_below({d: imp0[d] for d in both}, dense)
+        fr = first_below({d: impr[d] for d in both}, dense)
+        verdict = "holds" if fa is not None and (fr is None or fa > fr) else "does not hold"
+        print(f"(a) over the {len(both)} levels both reached (down to {min(both):.4f}): IMP k=0 first falls below "
+              f"matching at density {fa}, IMP-R at {fr}: {verdict}")
+    means = [(k, statistics.fmean(v)) for k, v in instability.items() if len(v) == n_seeds]
+    stable = next((k for k, m in means if m < STABLE_BELOW), None)
+    falls = all(a >= b for (_, a), (_, b) in zip(means, means[1:]))
+    print(f"(b) mean instability against k: {', '.join(f'{k} {100 * m:.2f}' for k, m in means) or 'not measured yet'} "
+          f"points ({'never rises with k' if falls else 'not monotone in k'}; first below {100 * STABLE_BELOW:g}: {stable}); "
+          f"sparsest matching: IMP-R (k={rewind}) {sparsest_matching(impr, dense) if impr else '-'}, "
+          f"IMP k=0 {sparsest_matching(imp0, dense) if imp0 else '-'}")
+    sc = sparsest_matching(cs, dense) if cs else None
+    sr = sparsest_matching(impr, dense) if impr else None
+    shared = sorted(set(cs) & set(impr), reverse=True)
+    diffs = []
+    for d in shared:
+        a, b = [r["test_accuracy"] for r in cs[d]], [r["test_accuracy"] for r in impr[d]]
+        diffs.append(f"{d:.4f}: {100 * (statistics.fmean(a) - statistics.fmean(b)):+.2f} (Welch t {welch_t(a, b):+.1f})")
+    half = "-" if sc is None or sr is None else "yes" if sc <= sr / 2 + 1e-9 else "no"
+    ge = "-" if not shared else "yes" if all(mean(cs[d]) >= mean(impr[d]) for d in shared) else "no"
+    print(f"(c) sparsest matching: CS {sc}, IMP-R {sr} (CS at most half of IMP-R: {half}); CS - IMP-R at shared "
+          f"densities, points: {'; '.join(diffs) or 'none yet'} (CS at least as accurate at every one: {ge})")
 
 
 def plot(series: dict[str, dict[float, list[dict]]], dense_rows: list[dict], path: Path) -> None:
@@ -347,6 +438,7 @@ def plot(series: dict[str, dict[float, list[dict]]], dense_rows: list[dict], pat
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     from lottery.io import atomic_write_bytes
     import io
@@ -366,8 +458,11 @@ def plot(series: dict[str, dict[float, list[dict]]], dense_rows: list[dict], pat
         ax.errorbar(ds, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", ms=4, capsize=3, label=name,
                     ls="-" if not name.startswith("random") else "--")
     ax.set_xscale("log")
+    ticks = [0.8, 0.4, 0.2, 0.1, 0.05, 0.03]
+    ax.set_xticks(ticks, [f"{100 * t:g} %" for t in ticks])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.invert_xaxis()
-    ax.set_xlabel("density (fraction of prunable weights kept)")
+    ax.set_xlabel("density (prunable weights kept)")
     ax.set_ylabel("test accuracy % (mean ± std over seeds)")
     ax.set_title("ResNet-20 (width 0.25) / Fashion-MNIST: tickets")
     ax.grid(alpha=0.3)
@@ -397,7 +492,7 @@ def main() -> None:
     points = tuple(p.strip() for p in args.stability_points.split(",") if p.strip())
     if args.command == "run":
         sys.exit(1 if run(out, seeds, args.workers, args.rewind, args.levels, args.preset, points) else 0)
-    report(out, seeds, args.rewind, Path(args.figure) if args.figure else None, points)
+    report(out, seeds, args.rewind, Path(args.figure) if args.figure else None, points, args.preset)
 
 
 if __name__ == "__main__":

@@ -35,15 +35,23 @@ REPORT_ORDER = ("0it", "100it", "1ep", "5ep")
 
 
 def find_masks(cs_out: Path, imp_out: Path, seed: int, cs_s0: float, imp_level: int, cs_density: float | None = None,
-               imp_rewind: str = "1ep") -> dict[str, Path]:
+               imp_rewind: str = "1ep", cs_rewind: str | None = None) -> dict[str, Path]:
     """{ticket name: mask file} of one seed, from the finished CS and IMP-R runs: the CS run with that
-    ``s0`` (or, given ``cs_density``, the one searched for that target density) and IMP-R's level."""
+    ``s0`` (or, given ``cs_density``, the one searched for that target density; given ``cs_rewind``, only
+    tickets rewound there) and IMP-R's level. Two CS runs that both fit are refused, not picked between."""
     masks = {}
+    cs = []
     for folder, r in read_results(cs_out, "search-cs_*/results.json"):
         picked = r.get("target_density") == cs_density if cs_density is not None else (
             r.get("s0") == cs_s0 and r.get("target_density") is None)
-        if r.get("seed") == seed and picked and r.get("mode") == "ticket":
-            masks["CS"] = folder / "mask.safetensors"
+        if (r.get("seed") == seed and picked and r.get("mode") == "ticket"
+                and (cs_rewind is None or r.get("rewind") == cs_rewind)):
+            cs.append(folder)
+    if len(cs) > 1:
+        raise ValueError(f"seed {seed}: {len(cs)} CS tickets fit ({', '.join(f.name for f in cs)}); "
+                         "name the rewind point of the one to analyse (--cs-rewind)")
+    if cs:
+        masks["CS"] = cs[0] / "mask.safetensors"
     for folder, r in read_results(imp_out, "search-imp_*/results.json"):
         if r.get("seed") == seed and r.get("method") == "imp" and r.get("rewind") == imp_rewind:
             path = folder / f"level_{imp_level}" / "mask.safetensors"
@@ -75,6 +83,7 @@ def main() -> None:
     ap.add_argument("--cs-density", type=float, default=None,
                     help="pick the CS runs searched for this target density (--density) instead of by s0")
     ap.add_argument("--imp-rewind", default="1ep", help="the IMP-R runs' rewind point")
+    ap.add_argument("--cs-rewind", default=None, help="only CS tickets rewound to this point (default: any)")
     ap.add_argument("--imp-level", type=int, default=8)
     ap.add_argument("--points", default=",".join(POINTS), help="rewind points k of this run")
     ap.add_argument("--report-only", action="store_true")
@@ -83,8 +92,11 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     jobs, names = [], {}
     for seed in seeds:
-        masks = find_masks(Path(args.cs_out), Path(args.imp_out), seed, args.cs_s0, args.imp_level, args.cs_density,
-                           args.imp_rewind)
+        try:
+            masks = find_masks(Path(args.cs_out), Path(args.imp_out), seed, args.cs_s0, args.imp_level, args.cs_density,
+                               args.imp_rewind, args.cs_rewind)
+        except ValueError as e:
+            sys.exit(str(e))
         if set(masks) != {"CS", "IMP-R"}:
             sys.exit(f"seed {seed}: missing finished runs for {sorted({'CS', 'IMP-R'} - set(masks))} under "
                      f"--cs-out / --imp-out; run benchmarks/cs_lenet_fashion.py and imp_lenet_fashion.py first")

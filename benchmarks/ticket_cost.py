@@ -41,12 +41,17 @@ def cs_settings(cs_out: Path, seeds: list[int], rewind: str | None = None) -> li
     runs = [r for r in _read("search-cs_*/results.json", cs_out) if r.get("seed") in seeds and r.get("mode") == "ticket"
             and (rewind is None or r.get("rewind") == rewind)]
     rows = []
-    settings = {(r["s0"], r["lam"], r.get("target_density")) for r in runs}
-    for key in sorted(settings, key=lambda k: (-(k[2] or 2), -k[0])):
-        rs = [r for r in runs if (r["s0"], r["lam"], r.get("target_density")) == key]
+
+    def setting(r: dict) -> tuple:
+        return r["s0"], r["lam"], r.get("target_density"), r.get("rewind")
+
+    several_k = len({r.get("rewind") for r in runs}) > 1
+    for key in sorted({setting(r) for r in runs}, key=lambda k: (-(k[2] or 2), -k[0], str(k[3]))):
+        rs = [r for r in runs if setting(r) == key]
         if sorted(r["seed"] for r in rs) != sorted(seeds):
             continue
         label = f"density={key[2]:g}" if key[2] is not None else f"s0={key[0]:g} lam={key[1]:g}"
+        label += f" k={key[3]}" if several_k else ""
         rows.append({"setting": label, "density": statistics.mean(r["density"] for r in rs),
                      "epochs": statistics.mean(r["epochs"] for r in rs),
                      "test_accuracy": statistics.mean(r["test_accuracy"] for r in rs)})
