@@ -117,23 +117,54 @@ def imp_runs(out: Path, seed: int, rewind: str, kind: str = "search-imp", preset
 
 
 def dense_instability(out: Path, seeds=SEEDS, points=STABILITY_POINTS, preset: str = PRESET) -> dict[str, list[float]]:
-    """{k: [instability of each finished seed]} of the dense network's runs: one run per seed, the one
-    analysing exactly ``points`` with the benchmark's copy seeds."""
+    """{k: [instability of each seed that has finished k]} of the dense network's runs: one run per seed,
+    the one analysing exactly ``points`` with the benchmark's copy seeds; each k counts once its
+    ``k_*/result.json`` is written, before the whole run has finished."""
     from lottery.io import read_json
 
-    by_seed: dict[int, dict] = {}
-    for folder, r in read_results(out, "stability_*/results.json"):
-        seed = r.get("seed")
-        if r.get("mask") is not None or seed not in seeds or seed in by_seed or not same_recipe(folder, preset):
-            continue
-        hp = read_json(folder / "hparams.json")["stability"]
-        if hp["rewind_points"] == list(points) and hp["copy_seeds"] == [101 + seed, 201 + seed]:
-            by_seed[seed] = r
     table: dict[str, list[float]] = {k: [] for k in points}
-    for seed in sorted(by_seed):
-        for row in by_seed[seed]["rows"]:
-            table[row["rewind"]].append(row["instability"])
+    seen: set[int] = set()
+    for hp_file in sorted(out.glob("stability_*/hparams.json")) if out.is_dir() else []:
+        folder = hp_file.parent
+        try:
+            hp = read_json(hp_file)
+        except (OSError, ValueError):
+            continue
+        seed, st = hp.get("seed"), hp.get("stability", {})
+        if (seed not in seeds or seed in seen or st.get("mask") is not None or not same_recipe(folder, preset)
+                or st.get("rewind_points") != list(points) or st.get("copy_seeds") != [101 + seed, 201 + seed]):
+            continue
+        seen.add(seed)
+        for result in sorted(folder.glob("k_*/result.json")):
+            try:
+                row = read_json(result)
+            except (OSError, ValueError):
+                continue
+            if row.get("rewind") in table:
+                table[row["rewind"]].append(row["instability"])
     return table
+
+
+def imp_levels(out: Path, seed: int, rewind: str, kind: str = "search-imp", preset: str = PRESET) -> list[dict]:
+    """The finished levels (level_*/results.json) of the preset's IMP (``kind`` search-imp-c: IMP-C) run of
+    ``seed`` rewinding to ``rewind``, whether or not the run has reached its last level."""
+    from lottery.io import read_json
+
+    for hp_file in sorted(out.glob(f"{kind}_*/hparams.json")) if out.is_dir() else []:
+        try:
+            hp = read_json(hp_file)
+        except (OSError, ValueError):
+            continue
+        if hp.get("seed") != seed or hp.get("imp", {}).get("rewind") != rewind or not same_recipe(hp_file.parent, preset):
+            continue
+        levels = []
+        for result in hp_file.parent.glob("level_*/results.json"):
+            try:
+                levels.append(read_json(result))
+            except (OSError, ValueError):
+                continue
+        return sorted(levels, key=lambda lv: lv["level"])
+    return []
 
 
 def pick_rewind(out: Path, seeds=SEEDS, points=STABILITY_POINTS, preset: str = PRESET) -> tuple[str | None, str]:
@@ -284,11 +315,10 @@ def collect(out: Path, seeds, rewind: str | None, points: tuple[str, ...] = STAB
                                (f"IMP-C k={rewind}", rewind, "search-imp-c")):
             if rw is None or (name.startswith("IMP-R") and rw == "0it"):
                 continue
-            for r in imp_runs(out, s, rw, kind, preset)[:1]:
-                for lv in r["levels"]:
-                    if lv.get("test_accuracy") is None or (lv["level"] == 0 and name != "IMP k=0"):
-                        continue
-                    add("dense" if lv["level"] == 0 else name, nominal(lv["level"]), lv)
+            for lv in imp_levels(out, s, rw, kind, preset):
+                if lv.get("test_accuracy") is None or (lv["level"] == 0 and name != "IMP k=0"):
+                    continue
+                add("dense" if lv["level"] == 0 else name, nominal(lv["level"]), lv)
     for folder, r in read_results(out, "search-cs_*/results.json"):
         if (r.get("seed") in seeds and r.get("mode") == "ticket" and r.get("target_density")
                 and r.get("rewind") == rewind and same_recipe(folder, preset)):
@@ -416,8 +446,9 @@ def claims(series: dict[str, dict[float, list[dict]]], instability: dict[str, li
     means = [(k, statistics.fmean(v)) for k, v in instability.items() if len(v) == n_seeds]
     stable = next((k for k, m in means if m < STABLE_BELOW), None)
     falls = all(a >= b for (_, a), (_, b) in zip(means, means[1:]))
-    print(f"(b) mean instability against k: {', '.join(f'{k} {100 * m:.2f}' for k, m in means) or 'not measured yet'} "
-          f"points ({'never rises with k' if falls else 'not monotone in k'}; first below {100 * STABLE_BELOW:g}: {stable}); "
+    trend = (f"{', '.join(f'{k} {100 * m:.2f}' for k, m in means)} points ({'never rises with k' if falls else 'not monotone in k'}; "
+             f"first below {100 * STABLE_BELOW:g}: {stable})") if means else "not measured for every seed yet"
+    print(f"(b) mean instability against k: {trend}; "
           f"sparsest matching: IMP-R (k={rewind}) {sparsest_matching(impr, dense) if impr else '-'}, "
           f"IMP k=0 {sparsest_matching(imp0, dense) if imp0 else '-'}")
     sc = sparsest_matching(cs, dense) if cs else None
