@@ -10,8 +10,9 @@ with this preset, and ``lottery search cs``, so their run folders are the same a
 
 1. instability of the dense network against the rewind point k (0, 100 iterations, 1, 2, 5 epochs);
 2. IMP k = 0, 12 levels (to 6.9 % density);
-3. once every seed's instability is known: k = the earliest rewind point whose mean instability is
-   below 2 points (the stability line of Frankle et al.), or ``--rewind``; written to rewind_choice.json;
+3. k = the earliest rewind point whose mean instability over the seeds is below 2 points (the stability
+   line of Frankle et al.; chosen once it and the points before it are in for every seed), or
+   ``--rewind``; written to rewind_choice.json;
 4. IMP-R and IMP-C rewinding to k; random pruning and random re-initialisation of IMP-R's levels 4, 8, 12;
 5. CS tickets (rewinding to the same k) at IMP's densities 0.4096, 0.1678, 0.0859, 0.0687 and at half
    just under half of the sparsest, 0.0343 (CS's own sparsest setting: where claim (c) needs it to match);
@@ -168,15 +169,19 @@ def imp_levels(out: Path, seed: int, rewind: str, kind: str = "search-imp", pres
 
 
 def pick_rewind(out: Path, seeds=SEEDS, points=STABILITY_POINTS, preset: str = PRESET) -> tuple[str | None, str]:
-    """(k, why): the earliest rewind point whose mean instability over every seed is below the line;
-    (None, why) while a seed has not finished or when no point is stable."""
+    """(k, why): the earliest rewind point whose mean instability over every seed is below the line.
+    Points are looked at in order, and k is chosen as soon as it and every earlier point are finished for
+    every seed (the later points cannot change which is the earliest), so the jobs that need k start while
+    the later points still run. (None, why) while that is not known, or when no point is stable."""
     table = dense_instability(out, seeds, points, preset)
-    if any(len(v) < len(seeds) for v in table.values()):
-        return None, "the dense network's instability is not finished for every seed"
     for k in points:
+        if len(table[k]) < len(seeds):
+            return None, f"the dense network's instability at k = {k} is not finished for every seed"
         if statistics.fmean(table[k]) < STABLE_BELOW:
+            earlier = ", ".join(f"{e} {100 * statistics.fmean(table[e]):.2f}" for e in points[:points.index(k)])
             return k, (f"earliest k with mean instability below {100 * STABLE_BELOW:g} points: "
-                       f"{k} ({100 * statistics.fmean(table[k]):.2f} over {len(seeds)} seeds)")
+                       f"{k} ({100 * statistics.fmean(table[k]):.2f} over {len(seeds)} seeds"
+                       f"{'; before it ' + earlier if earlier else ''})")
     return None, (f"no rewind point is stable (means {', '.join(f'{k} {100 * statistics.fmean(v):.2f}' for k, v in table.items())}); "
                   "pass --rewind K to go on with a k of your choice")
 
@@ -189,14 +194,15 @@ def plan(out: Path, seeds, rewind: str | None, levels: int = LEVELS, preset: str
     jobs += [Job(f"IMP k=0 s{s}", 3, imp_bench.imp_job, ("rewind", "0it", levels, s, o, preset)) for s in seeds]
     if rewind is None:
         return jobs
-    stab = tuple(f"stability s{s}" for s in seeds)
+    # planned only once k is chosen: they need nothing else (the ticket analyses also wait for their seed's
+    # dense instability run, whose dense network they start from)
     for s in seeds:
         impr = f"IMP k=0 s{s}" if rewind == "0it" else f"IMP-R k={rewind} s{s}"  # k = 0: IMP-R is IMP
         if rewind != "0it":
-            jobs.append(Job(impr, 1, imp_bench.imp_job, ("rewind", rewind, levels, s, o, preset), stab))
-        jobs.append(Job(f"IMP-C k={rewind} s{s}", 6, imp_bench.imp_job, ("continue", rewind, levels, s, o, preset), stab))
+            jobs.append(Job(impr, 1, imp_bench.imp_job, ("rewind", rewind, levels, s, o, preset)))
+        jobs.append(Job(f"IMP-C k={rewind} s{s}", 6, imp_bench.imp_job, ("continue", rewind, levels, s, o, preset)))
         for d in CS_DENSITIES:
-            jobs.append(Job(f"CS {d} s{s}", 2, cs_job, (s, d, rewind, o, preset), stab))
+            jobs.append(Job(f"CS {d} s{s}", 2, cs_job, (s, d, rewind, o, preset)))
         source = imp_runs(out, s, rewind, preset=preset)
         if source:  # the controls need IMP-R's folder: planned once it has finished
             for control in ("random-prune", "random-reinit"):
