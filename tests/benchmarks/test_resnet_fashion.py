@@ -1,0 +1,119 @@
+"""The decisions of benchmarks/resnet_fashion.py that RESULTS.md reports as measured: which rewind point k
+IMP-R and CS use (chosen from the dense network's instability) and the verdicts on the papers' claims.
+They run on small hand-made run folders and series, so a wrong verdict fails here, not in a results table
+written after a day of training."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from lottery.presets import get_preset
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("resnet_fashion_under_test", BENCHMARKS / "resnet_fashion.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+def _stability_run(out: Path, seed: int, instability: dict[str, float], points=("0it", "100it", "1ep"),
+                   training_steps: str | None = None) -> None:
+    """A dense instability run folder as lottery writes it: hparams.json and one k_*/result.json per point
+    that has finished."""
+    preset = get_preset("fashion_resnet20")
+    training = preset.training.to_dict()
+    if training_steps is not None:
+        training["training_steps"] = training_steps
+    folder = out / f"stability_resnet20_fashion-mnist_s{seed}_{training_steps or 'x'}"
+    folder.mkdir(parents=True)
+    (folder / "hparams.json").write_text(json.dumps({
+        "seed": seed, "data": preset.data.to_dict(), "model": preset.model.to_dict(), "training": training,
+        "stability": {"mask": None, "rewind_points": list(points), "copy_seeds": [101 + seed, 201 + seed]}}))
+    for k, value in instability.items():
+        (folder / f"k_{k}").mkdir()
+        (folder / f"k_{k}" / "result.json").write_text(json.dumps({"rewind": k, "instability": value}))
+
+
+def test_k_is_the_earliest_point_stable_on_average_once_every_seed_has_it(bench, tmp_path):
+    points = ("0it", "100it", "1ep")
+    # seed 2's 100it point is not in yet: k cannot be chosen (1ep could still be the answer)
+    _stability_run(tmp_path, 0, {"0it": 0.78, "100it": 0.01, "1ep": 0.005}, points)
+    _stability_run(tmp_path, 1, {"0it": 0.80, "100it": 0.02, "1ep": 0.004}, points)
+    _stability_run(tmp_path, 2, {"0it": 0.75}, points)
+    k, why = bench.pick_rewind(tmp_path, (0, 1, 2), points)
+    assert k is None and "100it" in why
+
+    # once it is in, the mean over seeds decides: (0.01 + 0.02 + 0.04) / 3 > 0.02, so 100it is not stable
+    (tmp_path / "stability_resnet20_fashion-mnist_s2_x" / "k_100it").mkdir()
+    (tmp_path / "stability_resnet20_fashion-mnist_s2_x" / "k_100it" / "result.json").write_text(
+        json.dumps({"rewind": "100it", "instability": 0.04}))
+    k, why = bench.pick_rewind(tmp_path, (0, 1, 2), points)
+    assert k is None and "1ep" in why  # seed 2's 1ep is still missing
+    (tmp_path / "stability_resnet20_fashion-mnist_s2_x" / "k_1ep").mkdir()
+    (tmp_path / "stability_resnet20_fashion-mnist_s2_x" / "k_1ep" / "result.json").write_text(
+        json.dumps({"rewind": "1ep", "instability": 0.006}))
+    k, why = bench.pick_rewind(tmp_path, (0, 1, 2), points)
+    assert k == "1ep" and "2.33" in why  # 100it's mean, in points, is named as the reason it was passed over
+
+
+def test_k_is_chosen_before_later_points_finish_and_other_recipes_are_ignored(bench, tmp_path):
+    points = ("0it", "100it", "1ep")
+    for seed in (0, 1, 2):
+        _stability_run(tmp_path, seed, {"0it": 0.7, "100it": 0.01}, points)  # 1ep still running everywhere
+    # a run of another recipe (8 epochs) with a different verdict in the same folder must not count
+    _stability_run(tmp_path, 0, {"0it": 0.001, "100it": 0.9}, points, training_steps="8ep")
+    table = bench.dense_instability(tmp_path, (0, 1, 2), points)
+    assert table == {"0it": [0.7, 0.7, 0.7], "100it": [0.01, 0.01, 0.01], "1ep": []}
+    assert bench.pick_rewind(tmp_path, (0, 1, 2), points)[0] == "100it"
+
+
+def _rows(*accuracies: float) -> list[dict]:
+    return [{"test_accuracy": a} for a in accuracies]
+
+
+def test_claims_verdicts(bench, capsys):
+    dense = 0.92
+    series = {
+        "IMP k=0": {0.8: _rows(0.92, 0.921, 0.919), 0.64: _rows(0.915, 0.914, 0.916), 0.512: _rows(0.90, 0.90, 0.90)},
+        "IMP-R k=1ep": {0.8: _rows(0.92, 0.92, 0.92), 0.64: _rows(0.92, 0.919, 0.921),
+                        0.512: _rows(0.91, 0.91, 0.91),
+                        0.4096: _rows(0.95, 0.95)},  # only 2 of 3 seeds: must not count as matching
+        "CS": {0.64: _rows(0.93, 0.93, 0.93), 0.32: _rows(0.921, 0.92, 0.919), 0.16: _rows(0.80, 0.80, 0.80)},
+    }
+    instability = {"0it": [0.8, 0.7, 0.75], "100it": [0.05, 0.04, 0.06], "1ep": [0.01, 0.01, 0.01]}
+    bench.claims(series, instability, dense, "1ep", 3)
+    out = capsys.readouterr().out
+    # (a): IMP k=0 leaves the matching band at 0.64 (91.5 < 91.8), IMP-R only at 0.512
+    assert "IMP k=0 first falls below matching at density 0.64, IMP-R at 0.512: holds" in out
+    # (b): falls with k; first stable point 1ep; IMP-R's sparsest matching is 0.64 (0.4096 has 2 seeds)
+    assert "never rises with k; first below 2: 1ep" in out
+    assert "sparsest matching: IMP-R (k=1ep) 0.64, IMP k=0 0.8" in out
+    # (c): CS matches down to 0.32, half of 0.64 -> yes; at the one shared density, 0.64, CS is ahead
+    assert "sparsest matching: CS 0.32, IMP-R 0.64 (CS at most half of IMP-R: yes)" in out
+    assert "CS at least as accurate at every one: yes" in out
+
+
+def test_claims_that_do_not_hold_say_so(bench, capsys):
+    dense = 0.92
+    series = {
+        "IMP k=0": {0.8: _rows(0.92, 0.92, 0.92), 0.64: _rows(0.92, 0.92, 0.92)},
+        "IMP-R k=1ep": {0.8: _rows(0.92, 0.92, 0.92), 0.64: _rows(0.90, 0.90, 0.90)},
+        "CS": {0.64: _rows(0.89, 0.89, 0.89), 0.8: _rows(0.921, 0.92, 0.92)},
+    }
+    instability = {"0it": [0.1, 0.1, 0.1], "100it": [0.2, 0.2, 0.2]}
+    bench.claims(series, instability, dense, "1ep", 3)
+    out = capsys.readouterr().out
+    assert "IMP k=0 first falls below matching at density None, IMP-R at 0.64: does not hold" in out
+    assert "not monotone in k; first below 2: None" in out
+    assert "(CS at most half of IMP-R: no)" in out and "CS at least as accurate at every one: no" in out
