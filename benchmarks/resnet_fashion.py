@@ -21,6 +21,10 @@ with this preset, and ``lottery search cs``, so their run folders are the same a
 
 Jobs run in priority order (the instability first: everything after step 3 waits for it), at most
 ``--workers`` at a time, each with one torch thread; a job that fails is reported and the others go on.
+
+``--width 1 --device cuda`` runs the same comparison at full width on a GPU (every worker a process on the
+one GPU; folders in benchmarks/out/resnet_fashion_w1), and ``--parts`` a subset of it:
+benchmarks/resnet_fashion_gpu.sh is the one device call planned for it (issue 21, point 4).
 """
 
 from __future__ import annotations
@@ -33,12 +37,11 @@ import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).parent))
-import imp_lenet_fashion as imp_bench  # noqa: E402
 import stability_tickets as ticket_bench  # noqa: E402
 from _common import _init_worker, machine, mean_std, read_results  # noqa: E402
 
@@ -53,36 +56,90 @@ STABLE_BELOW = 0.02  # instability (test error, as a fraction) under which a net
 MATCHING = 0.002  # a ticket matches when its accuracy is within 0.2 points of the dense network's
 
 
-# -- jobs -------------------------------------------------------------------------------------------------
-def cs_job(seed: int, density: float, rewind: str, out: str, preset: str = PRESET) -> dict:
+# -- the recipe and the jobs -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Recipe:
+    """What every job trains: a preset, optionally at another width (``--width 1``: the full-width network,
+    for a GPU), and the device it trains on. The device is not part of a run's identity (run folders made on
+    a GPU and on the CPU are read alike); the width is, so runs of two widths never mix."""
+
+    preset: str = PRESET
+    width: float | None = None
+    device: str = "cpu"
+
+    def hparams(self) -> tuple[Any, Any, Any]:
+        """(data, model, training) hyperparameters, as ``lottery ... --preset P [--width W]`` would make them."""
+        from lottery.presets import get_preset
+
+        p = get_preset(self.preset)
+        model = p.model if self.width is None else replace(p.model, width=self.width)
+        return p.data, model, p.training
+
+    def options(self, out: str):
+        from lottery.experiment import RunOptions
+
+        return RunOptions(out=out, progress=False, device=self.device)
+
+    def cli_flags(self) -> list[str]:
+        return (["--preset", self.preset, "--device", self.device]
+                + ([] if self.width is None else ["--width", repr(self.width)]))
+
+    def describe(self) -> str:
+        data, model, _ = self.hparams()
+        return f"{model.model} at width {model.width:g} on {data.dataset} ({self.preset})"
+
+
+DEFAULT = Recipe()
+
+
+def imp_job(variant: str, rewind: str, levels: int, seed: int, out: str, recipe: Recipe = DEFAULT) -> dict:
+    """IMP (variant "rewind": IMP k = 0 or IMP-R; "continue": IMP-C), the job of benchmarks/imp_lenet_fashion.py."""
+    from lottery.methods.imp import IMPHparams
+    from lottery.pipelines.imp import IMPJob, run_imp
+
+    hp = IMPHparams(levels=levels, rewind=rewind, variant=variant)
+    return run_imp(IMPJob(*recipe.hparams(), hp, seed=seed), recipe.options(out))
+
+
+def stability_job(seed: int, out: str, points: tuple, recipe: Recipe = DEFAULT, mask: str | None = None) -> dict:
+    """Instability against k of the dense network (``mask`` None) or of a ticket (its mask file), with the
+    copy seeds of benchmarks/imp_lenet_fashion.py and benchmarks/stability_tickets.py (so the folders are
+    theirs)."""
+    from lottery.methods.stability import StabilityHparams
+    from lottery.pipelines.imp import StabilityJob, run_stability
+
+    hp = StabilityHparams(rewind_points=tuple(points), copy_seeds=(101 + seed, 201 + seed), mask=mask)
+    return run_stability(StabilityJob(*recipe.hparams(), hp, seed=seed), recipe.options(out))
+
+
+def cs_job(seed: int, density: float, rewind: str, out: str, recipe: Recipe = DEFAULT) -> dict:
     """One CS ticket through the command line, so that the folder is the one `lottery search cs` makes."""
     from lottery.cli import main
 
-    rc = main(["search", "cs", "--preset", preset, "--density", repr(density), "--rewind", rewind,
+    rc = main(["search", "cs", *recipe.cli_flags(), "--density", repr(density), "--rewind", rewind,
                "--seed", str(seed), "--out", out, "--no-progress"])
     if rc != 0:
         raise RuntimeError(f"lottery search cs exited with {rc}")
     return {"seed": seed, "density": density}
 
 
-def control_job(control: str, source: str, level: int, out: str) -> dict:
-    from lottery.experiment import RunOptions
+def control_job(control: str, source: str, level: int, out: str, recipe: Recipe = DEFAULT) -> dict:
     from lottery.methods.imp import RandomPruneHparams, RandomReinitHparams
     from lottery.pipelines.imp import run_random_prune, run_random_reinit
 
-    options = RunOptions(out=out, progress=False)
+    options = recipe.options(out)
     if control == "random-prune":
         return run_random_prune(source, RandomPruneHparams(level=level, seed=1, scope="layerwise"), options)
     return run_random_reinit(source, RandomReinitHparams(level=level, seed=1), options)
 
 
 def ticket_stability_job(seed: int, ticket: str, density: float, imp_level: int, rewind: str, points: tuple,
-                         out: str, preset: str = PRESET) -> dict:
+                         out: str, recipe: Recipe = DEFAULT) -> dict:
     masks = ticket_bench.find_masks(Path(out), Path(out), seed, 0.0, imp_level, cs_density=density, imp_rewind=rewind,
                                     cs_rewind=rewind)
     if ticket not in masks:
         raise RuntimeError(f"no {ticket} mask of seed {seed} at density {density} / level {imp_level} in {out}")
-    return ticket_bench.stability_job(str(masks[ticket]), seed, out, points, preset)
+    return stability_job(seed, out, points, recipe, mask=str(masks[ticket]))
 
 
 @dataclass(frozen=True)
@@ -92,32 +149,32 @@ class Job:
     fn: Callable[..., Any]
     args: tuple
     needs: tuple[str, ...] = ()
+    part: str = ""  # one of PARTS (--parts runs a subset)
 
 
-def same_recipe(folder: Path, preset: str) -> bool:
-    """Whether the run in ``folder`` trained the preset's data, model and training recipe (so that runs of
-    another recipe left in the same --out are never mixed in)."""
+def same_recipe(folder: Path, recipe: Recipe) -> bool:
+    """Whether the run in ``folder`` trained the recipe's data, model (width included) and training (so
+    that runs of another recipe left in the same --out are never mixed in)."""
     from lottery.io import read_json
-    from lottery.presets import get_preset
 
-    p = get_preset(preset)
+    data, model, training = recipe.hparams()
     try:
         hp = read_json(folder / "hparams.json")
     except (OSError, ValueError):
         return False
     return (hp.get("data"), hp.get("model"), hp.get("training")) == (
-        p.data.to_dict(), p.model.to_dict(), p.training.to_dict())
+        data.to_dict(), model.to_dict(), training.to_dict())
 
 
-def imp_runs(out: Path, seed: int, rewind: str, kind: str = "search-imp", preset: str = PRESET) -> list[dict]:
+def imp_runs(out: Path, seed: int, rewind: str, kind: str = "search-imp", recipe: Recipe = DEFAULT) -> list[dict]:
     """The finished IMP (``kind`` search-imp-c: IMP-C) runs of the preset's recipe rewinding to ``rewind``
     (one per seed: more levels continue the same folder)."""
     return [r for folder, r in read_results(out, f"{kind}_*/results.json")
             if r.get("seed") == seed and r.get("rewind") == rewind and len(r.get("levels", [])) > 1
-            and same_recipe(folder, preset)]
+            and same_recipe(folder, recipe)]
 
 
-def dense_instability(out: Path, seeds=SEEDS, points=STABILITY_POINTS, preset: str = PRESET) -> dict[str, list[float]]:
+def dense_instability(out: Path, seeds=SEEDS, points=STABILITY_POINTS, recipe: Recipe = DEFAULT) -> dict[str, list[float]]:
     """{k: [instability of each seed that has finished k]} of the dense network's runs: one run per seed,
     the one analysing exactly ``points`` with the benchmark's copy seeds; each k counts once its
     ``k_*/result.json`` is written, before the whole run has finished."""
@@ -132,7 +189,7 @@ def dense_instability(out: Path, seeds=SEEDS, points=STABILITY_POINTS, preset: s
         except (OSError, ValueError):
             continue
         seed, st = hp.get("seed"), hp.get("stability", {})
-        if (seed not in seeds or seed in seen or st.get("mask") is not None or not same_recipe(folder, preset)
+        if (seed not in seeds or seed in seen or st.get("mask") is not None or not same_recipe(folder, recipe)
                 or st.get("rewind_points") != list(points) or st.get("copy_seeds") != [101 + seed, 201 + seed]):
             continue
         seen.add(seed)
@@ -146,7 +203,7 @@ def dense_instability(out: Path, seeds=SEEDS, points=STABILITY_POINTS, preset: s
     return table
 
 
-def imp_levels(out: Path, seed: int, rewind: str, kind: str = "search-imp", preset: str = PRESET) -> list[dict]:
+def imp_levels(out: Path, seed: int, rewind: str, kind: str = "search-imp", recipe: Recipe = DEFAULT) -> list[dict]:
     """The finished levels (level_*/results.json) of the preset's IMP (``kind`` search-imp-c: IMP-C) run of
     ``seed`` rewinding to ``rewind``, whether or not the run has reached its last level."""
     from lottery.io import read_json
@@ -156,7 +213,7 @@ def imp_levels(out: Path, seed: int, rewind: str, kind: str = "search-imp", pres
             hp = read_json(hp_file)
         except (OSError, ValueError):
             continue
-        if hp.get("seed") != seed or hp.get("imp", {}).get("rewind") != rewind or not same_recipe(hp_file.parent, preset):
+        if hp.get("seed") != seed or hp.get("imp", {}).get("rewind") != rewind or not same_recipe(hp_file.parent, recipe):
             continue
         levels = []
         for result in hp_file.parent.glob("level_*/results.json"):
@@ -168,12 +225,12 @@ def imp_levels(out: Path, seed: int, rewind: str, kind: str = "search-imp", pres
     return []
 
 
-def pick_rewind(out: Path, seeds=SEEDS, points=STABILITY_POINTS, preset: str = PRESET) -> tuple[str | None, str]:
+def pick_rewind(out: Path, seeds=SEEDS, points=STABILITY_POINTS, recipe: Recipe = DEFAULT) -> tuple[str | None, str]:
     """(k, why): the earliest rewind point whose mean instability over every seed is below the line.
     Points are looked at in order, and k is chosen as soon as it and every earlier point are finished for
     every seed (the later points cannot change which is the earliest), so the jobs that need k start while
     the later points still run. (None, why) while that is not known, or when no point is stable."""
-    table = dense_instability(out, seeds, points, preset)
+    table = dense_instability(out, seeds, points, recipe)
     for k in points:
         if len(table[k]) < len(seeds):
             return None, f"the dense network's instability at k = {k} is not finished for every seed"
@@ -186,44 +243,51 @@ def pick_rewind(out: Path, seeds=SEEDS, points=STABILITY_POINTS, preset: str = P
                   "pass --rewind K to go on with a k of your choice")
 
 
-def plan(out: Path, seeds, rewind: str | None, levels: int = LEVELS, preset: str = PRESET,
-         points: tuple[str, ...] = STABILITY_POINTS) -> list[Job]:
-    """Every job whose inputs are known now (the jobs after the choice of k appear once it is made)."""
+PARTS = ("stability", "imp0", "impr", "cs", "controls", "tickets", "impc")
+
+
+def plan(out: Path, seeds, rewind: str | None, levels: int = LEVELS, recipe: Recipe = DEFAULT,
+         points: tuple[str, ...] = STABILITY_POINTS, parts: tuple[str, ...] = PARTS) -> list[Job]:
+    """Every job of ``parts`` whose inputs are known now (the jobs after the choice of k appear once it is
+    made). A job that needs one of a part left out does not wait for it: it reads that part's run folders
+    as they are, and fails with a clear error if they are missing."""
     o = str(out)
-    jobs = [Job(f"stability s{s}", 0, imp_bench.stability_job, (s, o, preset, points)) for s in seeds]
-    jobs += [Job(f"IMP k=0 s{s}", 3, imp_bench.imp_job, ("rewind", "0it", levels, s, o, preset)) for s in seeds]
-    if rewind is None:
-        return jobs
-    # planned only once k is chosen: they need nothing else (the ticket analyses also wait for their seed's
-    # dense instability run, whose dense network they start from)
-    for s in seeds:
-        impr = f"IMP k=0 s{s}" if rewind == "0it" else f"IMP-R k={rewind} s{s}"  # k = 0: IMP-R is IMP
-        if rewind != "0it":
-            jobs.append(Job(impr, 1, imp_bench.imp_job, ("rewind", rewind, levels, s, o, preset)))
-        jobs.append(Job(f"IMP-C k={rewind} s{s}", 6, imp_bench.imp_job, ("continue", rewind, levels, s, o, preset)))
-        for d in CS_DENSITIES:
-            jobs.append(Job(f"CS {d} s{s}", 2, cs_job, (s, d, rewind, o, preset)))
-        source = imp_runs(out, s, rewind, preset=preset)
-        if source:  # the controls need IMP-R's folder: planned once it has finished
-            for control in ("random-prune", "random-reinit"):
-                for level in CONTROL_LEVELS:
-                    jobs.append(Job(f"{control} level {level} s{s}", 4, control_job,
-                                    (control, source[0]["run_dir"], level, o), (impr,)))
-        for density, level, at_zero in TICKET_STABILITY:
-            kpoints = ("0it", rewind) if at_zero and rewind != "0it" else (rewind,)
-            for ticket in ("IMP-R", "CS"):
-                jobs.append(Job(f"instability {ticket} {density} s{s}", 5, ticket_stability_job,
-                                (s, ticket, density, level, rewind, kpoints, o, preset),
-                                (impr, f"CS {density} s{s}", f"stability s{s}")))
-    return jobs
+    jobs = [Job(f"stability s{s}", 0, stability_job, (s, o, points, recipe), part="stability") for s in seeds]
+    jobs += [Job(f"IMP k=0 s{s}", 3, imp_job, ("rewind", "0it", levels, s, o, recipe), part="imp0") for s in seeds]
+    if rewind is not None:
+        # planned only once k is chosen (the ticket analyses also wait for their seed's dense instability
+        # run, whose dense network they start from)
+        for s in seeds:
+            impr = f"IMP k=0 s{s}" if rewind == "0it" else f"IMP-R k={rewind} s{s}"  # k = 0: IMP-R is IMP
+            if rewind != "0it":
+                jobs.append(Job(impr, 1, imp_job, ("rewind", rewind, levels, s, o, recipe), part="impr"))
+            jobs.append(Job(f"IMP-C k={rewind} s{s}", 6, imp_job, ("continue", rewind, levels, s, o, recipe),
+                            part="impc"))
+            for d in CS_DENSITIES:
+                jobs.append(Job(f"CS {d} s{s}", 2, cs_job, (s, d, rewind, o, recipe), part="cs"))
+            source = imp_runs(out, s, rewind, recipe=recipe)
+            if source:  # the controls need IMP-R's folder: planned once it has finished
+                for control in ("random-prune", "random-reinit"):
+                    for level in CONTROL_LEVELS:
+                        jobs.append(Job(f"{control} level {level} s{s}", 4, control_job,
+                                        (control, source[0]["run_dir"], level, o, recipe), (impr,), part="controls"))
+            for density, level, at_zero in TICKET_STABILITY:
+                kpoints = ("0it", rewind) if at_zero and rewind != "0it" else (rewind,)
+                for ticket in ("IMP-R", "CS"):
+                    jobs.append(Job(f"instability {ticket} {density} s{s}", 5, ticket_stability_job,
+                                    (s, ticket, density, level, rewind, kpoints, o, recipe),
+                                    (impr, f"CS {density} s{s}", f"stability s{s}"), part="tickets"))
+    jobs = [j for j in jobs if j.part in parts]
+    planned = {j.name for j in jobs}
+    return [replace(j, needs=tuple(n for n in j.needs if n in planned)) for j in jobs]
 
 
 def _log(message: str) -> None:
     print(f"[{_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M:%S} UTC] {message}", flush=True)
 
 
-def run(out: Path, seeds, workers: int, rewind: str | None, levels: int = LEVELS, preset: str = PRESET,
-        points: tuple[str, ...] = STABILITY_POINTS) -> int:
+def run(out: Path, seeds, workers: int, rewind: str | None, levels: int = LEVELS, recipe: Recipe = DEFAULT,
+        points: tuple[str, ...] = STABILITY_POINTS, parts: tuple[str, ...] = PARTS) -> int:
     """Run every job of :func:`plan` (re-planned as jobs finish), ``workers`` at a time. Returns the
     number of jobs that failed (their dependants are not run)."""
     import multiprocessing as mp
@@ -246,12 +310,12 @@ def run(out: Path, seeds, workers: int, rewind: str | None, levels: int = LEVELS
                              initargs=(1,)) as pool:
         while True:
             if chosen is None:
-                chosen, why = pick_rewind(out, seeds, points, preset)
+                chosen, why = pick_rewind(out, seeds, points, recipe)
                 if chosen is not None:
                     _log(f"rewind point k = {chosen}: {why}")
                     write_json(choice, {"rewind": chosen, "why": why, "seeds": list(seeds),
                                                             "stable_below": STABLE_BELOW})
-            jobs = plan(out, seeds, chosen, levels, preset, points)
+            jobs = plan(out, seeds, chosen, levels, recipe, points, parts)
             names = {j.name for j in jobs}
             for j in jobs:  # dependants of a failed job fail too, so the loop can end
                 if j.name not in failed and any(n in failed for n in j.needs):
@@ -272,7 +336,7 @@ def run(out: Path, seeds, workers: int, rewind: str | None, levels: int = LEVELS
             if not running:
                 waiting = sorted(names - done - failed)
                 if chosen is None and rewind is None and all(f"stability s{s}" in done for s in seeds):
-                    _log(f"stopped before k: {pick_rewind(out, seeds, points, preset)[1]}")
+                    _log(f"stopped before k: {pick_rewind(out, seeds, points, recipe)[1]}")
                 elif waiting:
                     _log(f"stopped with {len(waiting)} jobs whose inputs are missing: {', '.join(waiting)}")
                 break
@@ -304,7 +368,7 @@ def nominal(level: int, rate: float = 0.2) -> float:
 
 
 def collect(out: Path, seeds, rewind: str | None, points: tuple[str, ...] = STABILITY_POINTS,
-            preset: str = PRESET) -> dict[str, Any]:
+            recipe: Recipe = DEFAULT) -> dict[str, Any]:
     """Every finished result of the preset's recipe, as {series: {density: [per-seed rows]}}, plus the
     instabilities; IMP's levels and the controls under their nominal density, CS under its target density
     (which it has exactly). Only runs of rewind point ``rewind`` (IMP-R, IMP-C, CS, the controls of IMP-R,
@@ -321,24 +385,24 @@ def collect(out: Path, seeds, rewind: str | None, points: tuple[str, ...] = STAB
                                (f"IMP-C k={rewind}", rewind, "search-imp-c")):
             if rw is None or (name.startswith("IMP-R") and rw == "0it"):
                 continue
-            for lv in imp_levels(out, s, rw, kind, preset):
+            for lv in imp_levels(out, s, rw, kind, recipe):
                 if lv.get("test_accuracy") is None or (lv["level"] == 0 and name != "IMP k=0"):
                     continue
                 add("dense" if lv["level"] == 0 else name, nominal(lv["level"]), lv)
     for folder, r in read_results(out, "search-cs_*/results.json"):
         if (r.get("seed") in seeds and r.get("mode") == "ticket" and r.get("target_density")
-                and r.get("rewind") == rewind and same_recipe(folder, preset)):
+                and r.get("rewind") == rewind and same_recipe(folder, recipe)):
             add("CS", r["target_density"], r)
     for control in ("random-prune", "random-reinit"):
         for folder, r in read_results(out, f"*{control}*/results.json"):
             source = Path(str(r.get("source_run", ""))).name
             if (r.get("seed") in seeds and r.get("test_accuracy") is not None and r.get("rewind") == rewind
                     and source.startswith("search-imp_") and r.get("control_seed") == 1
-                    and r.get("scope", "layerwise") == "layerwise" and same_recipe(out / source, preset)):
+                    and r.get("scope", "layerwise") == "layerwise" and same_recipe(out / source, recipe)):
                 add(f"{control.replace('-', ' ')} (IMP-R masks)", nominal(r["level"]), r)
     tickets: dict[tuple[str, float, str], dict[int, float]] = {}
     for folder, r in read_results(out, "stability_*/results.json"):
-        if r.get("mask") is None or r.get("seed") not in seeds or not same_recipe(folder, preset):
+        if r.get("mask") is None or r.get("seed") not in seeds or not same_recipe(folder, recipe):
             continue
         mask = Path(r["mask"])
         source = mask.parent if mask.parent.name.startswith("search-cs_") else mask.parent.parent
@@ -351,7 +415,7 @@ def collect(out: Path, seeds, rewind: str | None, points: tuple[str, ...] = STAB
         name = "CS" if found["method"] == "cs" else "IMP-R"
         for row in r["rows"]:
             tickets.setdefault((name, round(r["mask_density"], 4), row["rewind"]), {})[r["seed"]] = row["instability"]
-    return {"series": series, "dense_instability": dense_instability(out, seeds, points, preset),
+    return {"series": series, "dense_instability": dense_instability(out, seeds, points, recipe),
             "tickets": {key: [v[s] for s in sorted(v)] for key, v in tickets.items()}}
 
 
@@ -378,8 +442,8 @@ def welch_t(a: list[float], b: list[float]) -> float:
 
 
 def report(out: Path, seeds, rewind: str | None, figure: Path | None, points: tuple[str, ...] = STABILITY_POINTS,
-           preset: str = PRESET) -> None:
-    print(f"machine: {machine()}\nrun folders: {out}\n")
+           recipe: Recipe = DEFAULT) -> None:
+    print(f"machine: {machine()}\nrecipe: {recipe.describe()}\nrun folders: {out}\n")
     choice = out / "rewind_choice.json"
     if rewind is None and choice.exists():
         from lottery.io import read_json
@@ -388,17 +452,20 @@ def report(out: Path, seeds, rewind: str | None, figure: Path | None, points: tu
         rewind = made["rewind"]
         print(f"rewind point k: {rewind} (rewind_choice.json: {made['why']})\n")
     elif rewind is None:
-        rewind, why = pick_rewind(out, seeds, points, preset)
+        rewind, why = pick_rewind(out, seeds, points, recipe)
         print(f"rewind point k: {rewind} ({why})\n" if rewind else f"rewind point k: not chosen yet ({why})\n")
-    data = collect(out, seeds, rewind, points, preset)
+    data = collect(out, seeds, rewind, points, recipe)
     series = data["series"]
     dense_rows = series.get("dense", {}).get(1.0, [])
     dense = statistics.fmean(r["test_accuracy"] for r in dense_rows) if dense_rows else None
     print(f"dense (IMP level 0): {_pm([r['test_accuracy'] for r in dense_rows])} % over {len(dense_rows)} seeds\n")
     methods = [m for m in series if m != "dense"]
     densities = sorted({d for m in methods for d in series[m]}, reverse=True)
-    print("| density | " + " | ".join(methods) + " |")
-    print("|---" * (len(methods) + 1) + "|")
+    if methods:
+        print("| density | " + " | ".join(methods) + " |")
+        print("|---" * (len(methods) + 1) + "|")
+    else:
+        print("(no sparse network has finished yet)")
     for d in densities:
         cells = []
         for m in methods:
@@ -419,7 +486,7 @@ def report(out: Path, seeds, rewind: str | None, figure: Path | None, points: tu
     if dense is not None:
         claims(series, data["dense_instability"], dense, rewind, len(seeds))
     if figure is not None and methods:
-        plot(series, dense_rows, figure)
+        plot(series, dense_rows, figure, recipe)
         print(f"\nfigure: {figure}")
 
 
@@ -470,7 +537,8 @@ def claims(series: dict[str, dict[float, list[dict]]], instability: dict[str, li
           f"densities, points: {'; '.join(diffs) or 'none yet'} (CS at least as accurate at every one: {ge})")
 
 
-def plot(series: dict[str, dict[float, list[dict]]], dense_rows: list[dict], path: Path) -> None:
+def plot(series: dict[str, dict[float, list[dict]]], dense_rows: list[dict], path: Path,
+         recipe: Recipe = DEFAULT) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -501,7 +569,7 @@ def plot(series: dict[str, dict[float, list[dict]]], dense_rows: list[dict], pat
     ax.invert_xaxis()
     ax.set_xlabel("density (prunable weights kept)")
     ax.set_ylabel("test accuracy % (mean ± std over seeds)")
-    ax.set_title("ResNet-20 (width 0.25) / Fashion-MNIST: tickets")
+    ax.set_title(f"tickets of {recipe.describe()}", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -515,21 +583,50 @@ def plot(series: dict[str, dict[float, list[dict]]], dense_rows: list[dict], pat
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("command", choices=("run", "report"))
-    ap.add_argument("--out", default="benchmarks/out/resnet_fashion")
+    ap.add_argument("--out", default=None,
+                    help="folder of the run folders (default: benchmarks/out/resnet_fashion, with --width W "
+                         "benchmarks/out/resnet_fashion_wW)")
     ap.add_argument("--seeds", default=",".join(map(str, SEEDS)))
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--preset", default=PRESET, help="the recipe (another one only to try the script out)")
+    ap.add_argument("--width", type=float, default=None,
+                    help="the network's width instead of the preset's (1: the full-width ResNet-20, for a GPU)")
+    ap.add_argument("--device", default="cpu", help="where the jobs train: cpu, cuda (every worker on the one GPU) or auto")
+    ap.add_argument("--parts", default=",".join(PARTS),
+                    help=f"the parts to run, a comma list of {', '.join(PARTS)} (default: all); a part that "
+                         "needs one left out reads its folders as they are")
     ap.add_argument("--levels", type=int, default=LEVELS)
     ap.add_argument("--stability-points", default=",".join(STABILITY_POINTS))
     ap.add_argument("--rewind", default=None, help="IMP-R's and CS's rewind point (default: chosen from the instability)")
-    ap.add_argument("--figure", default="benchmarks/figures/resnet_fashion/accuracy_vs_density.png")
+    ap.add_argument("--figure", default=None,
+                    help="the figure's file (default: benchmarks/figures/<the --out folder's name>/accuracy_vs_density.png; "
+                         "'' for none)")
     args = ap.parse_args()
-    seeds = tuple(int(s) for s in args.seeds.split(","))
-    out = Path(args.out)
+    try:
+        seeds = tuple(int(s) for s in args.seeds.split(","))
+    except ValueError:
+        ap.error(f"--seeds {args.seeds!r}: give whole numbers separated by commas, e.g. 0,1,2")
+    parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown or not parts:
+        ap.error(f"--parts {args.parts!r}: unknown part(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(PARTS)}")
+    if args.width is not None and args.width <= 0:
+        ap.error(f"--width {args.width:g}: the width multiplier must be positive (e.g. 0.25, 0.5 or 1)")
+    try:
+        from lottery.experiment import resolve_device
+
+        device = resolve_device(args.device)
+    except Exception as e:  # a device that is unknown or not there, said before anything is written
+        ap.error(str(e))
+    recipe = Recipe(args.preset, args.width, device)
+    out = Path(args.out) if args.out else Path("benchmarks/out") / (
+        "resnet_fashion" if args.width is None else f"resnet_fashion_w{args.width:g}")
+    figure = (Path("benchmarks/figures") / out.name / "accuracy_vs_density.png" if args.figure is None
+              else Path(args.figure) if args.figure else None)
     points = tuple(p.strip() for p in args.stability_points.split(",") if p.strip())
     if args.command == "run":
-        sys.exit(1 if run(out, seeds, args.workers, args.rewind, args.levels, args.preset, points) else 0)
-    report(out, seeds, args.rewind, Path(args.figure) if args.figure else None, points, args.preset)
+        sys.exit(1 if run(out, seeds, args.workers, args.rewind, args.levels, recipe, points, parts) else 0)
+    report(out, seeds, args.rewind, figure, points, recipe)
 
 
 if __name__ == "__main__":

@@ -117,3 +117,38 @@ def test_claims_that_do_not_hold_say_so(bench, capsys):
     assert "IMP k=0 first falls below matching at density None, IMP-R at 0.64: does not hold" in out
     assert "not monotone in k; first below 2: None" in out
     assert "(CS at most half of IMP-R: no)" in out and "CS at least as accurate at every one: no" in out
+
+
+def test_parts_plan_a_subset_and_drop_waits_on_parts_left_out(bench, tmp_path):
+    every = bench.plan(tmp_path, (0,), "1ep")
+    assert {j.part for j in every} == set(bench.PARTS) - {"controls"}  # controls wait for IMP-R's folder
+    ticket = next(j for j in every if j.name == "instability CS 0.1678 s0")
+    assert set(ticket.needs) == {"IMP-R k=1ep s0", "CS 0.1678 s0", "stability s0"}
+
+    only = bench.plan(tmp_path, (0,), "1ep", parts=("cs", "tickets"))
+    assert {j.part for j in only} == {"cs", "tickets"}
+    ticket = next(j for j in only if j.name == "instability CS 0.1678 s0")
+    assert ticket.needs == ("CS 0.1678 s0",)  # IMP-R and the dense run are read from their folders as they are
+    # before k is chosen, only the parts that do not need it can be planned
+    assert [j.name for j in bench.plan(tmp_path, (0, 1), None, parts=("stability",))] == ["stability s0", "stability s1"]
+
+
+def test_a_width_is_part_of_the_recipe_and_reaches_the_command_line(bench, tmp_path):
+    import argparse
+
+    from lottery.cli.common import base_groups, common_flags
+
+    full = bench.Recipe(width=1.0, device="cpu")
+    data, model, training = full.hparams()
+    assert model.width == 1.0 and bench.DEFAULT.hparams()[1].width == 0.25
+    parser = argparse.ArgumentParser()
+    common_flags(parser)
+    _, cli_data, cli_model, cli_training = base_groups(parser.parse_args(full.cli_flags()))
+    assert (cli_data, cli_model, cli_training) == (data, model, training)  # CS tickets train what IMP trains
+
+    # a run folder of one width is never read as the other's
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "hparams.json").write_text(json.dumps(
+        {"data": data.to_dict(), "model": model.to_dict(), "training": training.to_dict()}))
+    assert bench.same_recipe(folder, full) and not bench.same_recipe(folder, bench.DEFAULT)

@@ -1,0 +1,56 @@
+#!/bin/bash
+# Issue 21, point 4: the ResNet-20 / Fashion-MNIST comparison at FULL width (16/32/64 channels) on one lent
+# GPU, planned as ONE device call of at most 10 minutes (a session has about 15 minutes of device time, the
+# machine's start included, so one call plus room to rerun it once).
+#
+# What it runs: the parts of benchmarks/resnet_fashion.py that answer claims (a) and (b), all side by side
+# as separate processes on the one GPU (they are launch-bound at this size, so they share it well):
+# the dense network's instability at k = 0, 100 it, 1, 2, 5 epochs (3 seeds), IMP k = 0 and IMP-R
+# rewinding to 1 epoch (3 seeds, 12 levels). k is fixed at 1 epoch (the CPU run's choice at width 0.25)
+# because one call cannot wait for the instability to choose it; the report shows the full-width
+# instability beside it, so whether 1 epoch is stable at full width is read off the same output.
+# After BUDGET seconds the driver and its workers are stopped (every run resumes from its last epoch),
+# and what finished comes back: the report, the figure, the driver's log (per-epoch seconds, to size
+# the next call) and the run folders without their weights (JSON, CSV and Markdown only: the weights of
+# 9 runs at full width are over the device tool's 64 MiB).
+#
+# From the repository root, here (the data travels with the call: no network there):
+#   mkdir -p .data/fashion-mnist && cp /usr/share/datasets/fashion-mnist/*.gz .data/fashion-mnist/
+#   device run:  command="bash benchmarks/resnet_fashion_gpu.sh", carry=[".data"], timeout_s=600
+# The files come back under the call's files_at; unpack the run folders with
+#   tar xf <files_at>/resnet_fashion_w1.tar      (into benchmarks/out/resnet_fashion_w1)
+# and read them with: .venv/bin/python benchmarks/resnet_fashion.py report --width 1
+#
+# Settings (environment): BUDGET seconds of training (default 480), WORKERS (default 9: one per job),
+# DEVICE (default cuda; cpu to try the script out here, with PYTHON=.venv/bin/python), WIDTH (default 1),
+# SEEDS (default 0,1,2), PARTS, REWIND, PYTHON (default python3, the one holding torch there), OUT (the
+# folder for what comes back; the device tool sets it).
+set -u
+BUDGET=${BUDGET:-480}
+WORKERS=${WORKERS:-9}
+DEVICE=${DEVICE:-cuda}
+WIDTH=${WIDTH:-1}
+PARTS=${PARTS:-stability,imp0,impr}
+REWIND=${REWIND:-1ep}
+SEEDS=${SEEDS:-0,1,2}
+PYTHON=${PYTHON:-python3}
+RETURN=${OUT:?set OUT to the folder for what comes back (the device tool sets it)}
+RUNS=benchmarks/out/resnet_fashion_w${WIDTH}
+export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 LOTTERY_DATA=$PWD/.data
+
+mkdir -p "$RETURN"
+{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | head -3
+  "$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"; } > "$RETURN/machine.txt"
+# timeout signals the driver's whole process group, so its workers stop too; each resumes from its last epoch.
+# The log is opened for appending: processes that outlive the driver by a moment (multiprocessing's
+# resource tracker) would otherwise write over the status line below.
+: > "$RETURN/driver.log"
+timeout -s TERM -k 20 "$BUDGET" "$PYTHON" benchmarks/resnet_fashion.py run --width "$WIDTH" --device "$DEVICE" \
+    --workers "$WORKERS" --seeds "$SEEDS" --parts "$PARTS" --rewind "$REWIND" --out "$RUNS" >> "$RETURN/driver.log" 2>&1
+echo "driver exit status $? (124: stopped after ${BUDGET} s, as planned)" >> "$RETURN/driver.log"
+sleep 2
+"$PYTHON" benchmarks/resnet_fashion.py report --width "$WIDTH" --seeds "$SEEDS" --rewind "$REWIND" --out "$RUNS" \
+    --figure "$RETURN/accuracy_vs_density.png" > "$RETURN/report.md" 2>&1
+tar cf "$RETURN/resnet_fashion_w${WIDTH}.tar" --exclude='*.safetensors' --exclude='.lock' "$RUNS"
+ls -la "$RETURN"
+tail -n 5 "$RETURN/report.md"
