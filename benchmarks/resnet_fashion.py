@@ -203,9 +203,9 @@ def dense_instability(out: Path, seeds=SEEDS, points=STABILITY_POINTS, recipe: R
     return table
 
 
-def imp_levels(out: Path, seed: int, rewind: str, kind: str = "search-imp", recipe: Recipe = DEFAULT) -> list[dict]:
-    """The finished levels (level_*/results.json) of the preset's IMP (``kind`` search-imp-c: IMP-C) run of
-    ``seed`` rewinding to ``rewind``, whether or not the run has reached its last level."""
+def imp_folder(out: Path, seed: int, rewind: str, kind: str = "search-imp", recipe: Recipe = DEFAULT) -> Path | None:
+    """The run folder of the preset's IMP (``kind`` search-imp-c: IMP-C) run of ``seed`` rewinding to
+    ``rewind``, or None if it has not started."""
     from lottery.io import read_json
 
     for hp_file in sorted(out.glob(f"{kind}_*/hparams.json")) if out.is_dir() else []:
@@ -213,16 +213,24 @@ def imp_levels(out: Path, seed: int, rewind: str, kind: str = "search-imp", reci
             hp = read_json(hp_file)
         except (OSError, ValueError):
             continue
-        if hp.get("seed") != seed or hp.get("imp", {}).get("rewind") != rewind or not same_recipe(hp_file.parent, recipe):
+        if hp.get("seed") == seed and hp.get("imp", {}).get("rewind") == rewind and same_recipe(hp_file.parent, recipe):
+            return hp_file.parent
+    return None
+
+
+def imp_levels(out: Path, seed: int, rewind: str, kind: str = "search-imp", recipe: Recipe = DEFAULT) -> list[dict]:
+    """The finished levels (level_*/results.json) of the preset's IMP (``kind`` search-imp-c: IMP-C) run of
+    ``seed`` rewinding to ``rewind``, whether or not the run has reached its last level."""
+    from lottery.io import read_json
+
+    folder = imp_folder(out, seed, rewind, kind, recipe)
+    levels = []
+    for result in folder.glob("level_*/results.json") if folder else []:
+        try:
+            levels.append(read_json(result))
+        except (OSError, ValueError):
             continue
-        levels = []
-        for result in hp_file.parent.glob("level_*/results.json"):
-            try:
-                levels.append(read_json(result))
-            except (OSError, ValueError):
-                continue
-        return sorted(levels, key=lambda lv: lv["level"])
-    return []
+    return sorted(levels, key=lambda lv: lv["level"])
 
 
 def pick_rewind(out: Path, seeds=SEEDS, points=STABILITY_POINTS, recipe: Recipe = DEFAULT) -> tuple[str | None, str]:
@@ -419,6 +427,50 @@ def collect(out: Path, seeds, rewind: str | None, points: tuple[str, ...] = STAB
             "tickets": {key: [v[s] for s in sorted(v)] for key, v in tickets.items()}}
 
 
+def cs_checks(out: Path, seeds, rewind: str | None, recipe: Recipe = DEFAULT) -> list[dict]:
+    """What each finished CS ticket's search did, to tell a weak CS result from a fault (is the mask binary,
+    is its density the one asked, did the logits move?): the density asked and kept, whether the last
+    round's mask converged (no undecided logits, and the hard mask scoring on validation what the soft one
+    did), the soft and hard validation accuracy at that round's end, its share of undecided logits, the
+    logits that changed side in it, and the retrained ticket's test accuracy."""
+    rows = []
+    for folder, r in read_results(out, "search-cs_*/results.json"):
+        if (r.get("seed") not in seeds or r.get("mode") != "ticket" or not r.get("target_density")
+                or r.get("rewind") != rewind or not same_recipe(folder, recipe)):
+            continue
+        last = (r.get("convergence") or [{}])[-1]
+        rows.append({"seed": r["seed"], "asked": r["target_density"], "density": r["density"],
+                     "converged": r.get("mask_converged"), "soft": last.get("soft_val_accuracy"),
+                     "hard": last.get("hard_val_accuracy"), "undecided": last.get("undecided"),
+                     "flips": last.get("flips"), "test": r["test_accuracy"], "folder": folder.name})
+    return sorted(rows, key=lambda row: (-row["asked"], row["seed"]))
+
+
+def layer_densities(out: Path, seeds, rewind: str | None, density: float, recipe: Recipe = DEFAULT) -> dict:
+    """Per-layer density of the CS tickets at ``density`` and of the IMP-R level of that nominal density
+    (their mask.json), as {layer: {"CS": [per seed], "IMP-R": [per seed]}}: where each method keeps its
+    weights, the first thing to compare when the two differ in accuracy at one density."""
+    from lottery.io import read_json
+
+    table: dict[str, dict[str, list[float]]] = {}
+    for row in cs_checks(out, seeds, rewind, recipe):
+        if round(row["asked"], 4) == round(density, 4):
+            for name, layer in read_json(out / row["folder"] / "mask.json")["layers"].items():
+                table.setdefault(name, {}).setdefault("CS", []).append(layer["density"])
+    level = round(math.log(density) / math.log(0.8)) if 0 < density < 1 else None
+    for s in seeds:
+        folder = imp_folder(out, s, rewind, "search-imp", recipe) if rewind not in (None, "0it") else None
+        if folder is None or level is None or round(nominal(level), 4) != round(density, 4):
+            continue
+        try:
+            layers = read_json(folder / f"level_{level}" / "mask.json")["layers"]
+        except (OSError, ValueError):
+            continue  # that level has not finished
+        for name, layer in layers.items():
+            table.setdefault(name, {}).setdefault("IMP-R", []).append(layer["density"])
+    return table
+
+
 def sparsest_matching(rows_by_density: dict[float, list[dict]], dense: float) -> float | None:
     """The smallest density whose mean accuracy over seeds is within MATCHING of the dense mean."""
     ok = [d for d, rows in rows_by_density.items() if d < 1
@@ -482,6 +534,26 @@ def report(out: Path, seeds, rewind: str | None, figure: Path | None, points: tu
         print("\n| ticket | density | k | instability, points (mean ± std) | seeds |\n|---|---|---|---|---|")
         for (name, d, k), values in sorted(data["tickets"].items()):
             print(f"| {name} | {d:.4f} | {k} | {_pm(values)} | {len(values)} |")
+
+    checks = cs_checks(out, seeds, rewind, recipe)
+    if checks:
+        print("\nCS searches (the last round of each; converged: binary and the hard mask as good as the soft one "
+              "on validation):\n\n| density asked | seed | mask density | converged | soft / hard val % | undecided % "
+              "| flips | ticket test % |\n|---|---|---|---|---|---|---|---|")
+        for c in checks:
+            soft_hard = "-" if c["soft"] is None else f"{100 * c['soft']:.2f} / {100 * c['hard']:.2f}"
+            undecided = "-" if c["undecided"] is None else f"{100 * c['undecided']:.3f}"
+            print(f"| {c['asked']:.4f} | {c['seed']} | {c['density']:.4f} | {c['converged']} | {soft_hard} | "
+                  f"{undecided} | {c['flips'] if c['flips'] is not None else '-'} | {100 * c['test']:.2f} |")
+        for d in sorted({c["asked"] for c in checks}):
+            layers = layer_densities(out, seeds, rewind, d, recipe)
+            if any("CS" in v and "IMP-R" in v for v in layers.values()):
+                print(f"\nwhere the weights are at density {d:.4f}: per-layer density, % (mean over the seeds "
+                      f"that have it)\n\n| layer | CS | IMP-R k={rewind} |\n|---|---|---|")
+                for name, v in layers.items():
+                    cells = [f"{100 * statistics.fmean(v[m]):.1f} ({len(v[m])})" if m in v else "-" for m in ("CS", "IMP-R")]
+                    print(f"| {name} | {cells[0]} | {cells[1]} |")
+                break  # the sparsest density both have
 
     if dense is not None:
         claims(series, data["dense_instability"], dense, rewind, len(seeds))

@@ -152,3 +152,53 @@ def test_a_width_is_part_of_the_recipe_and_reaches_the_command_line(bench, tmp_p
     (folder / "hparams.json").write_text(json.dumps(
         {"data": data.to_dict(), "model": model.to_dict(), "training": training.to_dict()}))
     assert bench.same_recipe(folder, full) and not bench.same_recipe(folder, bench.DEFAULT)
+
+
+def _hparams(recipe, **extra) -> str:
+    data, model, training = recipe.hparams()
+    return json.dumps({"data": data.to_dict(), "model": model.to_dict(), "training": training.to_dict(), **extra})
+
+
+def test_cs_checks_and_where_each_method_keeps_its_weights(bench, tmp_path, capsys):
+    """The report's evidence for claim (c): each CS search's last round (converged or not, soft against hard
+    accuracy) and the per-layer densities of CS and IMP-R at one density, read from their run folders.
+    Runs of another k or another recipe must not be read."""
+    recipe = bench.DEFAULT
+    level = 12  # nominal density 0.8 ** 12 = 0.0687
+    for seed, (layer_a, converged) in enumerate(((0.5, True), (0.25, False))):
+        cs = tmp_path / f"search-cs_resnet20_fashion-mnist_s{seed}_x"
+        cs.mkdir()
+        (cs / "hparams.json").write_text(_hparams(recipe))
+        (cs / "results.json").write_text(json.dumps({
+            "seed": seed, "mode": "ticket", "target_density": 0.0687, "density": 0.06871, "rewind": "1ep",
+            "mask_converged": converged, "test_accuracy": 0.9 - seed / 100,
+            "convergence": [{"soft_val_accuracy": 0.5}, {"soft_val_accuracy": 0.88, "hard_val_accuracy": 0.8 + seed / 10,
+                                                         "undecided": 0.001 * seed, "flips": 7}]}))
+        (cs / "mask.json").write_text(json.dumps({"layers": {"a": {"density": layer_a}, "b": {"density": 0.05}}}))
+        imp = tmp_path / f"search-imp_resnet20_fashion-mnist_s{seed}_x"
+        (imp / f"level_{level}").mkdir(parents=True)
+        (imp / "hparams.json").write_text(_hparams(recipe, seed=seed, imp={"rewind": "1ep"}))
+        (imp / f"level_{level}" / "mask.json").write_text(
+            json.dumps({"layers": {"a": {"density": 0.1}, "b": {"density": (0.06, 0.07)[seed]}}}))
+    other_k = tmp_path / "search-cs_resnet20_fashion-mnist_s0_otherk"
+    other_k.mkdir()
+    (other_k / "hparams.json").write_text(_hparams(recipe))
+    (other_k / "results.json").write_text(json.dumps({"seed": 0, "mode": "ticket", "target_density": 0.0687,
+                                                      "density": 0.0687, "rewind": "0it", "test_accuracy": 0.1}))
+    other_recipe = tmp_path / "search-cs_resnet20_fashion-mnist_s1_w1"
+    other_recipe.mkdir()
+    (other_recipe / "hparams.json").write_text(_hparams(bench.Recipe(width=1.0)))
+    (other_recipe / "results.json").write_text(json.dumps({"seed": 1, "mode": "ticket", "target_density": 0.0687,
+                                                           "density": 0.0687, "rewind": "1ep", "test_accuracy": 0.1}))
+
+    checks = bench.cs_checks(tmp_path, (0, 1, 2), "1ep")
+    assert [(c["seed"], c["converged"], c["hard"], c["flips"], c["test"]) for c in checks] == [
+        (0, True, 0.8, 7, 0.9), (1, False, 0.9, 7, 0.89)]  # the last round's figures; other k / width left out
+    layers = bench.layer_densities(tmp_path, (0, 1, 2), "1ep", 0.0687)
+    assert layers == {"a": {"CS": [0.5, 0.25], "IMP-R": [0.1, 0.1]}, "b": {"CS": [0.05, 0.05], "IMP-R": [0.06, 0.07]}}
+    assert bench.layer_densities(tmp_path, (0, 1, 2), "1ep", 0.0343) == {}  # no CS ticket, no IMP-R level there
+
+    bench.report(tmp_path, (0, 1, 2), "1ep", None)
+    out = capsys.readouterr().out
+    assert "| 0.0687 | 1 | 0.0687 | False | 88.00 / 90.00 | 0.100 | 7 | 89.00 |" in out
+    assert "| a | 37.5 (2) | 10.0 (2) |" in out and "| b | 5.0 (2) | 6.5 (2) |" in out
