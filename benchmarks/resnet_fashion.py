@@ -17,7 +17,12 @@ with this preset, and ``lottery search cs``, so their run folders are the same a
 5. CS tickets (rewinding to the same k) at IMP's densities 0.4096, 0.1678, 0.0859, 0.0687 and at half
    just under half of the sparsest, 0.0343 (CS's own sparsest setting: where claim (c) needs it to match);
 6. instability of the IMP-R and CS tickets at about 17 % (k = 0 and k) and 7 % (k), each starting from
-   its seed's dense instability run's dense network (k and 0 are among its points, so nothing is retrained).
+   its seed's dense instability run's dense network (k and 0 are among its points, so nothing is retrained);
+7. CS with the paper's mask recipe (``--mask-optimizer sgd --temperature-schedule epoch --beta-final 200``,
+   docs/cs.md) at 0.0687, 0.0859, 0.1678 and 0.0343: the check of whether lottery's default recipe for the
+   mask (Adam logits) is what costs CS accuracy here. Its run folders go to a folder of their own (the
+   --out folder's name + ``_cs_paper``, each seed's dense network copied in from --out), so the tools that
+   look for one CS ticket per seed and density in --out (ticket instability, ticket cost) never see two.
 
 Jobs run in priority order (the instability first: everything after step 3 waits for it), at most
 ``--workers`` at a time, each with one torch thread; a job that fails is reported and the others go on.
@@ -51,6 +56,12 @@ LEVELS = 12
 STABILITY_POINTS = ("0it", "100it", "1ep", "2ep", "5ep")
 CONTROL_LEVELS = (4, 8, 12)
 CS_DENSITIES = (0.4096, 0.1678, 0.0859, 0.0687, 0.0343)
+#: (density, priority) of the paper's-mask-recipe CS tickets: the two sparse densities where the default
+#: recipe lost to IMP-R come before the rest of the default's own densities.
+CS_PAPER_DENSITIES = ((0.0687, 1.5), (0.0859, 1.5), (0.1678, 2.5), (0.0343, 2.5))
+#: The flags of the CS paper's recipe for the mask (docs/cs.md), against lottery's default (Adam logits).
+CS_PAPER_FLAGS = ("--mask-optimizer", "sgd", "--temperature-schedule", "epoch", "--beta-final", "200")
+CS_PAPER = "CS (paper's mask recipe)"
 TICKET_STABILITY = ((0.1678, 8, True), (0.0687, 12, False))  # (CS density, IMP-R level, also at k = 0)
 STABLE_BELOW = 0.02  # instability (test error, as a fraction) under which a network counts as stable
 MATCHING = 0.002  # a ticket matches when its accuracy is within 0.2 points of the dense network's
@@ -112,15 +123,48 @@ def stability_job(seed: int, out: str, points: tuple, recipe: Recipe = DEFAULT, 
     return run_stability(StabilityJob(*recipe.hparams(), hp, seed=seed), recipe.options(out))
 
 
-def cs_job(seed: int, density: float, rewind: str, out: str, recipe: Recipe = DEFAULT) -> dict:
-    """One CS ticket through the command line, so that the folder is the one `lottery search cs` makes."""
+def cs_job(seed: int, density: float, rewind: str, out: str, recipe: Recipe = DEFAULT,
+           flags: tuple[str, ...] = ()) -> dict:
+    """One CS ticket through the command line, so that the folder is the one `lottery search cs` makes
+    (``flags``: more of its flags, e.g. CS_PAPER_FLAGS)."""
     from lottery.cli import main
 
     rc = main(["search", "cs", *recipe.cli_flags(), "--density", repr(density), "--rewind", rewind,
-               "--seed", str(seed), "--out", out, "--no-progress"])
+               "--seed", str(seed), "--out", out, "--no-progress", *flags])
     if rc != 0:
         raise RuntimeError(f"lottery search cs exited with {rc}")
     return {"seed": seed, "density": density}
+
+
+def paper_out(out: Path) -> Path:
+    """The folder of the paper's-mask-recipe CS runs that go with ``out``."""
+    return out.with_name(out.name + "_cs_paper")
+
+
+def cs_paper_job(seed: int, density: float, rewind: str, out: str, recipe: Recipe = DEFAULT) -> dict:
+    """A CS ticket with the paper's mask recipe, in :func:`paper_out`. The seed's finished dense network is
+    copied in from ``out`` first (through a temporary name, so a half-copied folder is never taken for a
+    finished one), so `lottery search cs` reuses it instead of training it again."""
+    import shutil
+
+    source = dense_folder(Path(out), seed, recipe)
+    target_out = paper_out(Path(out))
+    if source is not None and not (target_out / source.name / "results.json").exists():
+        target_out.mkdir(parents=True, exist_ok=True)
+        partial = target_out / f".{source.name}.copy.tmp"
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(source, partial, ignore=shutil.ignore_patterns(".lock", ".*.tmp"))
+        shutil.rmtree(target_out / source.name, ignore_errors=True)  # an unfinished one: the copy replaces it
+        partial.rename(target_out / source.name)
+    return cs_job(seed, density, rewind, str(target_out), recipe, CS_PAPER_FLAGS)
+
+
+def dense_folder(out: Path, seed: int, recipe: Recipe = DEFAULT) -> Path | None:
+    """The finished dense run (train_*) of ``seed`` and the recipe in ``out``, or None."""
+    for folder, r in read_results(out, "train_*/results.json"):
+        if r.get("seed") == seed and same_recipe(folder, recipe):
+            return folder
+    return None
 
 
 def control_job(control: str, source: str, level: int, out: str, recipe: Recipe = DEFAULT) -> dict:
@@ -251,7 +295,7 @@ def pick_rewind(out: Path, seeds=SEEDS, points=STABILITY_POINTS, recipe: Recipe 
                   "pass --rewind K to go on with a k of your choice")
 
 
-PARTS = ("stability", "imp0", "impr", "cs", "controls", "tickets", "impc")
+PARTS = ("stability", "imp0", "impr", "cs", "controls", "tickets", "impc", "cs_paper")
 
 
 def plan(out: Path, seeds, rewind: str | None, levels: int = LEVELS, recipe: Recipe = DEFAULT,
@@ -273,6 +317,9 @@ def plan(out: Path, seeds, rewind: str | None, levels: int = LEVELS, recipe: Rec
                             part="impc"))
             for d in CS_DENSITIES:
                 jobs.append(Job(f"CS {d} s{s}", 2, cs_job, (s, d, rewind, o, recipe), part="cs"))
+            for d, priority in CS_PAPER_DENSITIES:
+                jobs.append(Job(f"CS-paper {d} s{s}", priority, cs_paper_job, (s, d, rewind, o, recipe),
+                                part="cs_paper"))
             source = imp_runs(out, s, rewind, recipe=recipe)
             if source:  # the controls need IMP-R's folder: planned once it has finished
                 for control in ("random-prune", "random-reinit"):
@@ -401,6 +448,10 @@ def collect(out: Path, seeds, rewind: str | None, points: tuple[str, ...] = STAB
         if (r.get("seed") in seeds and r.get("mode") == "ticket" and r.get("target_density")
                 and r.get("rewind") == rewind and same_recipe(folder, recipe)):
             add("CS", r["target_density"], r)
+    for folder, r in read_results(paper_out(out), "search-cs_*/results.json"):
+        if (r.get("seed") in seeds and r.get("mode") == "ticket" and r.get("target_density")
+                and r.get("rewind") == rewind and same_recipe(folder, recipe) and paper_recipe(folder)):
+            add(CS_PAPER, r["target_density"], r)
     for control in ("random-prune", "random-reinit"):
         for folder, r in read_results(out, f"*{control}*/results.json"):
             source = Path(str(r.get("source_run", ""))).name
@@ -427,36 +478,51 @@ def collect(out: Path, seeds, rewind: str | None, points: tuple[str, ...] = STAB
             "tickets": {key: [v[s] for s in sorted(v)] for key, v in tickets.items()}}
 
 
+def paper_recipe(folder: Path) -> bool:
+    """Whether the CS run in ``folder`` used the paper's mask recipe (CS_PAPER_FLAGS)."""
+    from lottery.io import read_json
+
+    try:
+        cs = read_json(folder / "hparams.json").get("cs", {})
+    except (OSError, ValueError):
+        return False
+    return (cs.get("mask_optimizer"), cs.get("temperature_schedule"), cs.get("beta_final")) == ("sgd", "epoch", 200.0)
+
+
 def cs_checks(out: Path, seeds, rewind: str | None, recipe: Recipe = DEFAULT) -> list[dict]:
     """What each finished CS ticket's search did, to tell a weak CS result from a fault (is the mask binary,
     is its density the one asked, did the logits move?): the density asked and kept, whether the last
     round's mask converged (no undecided logits, and the hard mask scoring on validation what the soft one
     did), the soft and hard validation accuracy at that round's end, its share of undecided logits, the
-    logits that changed side in it, and the retrained ticket's test accuracy."""
+    logits that changed side in it, and the retrained ticket's test accuracy; "series" says which CS
+    (lottery's default recipe in ``out``, the paper's mask recipe in :func:`paper_out`)."""
     rows = []
-    for folder, r in read_results(out, "search-cs_*/results.json"):
+    found = [("CS", folder, r) for folder, r in read_results(out, "search-cs_*/results.json")]
+    found += [(CS_PAPER, folder, r) for folder, r in read_results(paper_out(out), "search-cs_*/results.json")
+              if paper_recipe(folder)]
+    for series, folder, r in found:
         if (r.get("seed") not in seeds or r.get("mode") != "ticket" or not r.get("target_density")
                 or r.get("rewind") != rewind or not same_recipe(folder, recipe)):
             continue
         last = (r.get("convergence") or [{}])[-1]
-        rows.append({"seed": r["seed"], "asked": r["target_density"], "density": r["density"],
+        rows.append({"series": series, "seed": r["seed"], "asked": r["target_density"], "density": r["density"],
                      "converged": r.get("mask_converged"), "soft": last.get("soft_val_accuracy"),
                      "hard": last.get("hard_val_accuracy"), "undecided": last.get("undecided"),
-                     "flips": last.get("flips"), "test": r["test_accuracy"], "folder": folder.name})
-    return sorted(rows, key=lambda row: (-row["asked"], row["seed"]))
+                     "flips": last.get("flips"), "test": r["test_accuracy"], "folder": folder})
+    return sorted(rows, key=lambda row: (-row["asked"], row["series"], row["seed"]))
 
 
 def layer_densities(out: Path, seeds, rewind: str | None, density: float, recipe: Recipe = DEFAULT) -> dict:
     """Per-layer density of the CS tickets at ``density`` and of the IMP-R level of that nominal density
-    (their mask.json), as {layer: {"CS": [per seed], "IMP-R": [per seed]}}: where each method keeps its
-    weights, the first thing to compare when the two differ in accuracy at one density."""
+    (their mask.json), as {layer: {"CS": [per seed], CS_PAPER: [per seed], "IMP-R": [per seed]}}: where each
+    method keeps its weights, the first thing to compare when two differ in accuracy at one density."""
     from lottery.io import read_json
 
     table: dict[str, dict[str, list[float]]] = {}
     for row in cs_checks(out, seeds, rewind, recipe):
         if round(row["asked"], 4) == round(density, 4):
-            for name, layer in read_json(out / row["folder"] / "mask.json")["layers"].items():
-                table.setdefault(name, {}).setdefault("CS", []).append(layer["density"])
+            for name, layer in read_json(row["folder"] / "mask.json")["layers"].items():
+                table.setdefault(name, {}).setdefault(row["series"], []).append(layer["density"])
     level = round(math.log(density) / math.log(0.8)) if 0 < density < 1 else None
     for s in seeds:
         folder = imp_folder(out, s, rewind, "search-imp", recipe) if rewind not in (None, "0it") else None
@@ -538,22 +604,24 @@ def report(out: Path, seeds, rewind: str | None, figure: Path | None, points: tu
     checks = cs_checks(out, seeds, rewind, recipe)
     if checks:
         print("\nCS searches (the last round of each; converged: binary and the hard mask as good as the soft one "
-              "on validation):\n\n| density asked | seed | mask density | converged | soft / hard val % | undecided % "
-              "| flips | ticket test % |\n|---|---|---|---|---|---|---|---|")
+              "on validation):\n\n| CS | density asked | seed | mask density | converged | soft / hard val % "
+              "| undecided % | flips | ticket test % |\n|---|---|---|---|---|---|---|---|---|")
         for c in checks:
             soft_hard = "-" if c["soft"] is None else f"{100 * c['soft']:.2f} / {100 * c['hard']:.2f}"
             undecided = "-" if c["undecided"] is None else f"{100 * c['undecided']:.3f}"
-            print(f"| {c['asked']:.4f} | {c['seed']} | {c['density']:.4f} | {c['converged']} | {soft_hard} | "
+            print(f"| {c['series']} | {c['asked']:.4f} | {c['seed']} | {c['density']:.4f} | {c['converged']} | {soft_hard} | "
                   f"{undecided} | {c['flips'] if c['flips'] is not None else '-'} | {100 * c['test']:.2f} |")
         for d in sorted({c["asked"] for c in checks}):
             layers = layer_densities(out, seeds, rewind, d, recipe)
-            if any("CS" in v and "IMP-R" in v for v in layers.values()):
+            if any(("CS" in v or CS_PAPER in v) and "IMP-R" in v for v in layers.values()):
+                columns = [m for m in ("CS", CS_PAPER, "IMP-R") if any(m in v for v in layers.values())]
                 print(f"\nwhere the weights are at density {d:.4f}: per-layer density, % (mean over the seeds "
-                      f"that have it)\n\n| layer | CS | IMP-R k={rewind} |\n|---|---|---|")
+                      f"that have it)\n\n| layer | " + " | ".join(f"IMP-R k={rewind}" if m == "IMP-R" else m for m in columns)
+                      + " |\n" + "|---" * (len(columns) + 1) + "|")
                 for name, v in layers.items():
-                    cells = [f"{100 * statistics.fmean(v[m]):.1f} ({len(v[m])})" if m in v else "-" for m in ("CS", "IMP-R")]
-                    print(f"| {name} | {cells[0]} | {cells[1]} |")
-                break  # the sparsest density both have
+                    cells = [f"{100 * statistics.fmean(v[m]):.1f} ({len(v[m])})" if m in v else "-" for m in columns]
+                    print(f"| {name} | " + " | ".join(cells) + " |")
+                break  # the sparsest density CS and IMP-R both have
 
     if dense is not None:
         claims(series, data["dense_instability"], dense, rewind, len(seeds))
@@ -574,7 +642,7 @@ def claims(series: dict[str, dict[float, list[dict]]], instability: dict[str, li
 
     print(f"\nclaims (only densities with all {n_seeds} seeds; a ticket matches when its mean accuracy is within "
           f"{100 * MATCHING:g} points of the dense mean, {100 * dense:.2f}):")
-    imp0, impr, cs = complete("IMP k=0"), complete(f"IMP-R k={rewind}"), complete("CS")
+    imp0, impr = complete("IMP k=0"), complete(f"IMP-R k={rewind}")
     if rewind is None:
         print("(a) k is not chosen yet")
     elif rewind == "0it":
@@ -596,17 +664,21 @@ def claims(series: dict[str, dict[float, list[dict]]], instability: dict[str, li
     print(f"(b) mean instability against k: {trend}; "
           f"sparsest matching: IMP-R (k={rewind}) {sparsest_matching(impr, dense) if impr else '-'}, "
           f"IMP k=0 {sparsest_matching(imp0, dense) if imp0 else '-'}")
-    sc = sparsest_matching(cs, dense) if cs else None
-    sr = sparsest_matching(impr, dense) if impr else None
-    shared = sorted(set(cs) & set(impr), reverse=True)
-    diffs = []
-    for d in shared:
-        a, b = [r["test_accuracy"] for r in cs[d]], [r["test_accuracy"] for r in impr[d]]
-        diffs.append(f"{d:.4f}: {100 * (statistics.fmean(a) - statistics.fmean(b)):+.2f} (Welch t {welch_t(a, b):+.1f})")
-    half = "-" if sc is None or sr is None else "yes" if sc <= sr / 2 + 1e-9 else "no"
-    ge = "-" if not shared else "yes" if all(mean(cs[d]) >= mean(impr[d]) for d in shared) else "no"
-    print(f"(c) sparsest matching: CS {sc}, IMP-R {sr} (CS at most half of IMP-R: {half}); CS - IMP-R at shared "
-          f"densities, points: {'; '.join(diffs) or 'none yet'} (CS at least as accurate at every one: {ge})")
+    for name in ("CS", CS_PAPER):
+        cs = complete(name)
+        if name != "CS" and not cs:
+            continue  # the paper's recipe is a check, reported once it has a density with every seed
+        sc = sparsest_matching(cs, dense) if cs else None
+        sr = sparsest_matching(impr, dense) if impr else None
+        shared = sorted(set(cs) & set(impr), reverse=True)
+        diffs = []
+        for d in shared:
+            a, b = [r["test_accuracy"] for r in cs[d]], [r["test_accuracy"] for r in impr[d]]
+            diffs.append(f"{d:.4f}: {100 * (statistics.fmean(a) - statistics.fmean(b)):+.2f} (Welch t {welch_t(a, b):+.1f})")
+        half = "-" if sc is None or sr is None else "yes" if sc <= sr / 2 + 1e-9 else "no"
+        ge = "-" if not shared else "yes" if all(mean(cs[d]) >= mean(impr[d]) for d in shared) else "no"
+        print(f"(c) {name}: sparsest matching: {name} {sc}, IMP-R {sr} (at most half of IMP-R: {half}); {name} - IMP-R "
+              f"at shared densities, points: {'; '.join(diffs) or 'none yet'} (at least as accurate at every one: {ge})")
 
 
 def plot(series: dict[str, dict[float, list[dict]]], dense_rows: list[dict], path: Path,

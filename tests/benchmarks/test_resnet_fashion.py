@@ -90,6 +90,8 @@ def test_claims_verdicts(bench, capsys):
                         0.512: _rows(0.91, 0.91, 0.91),
                         0.4096: _rows(0.95, 0.95)},  # only 2 of 3 seeds: must not count as matching
         "CS": {0.64: _rows(0.93, 0.93, 0.93), 0.32: _rows(0.921, 0.92, 0.919), 0.16: _rows(0.80, 0.80, 0.80)},
+        # the paper's mask recipe is judged on its own: behind IMP-R at 0.512, matching nowhere
+        bench.CS_PAPER: {0.512: _rows(0.90, 0.90, 0.91)},
     }
     instability = {"0it": [0.8, 0.7, 0.75], "100it": [0.05, 0.04, 0.06], "1ep": [0.01, 0.01, 0.01]}
     bench.claims(series, instability, dense, "1ep", 3)
@@ -100,8 +102,12 @@ def test_claims_verdicts(bench, capsys):
     assert "never rises with k; first below 2: 1ep" in out
     assert "sparsest matching: IMP-R (k=1ep) 0.64, IMP k=0 0.8" in out
     # (c): CS matches down to 0.32, half of 0.64 -> yes; at the one shared density, 0.64, CS is ahead
-    assert "sparsest matching: CS 0.32, IMP-R 0.64 (CS at most half of IMP-R: yes)" in out
-    assert "CS at least as accurate at every one: yes" in out
+    assert "(c) CS: sparsest matching: CS 0.32, IMP-R 0.64 (at most half of IMP-R: yes)" in out
+    assert "CS - IMP-R at shared densities, points: 0.6400: +1.00" in out
+    assert "0.6400: +1.00 (Welch t +17.3) (at least as accurate at every one: yes)" in out
+    paper = next(line for line in out.splitlines() if line.startswith(f"(c) {bench.CS_PAPER}"))
+    assert "sparsest matching: CS (paper's mask recipe) None, IMP-R 0.64 (at most half of IMP-R: -)" in paper
+    assert "0.5120: -0.67" in paper and paper.endswith("(at least as accurate at every one: no)")
 
 
 def test_claims_that_do_not_hold_say_so(bench, capsys):
@@ -116,7 +122,8 @@ def test_claims_that_do_not_hold_say_so(bench, capsys):
     out = capsys.readouterr().out
     assert "IMP k=0 first falls below matching at density None, IMP-R at 0.64: does not hold" in out
     assert "not monotone in k; first below 2: None" in out
-    assert "(CS at most half of IMP-R: no)" in out and "CS at least as accurate at every one: no" in out
+    assert "(at most half of IMP-R: no)" in out and "(at least as accurate at every one: no)" in out
+    assert bench.CS_PAPER not in out  # no paper's-recipe ticket, no line for it
 
 
 def test_parts_plan_a_subset_and_drop_waits_on_parts_left_out(bench, tmp_path):
@@ -162,11 +169,14 @@ def _hparams(recipe, **extra) -> str:
 def test_cs_checks_and_where_each_method_keeps_its_weights(bench, tmp_path, capsys):
     """The report's evidence for claim (c): each CS search's last round (converged or not, soft against hard
     accuracy) and the per-layer densities of CS and IMP-R at one density, read from their run folders.
-    Runs of another k or another recipe must not be read."""
+    Runs of another k or another recipe must not be read; CS with the paper's mask recipe, in its own folder,
+    is a column of its own."""
     recipe = bench.DEFAULT
+    out = tmp_path / "resnet_fashion"
+    out.mkdir()
     level = 12  # nominal density 0.8 ** 12 = 0.0687
     for seed, (layer_a, converged) in enumerate(((0.5, True), (0.25, False))):
-        cs = tmp_path / f"search-cs_resnet20_fashion-mnist_s{seed}_x"
+        cs = out / f"search-cs_resnet20_fashion-mnist_s{seed}_x"
         cs.mkdir()
         (cs / "hparams.json").write_text(_hparams(recipe))
         (cs / "results.json").write_text(json.dumps({
@@ -175,30 +185,80 @@ def test_cs_checks_and_where_each_method_keeps_its_weights(bench, tmp_path, caps
             "convergence": [{"soft_val_accuracy": 0.5}, {"soft_val_accuracy": 0.88, "hard_val_accuracy": 0.8 + seed / 10,
                                                          "undecided": 0.001 * seed, "flips": 7}]}))
         (cs / "mask.json").write_text(json.dumps({"layers": {"a": {"density": layer_a}, "b": {"density": 0.05}}}))
-        imp = tmp_path / f"search-imp_resnet20_fashion-mnist_s{seed}_x"
+        imp = out / f"search-imp_resnet20_fashion-mnist_s{seed}_x"
         (imp / f"level_{level}").mkdir(parents=True)
         (imp / "hparams.json").write_text(_hparams(recipe, seed=seed, imp={"rewind": "1ep"}))
         (imp / f"level_{level}" / "mask.json").write_text(
             json.dumps({"layers": {"a": {"density": 0.1}, "b": {"density": (0.06, 0.07)[seed]}}}))
-    other_k = tmp_path / "search-cs_resnet20_fashion-mnist_s0_otherk"
+    other_k = out / "search-cs_resnet20_fashion-mnist_s0_otherk"
     other_k.mkdir()
     (other_k / "hparams.json").write_text(_hparams(recipe))
     (other_k / "results.json").write_text(json.dumps({"seed": 0, "mode": "ticket", "target_density": 0.0687,
                                                       "density": 0.0687, "rewind": "0it", "test_accuracy": 0.1}))
-    other_recipe = tmp_path / "search-cs_resnet20_fashion-mnist_s1_w1"
+    other_recipe = out / "search-cs_resnet20_fashion-mnist_s1_w1"
     other_recipe.mkdir()
     (other_recipe / "hparams.json").write_text(_hparams(bench.Recipe(width=1.0)))
     (other_recipe / "results.json").write_text(json.dumps({"seed": 1, "mode": "ticket", "target_density": 0.0687,
                                                            "density": 0.0687, "rewind": "1ep", "test_accuracy": 0.1}))
 
-    checks = bench.cs_checks(tmp_path, (0, 1, 2), "1ep")
+    paper = bench.paper_out(out) / "search-cs_resnet20_fashion-mnist_s0_p"
+    paper.mkdir(parents=True)
+    (paper / "hparams.json").write_text(_hparams(recipe, cs={"mask_optimizer": "sgd", "temperature_schedule": "epoch",
+                                                             "beta_final": 200.0}))
+    (paper / "results.json").write_text(json.dumps({
+        "seed": 0, "mode": "ticket", "target_density": 0.0687, "density": 0.0687, "rewind": "1ep",
+        "mask_converged": False, "test_accuracy": 0.905, "convergence": [{"soft_val_accuracy": 0.9,
+                                                                          "hard_val_accuracy": 0.8}]}))
+    (paper / "mask.json").write_text(json.dumps({"layers": {"a": {"density": 0.4}, "b": {"density": 0.06}}}))
+    not_paper = bench.paper_out(out) / "search-cs_resnet20_fashion-mnist_s1_adam"  # the default's, misplaced
+    not_paper.mkdir()
+    (not_paper / "hparams.json").write_text(_hparams(recipe, cs={"mask_optimizer": "adam"}))
+    (not_paper / "results.json").write_text(json.dumps({"seed": 1, "mode": "ticket", "target_density": 0.0687,
+                                                        "density": 0.0687, "rewind": "1ep", "test_accuracy": 0.1}))
+
+    checks = bench.cs_checks(out, (0, 1, 2), "1ep")
+    assert [(c["series"], c["seed"], c["test"]) for c in checks if c["series"] != "CS"] == [(bench.CS_PAPER, 0, 0.905)]
+    checks = [c for c in checks if c["series"] == "CS"]
     assert [(c["seed"], c["converged"], c["hard"], c["flips"], c["test"]) for c in checks] == [
         (0, True, 0.8, 7, 0.9), (1, False, 0.9, 7, 0.89)]  # the last round's figures; other k / width left out
-    layers = bench.layer_densities(tmp_path, (0, 1, 2), "1ep", 0.0687)
-    assert layers == {"a": {"CS": [0.5, 0.25], "IMP-R": [0.1, 0.1]}, "b": {"CS": [0.05, 0.05], "IMP-R": [0.06, 0.07]}}
-    assert bench.layer_densities(tmp_path, (0, 1, 2), "1ep", 0.0343) == {}  # no CS ticket, no IMP-R level there
+    layers = bench.layer_densities(out, (0, 1, 2), "1ep", 0.0687)
+    assert layers == {"a": {"CS": [0.5, 0.25], bench.CS_PAPER: [0.4], "IMP-R": [0.1, 0.1]},
+                      "b": {"CS": [0.05, 0.05], bench.CS_PAPER: [0.06], "IMP-R": [0.06, 0.07]}}
+    assert bench.layer_densities(out, (0, 1, 2), "1ep", 0.0343) == {}  # no CS ticket, no IMP-R level there
 
-    bench.report(tmp_path, (0, 1, 2), "1ep", None)
+    bench.report(out, (0, 1, 2), "1ep", None)
     out = capsys.readouterr().out
-    assert "| 0.0687 | 1 | 0.0687 | False | 88.00 / 90.00 | 0.100 | 7 | 89.00 |" in out
-    assert "| a | 37.5 (2) | 10.0 (2) |" in out and "| b | 5.0 (2) | 6.5 (2) |" in out
+    assert "| CS | 0.0687 | 1 | 0.0687 | False | 88.00 / 90.00 | 0.100 | 7 | 89.00 |" in out
+    assert f"| {bench.CS_PAPER} | 0.0687 | 0 | 0.0687 | False | 90.00 / 80.00 | - | - | 90.50 |" in out
+    assert f"| layer | CS | {bench.CS_PAPER} | IMP-R k=1ep |" in out
+    assert "| a | 37.5 (2) | 40.0 (1) | 10.0 (2) |" in out and "| b | 5.0 (2) | 6.0 (1) | 6.5 (2) |" in out
+    assert f"| 0.0687 | 89.50 ± 0.71 (2) | 90.50 ± 0.00 (1) |" in out  # the accuracy table has both CS columns
+
+
+def test_paper_recipe_tickets_reuse_the_dense_network_in_a_folder_of_their_own(bench, tmp_path, monkeypatch):
+    """A CS-paper job copies its seed's finished dense run into the paper's folder (never a half copy, never
+    the lock) and runs `lottery search cs` there with the paper's flags; the sparse densities go first."""
+    recipe = bench.DEFAULT
+    out = tmp_path / "resnet_fashion"
+    dense = out / "train_resnet20_fashion-mnist_s2_d"
+    dense.mkdir(parents=True)
+    (dense / "hparams.json").write_text(_hparams(recipe))
+    (dense / "results.json").write_text(json.dumps({"seed": 2, "test_accuracy": 0.92}))
+    (dense / ".lock").write_text("")
+    (dense / "model.safetensors").write_bytes(b"weights")
+    stale = bench.paper_out(out) / f".{dense.name}.copy.tmp"  # a copy cut off by a kill
+    stale.mkdir(parents=True)
+    (stale / "junk").write_text("")
+    calls = []
+    monkeypatch.setattr(bench, "cs_job", lambda *args: calls.append(args) or {})
+    bench.cs_paper_job(2, 0.0687, "1ep", str(out), recipe)
+    copied = bench.paper_out(out) / dense.name
+    assert (copied / "model.safetensors").read_bytes() == b"weights" and not (copied / ".lock").exists()
+    assert not stale.exists() and not (copied / "junk").exists()
+    assert calls == [(2, 0.0687, "1ep", str(bench.paper_out(out)), recipe, bench.CS_PAPER_FLAGS)]
+    assert bench.CS_PAPER_FLAGS == ("--mask-optimizer", "sgd", "--temperature-schedule", "epoch", "--beta-final", "200")
+
+    jobs = sorted((j for j in bench.plan(out, (0, 1), "1ep") if j.part in ("cs", "cs_paper")),
+                  key=lambda j: (j.priority, j.name))
+    assert [j.name for j in jobs[:4]] == ["CS-paper 0.0687 s0", "CS-paper 0.0687 s1", "CS-paper 0.0859 s0",
+                                          "CS-paper 0.0859 s1"]
