@@ -436,6 +436,12 @@ def collect(out: Path, seeds, rewind: str | None, points: tuple[str, ...] = STAB
         series.setdefault(name, {}).setdefault(round(density, 4), []).append(row)
 
     for s in seeds:
+        # the dense network: the seed's dense run (train_*: what CS's and IMP-R's tickets are compared with,
+        # and what IMP-R's level 0 repeats); IMP k = 0's level 0, the same recipe trained once more, only
+        # where that run is missing (it is also kept apart, as "IMP k=0 level 0", to show the spread)
+        dense_run = dense_folder(out, s, recipe)
+        if dense_run is not None:
+            add("dense", 1.0, read_results(dense_run, "results.json")[0][1])
         for name, rw, kind in (("IMP k=0", "0it", "search-imp"), (f"IMP-R k={rewind}", rewind, "search-imp"),
                                (f"IMP-C k={rewind}", rewind, "search-imp-c")):
             if rw is None or (name.startswith("IMP-R") and rw == "0it"):
@@ -443,7 +449,12 @@ def collect(out: Path, seeds, rewind: str | None, points: tuple[str, ...] = STAB
             for lv in imp_levels(out, s, rw, kind, recipe):
                 if lv.get("test_accuracy") is None or (lv["level"] == 0 and name != "IMP k=0"):
                     continue
-                add("dense" if lv["level"] == 0 else name, nominal(lv["level"]), lv)
+                if lv["level"] == 0:
+                    add("IMP k=0 level 0", 1.0, lv)
+                    if dense_run is None:
+                        add("dense", 1.0, lv)
+                else:
+                    add(name, nominal(lv["level"]), lv)
     for folder, r in read_results(out, "search-cs_*/results.json"):
         if (r.get("seed") in seeds and r.get("mode") == "ticket" and r.get("target_density")
                 and r.get("rewind") == rewind and same_recipe(folder, recipe)):
@@ -576,8 +587,12 @@ def report(out: Path, seeds, rewind: str | None, figure: Path | None, points: tu
     series = data["series"]
     dense_rows = series.get("dense", {}).get(1.0, [])
     dense = statistics.fmean(r["test_accuracy"] for r in dense_rows) if dense_rows else None
-    print(f"dense (IMP level 0): {_pm([r['test_accuracy'] for r in dense_rows])} % over {len(dense_rows)} seeds\n")
-    methods = [m for m in series if m != "dense"]
+    again = series.get("IMP k=0 level 0", {}).get(1.0, [])
+    per_seed = " / ".join(f"{100 * r['test_accuracy']:.2f}" for r in dense_rows)
+    per_seed_again = " / ".join(f"{100 * r['test_accuracy']:.2f}" for r in again) or "-"
+    print(f"dense (each seed's dense run): {_pm([r['test_accuracy'] for r in dense_rows])} % over {len(dense_rows)} "
+          f"seeds ({per_seed}); trained again as IMP k=0's level 0: {per_seed_again}\n")
+    methods = [m for m in series if m not in ("dense", "IMP k=0 level 0")]
     densities = sorted({d for m in methods for d in series[m]}, reverse=True)
     if methods:
         print("| density | " + " | ".join(methods) + " |")
@@ -698,7 +713,7 @@ def plot(series: dict[str, dict[float, list[dict]]], dense_rows: list[dict], pat
         ax.axhspan(m - s, m + s, color="0.85", label=f"dense {m:.2f} ± {s:.2f}")
         ax.axhline(m - 100 * MATCHING, color="0.5", ls=":", lw=1, label="dense - 0.2 (matching)")
     for name, by_density in series.items():
-        if name == "dense":
+        if name in ("dense", "IMP k=0 level 0"):
             continue
         ds = sorted(d for d in by_density if d < 1)
         if not ds:

@@ -262,3 +262,26 @@ def test_paper_recipe_tickets_reuse_the_dense_network_in_a_folder_of_their_own(b
                   key=lambda j: (j.priority, j.name))
     assert [j.name for j in jobs[:4]] == ["CS-paper 0.0687 s0", "CS-paper 0.0687 s1", "CS-paper 0.0859 s0",
                                           "CS-paper 0.0859 s1"]
+
+
+def test_dense_is_each_seeds_dense_run_and_imp_level_0_only_stands_in(bench, tmp_path, capsys):
+    """The matching line is drawn from each seed's dense run (what the tickets are compared with); IMP k = 0's
+    level 0, the same recipe trained once more, stands in only for a seed without one, and is shown apart."""
+    recipe = bench.DEFAULT
+    for seed, dense_accuracy in ((0, 0.91), (1, None)):
+        if dense_accuracy is not None:
+            dense = tmp_path / f"train_resnet20_fashion-mnist_s{seed}_d"
+            dense.mkdir()
+            (dense / "hparams.json").write_text(_hparams(recipe))
+            (dense / "results.json").write_text(json.dumps({"seed": seed, "test_accuracy": dense_accuracy}))
+        imp = tmp_path / f"search-imp_resnet20_fashion-mnist_s{seed}_k0"
+        (imp / "level_0").mkdir(parents=True)
+        (imp / "hparams.json").write_text(_hparams(recipe, seed=seed, imp={"rewind": "0it"}))
+        (imp / "level_0" / "results.json").write_text(json.dumps({"level": 0, "test_accuracy": 0.93 - seed / 100}))
+    series = bench.collect(tmp_path, (0, 1), "1ep")["series"]
+    assert [r["test_accuracy"] for r in series["dense"][1.0]] == [0.91, 0.92]
+    assert [r["test_accuracy"] for r in series["IMP k=0 level 0"][1.0]] == [0.93, 0.92]
+    bench.report(tmp_path, (0, 1), "1ep", None)
+    out = capsys.readouterr().out
+    assert "dense (each seed's dense run): 91.50 ± 0.71 % over 2 seeds (91.00 / 92.00); trained again as IMP k=0's " \
+           "level 0: 93.00 / 92.00" in out
