@@ -455,14 +455,8 @@ def collect(out: Path, seeds, rewind: str | None, points: tuple[str, ...] = STAB
                         add("dense", 1.0, lv)
                 else:
                     add(name, nominal(lv["level"]), lv)
-    for folder, r in read_results(out, "search-cs_*/results.json"):
-        if (r.get("seed") in seeds and r.get("mode") == "ticket" and r.get("target_density")
-                and r.get("rewind") == rewind and same_recipe(folder, recipe)):
-            add("CS", r["target_density"], r)
-    for folder, r in read_results(paper_out(out), "search-cs_*/results.json"):
-        if (r.get("seed") in seeds and r.get("mode") == "ticket" and r.get("target_density")
-                and r.get("rewind") == rewind and same_recipe(folder, recipe) and paper_recipe(folder)):
-            add(CS_PAPER, r["target_density"], r)
+    for series_name, _, r in cs_tickets(out, seeds, rewind, recipe):
+        add(series_name, r["target_density"], r)
     for control in ("random-prune", "random-reinit"):
         for folder, r in read_results(out, f"*{control}*/results.json"):
             source = Path(str(r.get("source_run", ""))).name
@@ -500,6 +494,18 @@ def paper_recipe(folder: Path) -> bool:
     return (cs.get("mask_optimizer"), cs.get("temperature_schedule"), cs.get("beta_final")) == ("sgd", "epoch", 200.0)
 
 
+def cs_tickets(out: Path, seeds, rewind: str | None, recipe: Recipe = DEFAULT) -> list[tuple[str, Path, dict]]:
+    """(series, folder, results) of every finished CS ticket of ``seeds``, the recipe and rewind point
+    ``rewind`` searched for a target density: series "CS" (lottery's default recipe, in ``out``) or
+    CS_PAPER (the paper's mask recipe, in :func:`paper_out`)."""
+    found = [("CS", folder, r) for folder, r in read_results(out, "search-cs_*/results.json")]
+    found += [(CS_PAPER, folder, r) for folder, r in read_results(paper_out(out), "search-cs_*/results.json")
+              if paper_recipe(folder)]
+    return [(series, folder, r) for series, folder, r in found
+            if r.get("seed") in seeds and r.get("mode") == "ticket" and r.get("target_density")
+            and r.get("rewind") == rewind and same_recipe(folder, recipe)]
+
+
 def cs_checks(out: Path, seeds, rewind: str | None, recipe: Recipe = DEFAULT) -> list[dict]:
     """What each finished CS ticket's search did, to tell a weak CS result from a fault (is the mask binary,
     is its density the one asked, did the logits move?): the density asked and kept, whether the last
@@ -508,13 +514,7 @@ def cs_checks(out: Path, seeds, rewind: str | None, recipe: Recipe = DEFAULT) ->
     logits that changed side in it, and the retrained ticket's test accuracy; "series" says which CS
     (lottery's default recipe in ``out``, the paper's mask recipe in :func:`paper_out`)."""
     rows = []
-    found = [("CS", folder, r) for folder, r in read_results(out, "search-cs_*/results.json")]
-    found += [(CS_PAPER, folder, r) for folder, r in read_results(paper_out(out), "search-cs_*/results.json")
-              if paper_recipe(folder)]
-    for series, folder, r in found:
-        if (r.get("seed") not in seeds or r.get("mode") != "ticket" or not r.get("target_density")
-                or r.get("rewind") != rewind or not same_recipe(folder, recipe)):
-            continue
+    for series, folder, r in cs_tickets(out, seeds, rewind, recipe):
         last = (r.get("convergence") or [{}])[-1]
         rows.append({"series": series, "seed": r["seed"], "asked": r["target_density"], "density": r["density"],
                      "converged": r.get("mask_converged"), "soft": last.get("soft_val_accuracy"),
