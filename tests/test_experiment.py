@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import torch
 
 from lottery.errors import ConfigError, LotteryError
 from lottery.experiment import folder_lock, prepare_run_folder, run_folder_name
@@ -120,6 +121,26 @@ def test_a_new_run_folder_records_which_lottery_wrote_it_and_a_mismatch_names_it
     write_json(folder / PROVENANCE_FILE, {"lottery_version": "0.0.9", "git_commit": "abcdef1234567", "git_dirty": True})
     with pytest.raises(ConfigError, match=r"written by lottery 0\.0\.9 \(commit abcdef1234, modified\)"):
         prepare_run_folder(folder, {"kind": "train", "seed": 1})
+
+
+def test_a_run_folder_records_the_threads_and_cpu_that_decide_bit_for_bit_reproduction(tmp_path):
+    """Two runs of one seed agree bit for bit only with the same torch threads and CPU kernels, so a
+    folder says which it was made with (the thread count as set when it was created)."""
+    from lottery.experiment import PROVENANCE_FILE, cpu_name
+    from lottery.io import read_json
+
+    before = torch.get_num_threads()
+    try:
+        for threads, name in ((1, "one"), (2, "two")):
+            torch.set_num_threads(threads)
+            folder = _create(tmp_path / name, {"kind": "train", "seed": 0})
+            info = read_json(folder / PROVENANCE_FILE)
+            assert info["torch_threads"] == threads
+            assert info["cpu"] == cpu_name()
+    finally:
+        torch.set_num_threads(before)
+    if Path("/proc/cpuinfo").exists():
+        assert cpu_name()  # Linux always names its CPU model
 
 
 def test_a_checked_folder_is_created_only_when_its_run_starts_and_removed_if_it_fails_at_once(tmp_path):
