@@ -143,6 +143,31 @@ def test_a_run_folder_records_the_threads_and_cpu_that_decide_bit_for_bit_reprod
         assert cpu_name()  # Linux always names its CPU model
 
 
+def test_the_commit_recorded_is_read_at_import_not_when_a_folder_is_made():
+    """A long sweep's workers outlive a commit or a pull: the folder must name the code that runs, so git
+    is asked when lottery is imported and never again (checked in a fresh interpreter, where nothing has
+    asked before: after the import, git is made unavailable)."""
+    import json
+    import subprocess
+    import sys
+
+    script = (
+        "import json, subprocess\n"
+        "import lottery.experiment as e\n"
+        "def no_git(*a, **k):\n"
+        "    raise OSError('git asked after import')\n"
+        "subprocess.run = no_git\n"
+        "print(json.dumps({**e.provenance(), 'module': e.__file__}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    repo = Path(__file__).resolve().parents[1]
+    head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0 and Path(info["module"]).resolve().is_relative_to(repo / "src"):  # from a clone
+        assert info.get("git_commit") == head.stdout.strip()
+
+
 def test_a_checked_folder_is_created_only_when_its_run_starts_and_removed_if_it_fails_at_once(tmp_path):
     """A settings error found after the folder was checked (a rewind point after the end, missing data)
     leaves nothing that ``lottery report`` would list as a run in progress."""

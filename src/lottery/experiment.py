@@ -104,7 +104,9 @@ def provenance() -> dict[str, Any]:
 
 @functools.lru_cache(maxsize=1)
 def _fixed_provenance() -> dict[str, Any]:
-    """What :func:`provenance` reports that cannot change while the process runs (asked once: git is slow)."""
+    """What :func:`provenance` reports that cannot change while the process runs. Asked once, when this
+    module is imported (below): the commit of the code the process runs, not of whatever the checkout
+    holds when a folder is made later (a long sweep's workers outlive a ``git pull`` or a commit)."""
     import platform
     import subprocess
 
@@ -139,6 +141,9 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor()
+
+
+_fixed_provenance()  # now, at import (see its docstring)
 
 
 def _written_by(path: Path) -> str:
