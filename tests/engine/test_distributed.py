@@ -74,6 +74,9 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, kind: str) -> N
     mask = masking.current_mask(model) if check is not None else masking.hard_mask_from_logits(model)
     state.update({f"__mask__/{k}": v.to(torch.uint8) for k, v in mask.items()})
     save_file(state, os.path.join(out_dir, f"rank{rank}.safetensors"))  # not lottery.io: every rank writes here
+    # Both ranks reach the teardown together: once (1 run in about 20, 2026-12-04) a rank aborted inside
+    # gloo ("terminate called without an active exception") while the other was still tearing down.
+    dist.barrier()
     dist.destroy_process_group()
 
 
