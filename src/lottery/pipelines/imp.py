@@ -212,7 +212,7 @@ def _level_zero(job, plan: _Plan, ctx: _Context, common: dict[str, Any]) -> dict
     extra: dict[str, Any] = {}
     if plan.needs_rewind_state:
         k = ctx.step(plan.rewind)
-        ctx.check_before_end(k, f"{type(plan.hp).__name__}.rewind (the rewind point)")
+        ctx.check_before_end(k, f"{type(plan.hp).__name__}.rewind (--rewind, the rewind point)")
         record = ctx.train_stage(
             stage="level_0", directory=ldir, stem="model", start_state=ctx.build().state_dict(), mask=None,
             recipe=ctx.training, desc=f"{plan.method} level 0 (dense)",
@@ -225,7 +225,7 @@ def _level_zero(job, plan: _Plan, ctx: _Context, common: dict[str, Any]) -> dict
         return _finish_level_zero(plan, ctx, common, record, ctx.end.epochs, record["wall_seconds"], extra)
     else:
         if plan.rewind is not None:
-            ctx.check_before_end(ctx.step(plan.rewind), f"{type(plan.hp).__name__}.rewind (the LR rewind point)")
+            ctx.check_before_end(ctx.step(plan.rewind), f"{type(plan.hp).__name__}.rewind (--rewind, the LR rewind point)")
         dense = train_dense(DenseJob(job.data, job.model, job.training, seed=job.seed), ctx.options)
         state = load_tensors(Path(dense["run_dir"]) / "model.safetensors")
         record = {"rows": [], "wall_seconds": 0.0, "epochs": dense["epochs"],

@@ -206,7 +206,7 @@ def _run_stack(jobs: list[IMPJob], options: RunOptions, start: int) -> list[dict
         ctx._bundle = ctx0.bundle  # one copy of the data for all members
     train_loader, evals = ctx0.train_loader(ctx0.training), ctx0.evals
     k = ctx0.step(plan.rewind)
-    ctx0.check_before_end(k, "IMPHparams.rewind (the rewind point)")
+    ctx0.check_before_end(k, "IMPHparams.rewind (--rewind, the rewind point)")
     stack([ctx.build() for ctx in ctxs])  # refuses (StackingError) before anything is trained
     K = len(jobs)
     log_line(options, f"stack: {K} IMP searches as one network; they share the data order "
