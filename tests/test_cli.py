@@ -151,6 +151,32 @@ def test_an_explicit_training_length_beats_the_presets_round_length():
     assert cli_cs.cs_job(parser.parse_args(["search", "cs"]), "ticket").cs.round_steps == "20ep"  # the preset's
 
 
+def test_a_new_training_length_changes_the_round_length_and_the_plan_says_so(tmp_path):
+    import lottery.cli.cs as cli_cs
+
+    parser = cli.build_parser()
+    job = cli_cs.cs_job(parser.parse_args(["search", "cs", "--preset", "fashion_resnet20", "--epochs", "4"]), "ticket")
+    assert job.cs.round_steps is None
+    # the preset's round milestones go with its round length (they would lie past a shorter round's end)
+    job = cli_cs.cs_job(parser.parse_args(["search", "cs", "--preset", "cifar10_resnet20", "--epochs", "2"]), "ticket")
+    assert job.cs.round_steps is None and job.cs.round_milestones is None
+    proc = lottery("search", "cs", *SYNTH, "--epochs", "2", "--rounds", "1", "--rewind", "1ep", "--no-dense",
+                   "--out", str(tmp_path), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "CS 1 round(s) x 2 epochs (the training length; --round-steps sets it)" in proc.stdout + proc.stderr
+
+
+def test_the_presets_own_training_length_leaves_the_round_alone():
+    """--epochs 16 on fashion_resnet20 (whose training is 16 epochs) is the preset itself: the same CS
+    hparams, so the same run folder."""
+    import lottery.cli.cs as cli_cs
+
+    parser = cli.build_parser()
+    plain = cli_cs.cs_job(parser.parse_args(["search", "cs", "--preset", "fashion_resnet20"]), "ticket")
+    same = cli_cs.cs_job(parser.parse_args(["search", "cs", "--preset", "fashion_resnet20", "--epochs", "16"]), "ticket")
+    assert same.cs == plain.cs and same.cs.round_steps == "8ep" and same.training == plain.training
+
+
 def test_two_flags_for_the_training_length_are_a_one_line_error(capsys):
     code = cli.main(["search", "cs", "--epochs", "2", "--training-steps", "100it", "--out", "/nonexistent/never"])
     err = capsys.readouterr().err.strip().splitlines()

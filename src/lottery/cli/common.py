@@ -151,7 +151,7 @@ def common_flags(p: argparse.ArgumentParser) -> None:
                    help=f"reference recipe to start from (default: {DEFAULT_PRESET}); see `lottery presets`")
     p.add_argument("--out", type=Path, default=Path("runs"), help="folder for run folders (default: runs)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights' initialisation and data order")
-    p.add_argument("--epochs", type=int, default=None, help="shorthand for --training-steps Nep (for CS also the round length, unless --round-steps is given)")
+    p.add_argument("--epochs", type=int, default=None, help="shorthand for --training-steps Nep (for CS also the round length when N differs from the preset's, unless --round-steps is given)")
     _where_and_how_flags(p)
     add_hparams_flags(p, DataHparams, "data")
     add_hparams_flags(p, ModelHparams, "model")

@@ -19,10 +19,17 @@ def cs_job(args: argparse.Namespace, mode: str):
     model = preset.model_for("cs", model, given={k.split(".", 1)[1] for k in vars(args) if k.startswith("ModelHparams.")})
     validate_names(data, model)
     cs = hparams_from_args(args, CSHparams, CSHparams.from_dict(preset.methods.get("cs", {})))
-    if training_length_given(args) and "CSHparams.round_steps" not in vars(args):
-        # An explicit training length (--epochs N, --training-steps S) sets the length of everything: a
-        # round is then as long as the training, whatever round length the preset has.
-        cs = cs.replace(round_steps=None)
+    if (training_length_given(args) and "CSHparams.round_steps" not in vars(args)
+            and cs.round_steps is not None and training.training_steps != preset.training.training_steps):
+        # A new training length (--epochs N, --training-steps S) sets the length of everything: a round is
+        # then as long as the training, whatever round length the preset has. The preset's own length,
+        # given explicitly, changes nothing (the same run folder as without the flag). Milestones of the
+        # preset's round go with it, unless given on the command line. The run's plan line says where
+        # the round length came from (after the settings are checked: bad input stays a one-line error).
+        changes = {"round_steps": None}
+        if cs.round_milestones and "CSHparams.round_milestones" not in vars(args):
+            changes["round_milestones"] = None
+        cs = cs.replace(**changes)
     return CSJob(data, model, training, cs, seed=args.seed, mode=mode, dense_reference=not args.no_dense)
 
 

@@ -188,7 +188,8 @@ def _log_plan(job: CSJob, options: RunOptions, ipe: int, k: Step) -> None:
     total_epochs = Step.parse(job.training.training_steps, ipe).epochs
     retrain = total_epochs - k.epochs if job.mode == "ticket" else Step.parse(job.cs.finetune_steps, ipe).epochs
     log_line(options, f"plan: {'dense reference ' + format(total_epochs, 'g') + ' epochs, ' if job.dense_reference else ''}"
-                      f"CS {job.cs.rounds} round(s) x {round_epochs:g} epochs, "
+                      f"CS {job.cs.rounds} round(s) x {round_epochs:g} epochs"
+                      f"{' (the training length; --round-steps sets it)' if job.cs.round_steps is None else ''}, "
                       f"{'ticket retraining' if job.mode == 'ticket' else 'fine-tuning'} {retrain:g} epochs")
     if job.cs.temperature_schedule == "epoch" and round_epochs < 2:
         log_line(options, "warning: a CS round shorter than 2 epochs cannot anneal the temperature per epoch "
