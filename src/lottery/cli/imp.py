@@ -101,9 +101,9 @@ def _print_levels(results: dict, title: str) -> None:
     best = results.get("sparsest_matching")
     if best:
         print(f"sparsest matching level: {best['level']} (density {best['density']:.4f}, "
-              f"test {100 * best['test_accuracy']:.2f}%; one seed, within 0.2 points of dense)")
+              f"test {100 * best['test_accuracy']:.2f}%; one seed; matching: at most 0.2 points below dense)")
     else:
-        print("no level is within 0.2 points of the dense network")
+        print("no level matches: every one is more than 0.2 points below the dense network")
     print(f"run folder: {results['run_dir']}")
     print(f"plot: {Path(results['run_dir']) / 'accuracy_vs_density.png'}")
 

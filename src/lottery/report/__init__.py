@@ -4,7 +4,7 @@ Two levels. For one run: :func:`print_table` and :func:`plot_run_summary` (what 
 prints). For many runs (``lottery report RUN_DIRS...``): :func:`write_report` gathers every
 ``results.json`` at or below the given folders, groups the runs that differ only in their seed
 (:func:`summarize`), decides which tickets match the dense network (docs/methods.md: mean test accuracy
-within 0.2 percentage points of the dense mean of the same model, data and recipe), and writes a
+at most 0.2 percentage points below the dense mean of the same model, data and recipe), and writes a
 table (CSV and Markdown), accuracy-against-density plots, the per-layer density of one ticket and the
 training cost of finding K tickets with CS against IMP (PNG and SVG).
 """
@@ -45,7 +45,7 @@ class Report:
         head = "## Sparsest matching ticket per method" if markdown else "sparsest matching ticket per method:"
         out += ["", head]
         if not self.sparsest:
-            out.append("(none matches its dense network within 0.2 percentage points)")
+            out.append("(none matches: every one is more than 0.2 percentage points below its dense network)")
         for r in self.sparsest:
             seeds = f"{r['n_seeds']} seed{'s' if r['n_seeds'] != 1 else ''}"
             out.append(f"{'- ' if markdown else '  '}{r['method']} {r['model']}/{r['dataset']}: density "
