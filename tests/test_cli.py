@@ -181,3 +181,16 @@ def test_two_flags_for_the_training_length_are_a_one_line_error(capsys):
     code = cli.main(["search", "cs", "--epochs", "2", "--training-steps", "100it", "--out", "/nonexistent/never"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "--epochs 2 and --training-steps 100it" in err[0]
+
+
+def test_presets_name_shows_each_group_and_method_as_flags(tmp_path):
+    out = lottery("presets", "fashion_resnet20", cwd=tmp_path).stdout
+    assert "--model resnet20 --width 0.25" in out
+    assert "--training-steps 16ep" in out and "--schedule cosine" in out
+    assert "cs:       --lam 1e-08 --rounds 2 --round-steps 8ep --rewind 1ep" in out
+    assert "imp:      --rewind 1ep" in out
+    paper = lottery("presets", "cifar10_resnet20", cwd=tmp_path).stdout
+    assert "--milestones 80ep,120ep" in paper and "--mask-optimizer sgd" in paper
+    assert "(model: --prune-ignore '*shortcut*,fc.weight')" in paper
+    bad = lottery("presets", "nope", cwd=tmp_path, check=False)
+    assert bad.returncode != 0 and bad.stderr.strip().count("\n") == 0 and "known presets: " in bad.stderr

@@ -16,11 +16,41 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
-    from lottery.presets import PRESETS
+    from lottery.presets import PRESETS, get_preset
 
-    for name, p in sorted(PRESETS.items()):
-        print(f"{name:20s} {p.description}")
+    if args.name is None:
+        for name, p in sorted(PRESETS.items()):
+            print(f"{name:20s} {p.description}")
+        return 0
+    preset = get_preset(args.name)
+    print(f"{preset.name}: {preset.description}")
+    for title, group in (("data", preset.data), ("model", preset.model), ("training", preset.training)):
+        print(f"  {title + ':':10s}{_as_flags(group.to_dict())}")
+    if preset.methods or preset.method_models:
+        print("  per method (on top of its own defaults; `lottery search METHOD --help` lists every flag):")
+    for method in sorted(set(preset.methods) | set(preset.method_models)):
+        flags = _as_flags(preset.methods.get(method, {}))
+        model = preset.method_models.get(method)
+        print(f"    {method + ':':10s}{flags}" + (f"  (model: {_as_flags(model)})" if model else ""))
     return 0
+
+
+def _as_flags(values: dict) -> str:
+    """Settings written as the command-line flags that set them (None: left to the built-in default)."""
+    import shlex
+
+    out = []
+    for key, value in values.items():
+        flag = "--" + key.replace("_", "-")
+        if value is None or value == ():
+            continue
+        if isinstance(value, bool):
+            out.append(flag if value else "--no-" + key.replace("_", "-"))
+        elif isinstance(value, (tuple, list)):
+            out.append(f"{flag} {shlex.quote(','.join(map(str, value)))}")
+        else:
+            out.append(f"{flag} {shlex.quote(str(value))}")
+    return " ".join(out) or "(none)"
 
 
 def cmd_datasets(args: argparse.Namespace) -> int:
@@ -35,5 +65,9 @@ def cmd_datasets(args: argparse.Namespace) -> int:
 
 def register(sub) -> None:
     sub.add_parser("models", help="list the registered models").set_defaults(func=cmd_models)
-    sub.add_parser("presets", help="list the reference recipes").set_defaults(func=cmd_presets)
+    p = sub.add_parser("presets", help="list the reference recipes, or show one's settings",
+                       description="Without NAME: every preset in a line. With NAME: its settings as the flags "
+                                   "that set them, per group and per method.")
+    p.add_argument("name", nargs="?", default=None, metavar="NAME", help="a preset to show in full")
+    p.set_defaults(func=cmd_presets)
     sub.add_parser("datasets", help="list the data sets").set_defaults(func=cmd_datasets)
