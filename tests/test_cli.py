@@ -191,6 +191,6 @@ def test_presets_name_shows_each_group_and_method_as_flags(tmp_path):
     assert "imp:      --rewind 1ep" in out
     paper = lottery("presets", "cifar10_resnet20", cwd=tmp_path).stdout
     assert "--milestones 80ep,120ep" in paper and "--mask-optimizer sgd" in paper
-    assert "(model: --prune-ignore '*shortcut*,fc.weight')" in paper
+    assert "--temperature-schedule epoch --beta-final 200.0 --prune-ignore '*shortcut*,fc.weight'" in paper
     bad = lottery("presets", "nope", cwd=tmp_path, check=False)
     assert bad.returncode != 0 and bad.stderr.strip().count("\n") == 0 and "known presets: " in bad.stderr

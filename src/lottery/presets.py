@@ -43,7 +43,8 @@ PRESETS: dict[str, Preset] = {
     for p in [
         Preset(
             "fashion_lenet",
-            "LeNet-300-100 on Fashion-MNIST (open_lth LeNet recipe: SGD lr 0.1, batch 128); the CPU default",
+            "LeNet-300-100 on Fashion-MNIST (open_lth LeNet recipe: SGD lr 0.1, batch 128), 40 epochs; CS: 3 rounds of "
+            "20 epochs, rewind 1ep; the CPU default",
             DataHparams(dataset="fashion-mnist", val_size=5000),
             ModelHparams(model="lenet_300_100"),
             TrainingHparams(training_steps="40ep", batch_size=128, lr=0.1),
@@ -82,7 +83,7 @@ PRESETS: dict[str, Preset] = {
             _CIFAR_RECIPE,
             methods={
                 "cs": {"lam": 1e-8, "rounds": 3, "round_steps": "85ep", "round_milestones": ("56ep", "71ep"),
-                       "rewind": "2ep", "mask_momentum": 0.9, "mask_nesterov": True, **_CS_REFERENCE},
+                       "rewind": "2ep", **_CS_REFERENCE},
                 "imp": {"rewind": "500it"},  # the matching rewind point reported for ResNet-20 (docs/methods.md)
             },
             method_models={"cs": {"prune_ignore": ("*shortcut*", "fc.weight")}},

@@ -99,11 +99,16 @@ def _print_levels(results: dict, title: str) -> None:
     """The per-level table was logged by the pipeline; add the headline and where the files are."""
     print(f"\n{title}")
     best = results.get("sparsest_matching")
+    levels = results.get("levels") or []
+    dense = levels[0].get("test_accuracy") if levels and levels[0].get("level") == 0 else None
+    against = f" against dense {100 * dense:.2f}%" if dense is not None else ""
     if best:
         print(f"sparsest matching level: {best['level']} (density {best['density']:.4f}, "
-              f"test {100 * best['test_accuracy']:.2f}%; one seed; matching: at most 0.2 points below dense)")
+              f"test {100 * best['test_accuracy']:.2f}%{against}; one seed; matching: at most 0.2 points below dense)")
+    elif dense is None:
+        print("no matching level: the dense network's accuracy (level 0) is not known")
     else:
-        print("no level matches: every one is more than 0.2 points below the dense network")
+        print(f"no level matches: every one is more than 0.2 points below the dense network ({100 * dense:.2f}%)")
     print(f"run folder: {results['run_dir']}")
     print(f"plot: {Path(results['run_dir']) / 'accuracy_vs_density.png'}")
 

@@ -29,9 +29,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
     if preset.methods or preset.method_models:
         print("  per method (on top of its own defaults; `lottery search METHOD --help` lists every flag):")
     for method in sorted(set(preset.methods) | set(preset.method_models)):
-        flags = _as_flags(preset.methods.get(method, {}))
-        model = preset.method_models.get(method)
-        print(f"    {method + ':':10s}{flags}" + (f"  (model: {_as_flags(model)})" if model else ""))
+        print(f"    {method + ':':10s}{_as_flags({**preset.methods.get(method, {}), **preset.method_models.get(method, {})})}")
     return 0
 
 
