@@ -136,3 +136,13 @@ def test_is_converged_limits():
     # on a small validation split one example is the smallest visible gap
     assert gap_limit_for(64) == pytest.approx(1 / 64) and gap_limit_for(10_000) == MAX_ACCURACY_GAP
     assert is_converged(0.0, 1 / 64, gap_limit_for(64))
+
+
+def test_the_gap_limit_is_worded_in_points_singular_or_plural():
+    from lottery.methods.cs_convergence import gap_limit_for, not_converged_message
+
+    conv = {"undecided": 0.0, "soft_hard_gap": 0.04, "hard_val_accuracy": 0.11, "soft_val_accuracy": 0.15}
+    small = not_converged_message({**conv, "soft_hard_gap_limit": gap_limit_for(100)}, 0)
+    assert "(limit 1 point apart)" in small  # one example of 100
+    large = not_converged_message({**conv, "soft_hard_gap_limit": gap_limit_for(5000)}, 0)
+    assert "(limit 0.3 points apart)" in large

@@ -120,7 +120,7 @@ def not_converged_message(conv: dict[str, Any], round_index: int, default_recipe
     limit = conv.get("soft_hard_gap_limit", MAX_ACCURACY_GAP)
     if abs(conv["soft_hard_gap"]) > limit:
         failed.append(f"hard-mask val accuracy {100 * conv['hard_val_accuracy']:.2f} % against soft "
-                      f"{100 * conv['soft_val_accuracy']:.2f} % (limit {100 * limit:.2g} point{'' if 100 * limit == 1 else 's'} apart)")
+                      f"{100 * conv['soft_val_accuracy']:.2f} % (limit {_points(100 * limit)} apart)")
     # With the paper's recipe an unconverged search can still give a good ticket (the ticket is retrained
     # from the rewind point: ResNet-20 in benchmarks/RESULTS.md), so the advice says what it matters for.
     fix = ("use longer rounds or a larger --beta-final" if default_recipe else
@@ -129,3 +129,9 @@ def not_converged_message(conv: dict[str, Any], round_index: int, default_recipe
            "still be good (docs/cs.md)")
     return (f"the CS mask did not converge in round {round_index + 1}: {' and '.join(failed)}; the hard mask is "
             f"not the network that was trained. To fix: {fix}")
+
+
+def _points(value: float) -> str:
+    """``value`` percentage points in words: "1 point", "0.3 points"."""
+    shown = f"{value:.2g}"
+    return f"{shown} point" if shown == "1" else f"{shown} points"
