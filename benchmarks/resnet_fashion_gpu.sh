@@ -53,6 +53,14 @@ for f in sorted(src.glob('*.xz')):
 fi
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | head -3
   "$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"; } > "$RETURN/machine.txt"
+# A smoke run first (2 iterations of the preset at this width, on synthetic data of Fashion-MNIST's shape):
+# the machine's torch is not the one pinned here, and a call that cannot train should end in seconds
+# with the reason, not after the whole budget.
+if ! timeout 120 "$PYTHON" -m lottery train --preset fashion_resnet20 --width "$WIDTH" --device "$DEVICE" \
+    --dataset synthetic --synthetic-shape 1,28,28 --synthetic-train-size 256 --synthetic-test-size 128 \
+    --val-size 0 --training-steps 2it --no-progress --out "$(mktemp -d)" > "$RETURN/smoke.log" 2>&1; then
+  echo "smoke run failed (no comparison run); its log:"; cat "$RETURN/smoke.log"; exit 1
+fi
 # timeout signals the driver's whole process group, so its workers stop too; each resumes from its last epoch.
 # The log is opened for appending: processes that outlive the driver by a moment (multiprocessing's
 # resource tracker) would otherwise write over the status line below.
