@@ -315,7 +315,8 @@ def test_random_prune_control(imp_run, tmp_path):
     ref = Mask.load(source / "level_2" / "mask.safetensors")
     rewind = load_tensors(source / "rewind.safetensors")
     log = {}
-    r = run_random_prune(source, RandomPruneHparams(level=2, seed=1), _options(tmp_path), callbacks=recorder(log))
+    lines: list[str] = []
+    r = run_random_prune(source, RandomPruneHparams(level=2, seed=1), _options(tmp_path, lines), callbacks=recorder(log))
     folder = next(tmp_path.glob("control-random-prune_*"))
     mask = Mask.load(folder / "mask.safetensors")
     assert {n: int(m.sum()) for n, m in mask.items()} == {n: int(m.sum()) for n, m in ref.items()}
@@ -326,6 +327,9 @@ def test_random_prune_control(imp_run, tmp_path):
     assert r["epochs"] == pytest.approx(12 / IPE)
     # seeded: a second run with the same seed is the same folder; another seed another mask
     assert run_random_prune(source, RandomPruneHparams(level=2, seed=1), _options(tmp_path)) == r
+    # the log line names both seeds: the source run's and the control's own draw
+    assert any(f"random-prune control of level 2 (density {r['density']:.4f}, run seed {r['seed']}, control seed 1)"
+               in line for line in lines), lines
     run_random_prune(source, RandomPruneHparams(level=2, seed=2, scope="global"), _options(tmp_path))
     other = [f for f in tmp_path.glob("control-random-prune_*") if f != folder]
     assert len(other) == 1

@@ -95,6 +95,7 @@ def _run_control(source: Path, control: str, hp, options: RunOptions, callbacks)
             "ticket_test_accuracy": ticket.get("test_accuracy"), "source_run": str(source), "run_dir": str(folder),
         }
         write_results(results_path, results)
-    log_line(options, f"{control} control of level {hp.level} (density {results['density']:.4f}, seed {hp.seed}): "
+    log_line(options, f"{control} control of level {hp.level} (density {results['density']:.4f}, run seed {results['seed']}, "
+                      f"control seed {hp.seed}): "
                       f"test {_pct(results['test_accuracy'])}, ticket {_pct(results['ticket_test_accuracy'])}")
     return results
