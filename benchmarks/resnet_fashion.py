@@ -64,7 +64,7 @@ CS_PAPER_FLAGS = ("--mask-optimizer", "sgd", "--temperature-schedule", "epoch", 
 CS_PAPER = "CS (paper's mask recipe)"
 TICKET_STABILITY = ((0.1678, 8, True), (0.0687, 12, False))  # (CS density, IMP-R level, also at k = 0)
 STABLE_BELOW = 0.02  # instability (test error, as a fraction) under which a network counts as stable
-MATCHING = 0.002  # a ticket matches when its accuracy is within 0.2 points of the dense network's
+MATCHING = 0.002  # a ticket matches when its accuracy is at most 0.2 points below the dense network's
 
 
 # -- the recipe and the jobs -------------------------------------------------------------------------------
@@ -549,7 +549,7 @@ def layer_densities(out: Path, seeds, rewind: str | None, density: float, recipe
 
 
 def sparsest_matching(rows_by_density: dict[float, list[dict]], dense: float) -> float | None:
-    """The smallest density whose mean accuracy over seeds is within MATCHING of the dense mean."""
+    """The smallest density whose mean accuracy over seeds is at most MATCHING below the dense mean."""
     ok = [d for d, rows in rows_by_density.items() if d < 1
           and statistics.fmean(r["test_accuracy"] for r in rows) >= dense - MATCHING]
     return min(ok) if ok else None
@@ -655,8 +655,8 @@ def claims(series: dict[str, dict[float, list[dict]]], instability: dict[str, li
     def mean(rows: list[dict]) -> float:
         return statistics.fmean(r["test_accuracy"] for r in rows)
 
-    print(f"\nclaims (only densities with all {n_seeds} seeds; a ticket matches when its mean accuracy is within "
-          f"{100 * MATCHING:g} points of the dense mean, {100 * dense:.2f}):")
+    print(f"\nclaims (only densities with all {n_seeds} seeds; a ticket matches when its mean accuracy is at "
+          f"most {100 * MATCHING:g} points below the dense mean, {100 * dense:.2f}):")
     imp0, impr = complete("IMP k=0"), complete(f"IMP-R k={rewind}")
     if rewind is None:
         print("(a) k is not chosen yet")
@@ -670,7 +670,8 @@ def claims(series: dict[str, dict[float, list[dict]]], instability: dict[str, li
         fr = first_below({d: impr[d] for d in both}, dense)
         verdict = "holds" if fa is not None and (fr is None or fa > fr) else "does not hold"
         print(f"(a) over the {len(both)} levels both reached (down to {min(both):.4f}): IMP k=0 first falls below "
-              f"matching at density {fa}, IMP-R at {fr}: {verdict}")
+              f"matching at density {fa if fa is not None else 'none of them'}, IMP-R at "
+              f"{fr if fr is not None else 'none of them'}: {verdict}")
     means = [(k, statistics.fmean(v)) for k, v in instability.items() if len(v) == n_seeds]
     stable = next((k for k, m in means if m < STABLE_BELOW), None)
     falls = all(a >= b for (_, a), (_, b) in zip(means, means[1:]))

@@ -120,7 +120,7 @@ def test_claims_that_do_not_hold_say_so(bench, capsys):
     instability = {"0it": [0.1, 0.1, 0.1], "100it": [0.2, 0.2, 0.2]}
     bench.claims(series, instability, dense, "1ep", 3)
     out = capsys.readouterr().out
-    assert "IMP k=0 first falls below matching at density None, IMP-R at 0.64: does not hold" in out
+    assert "IMP k=0 first falls below matching at density none of them, IMP-R at 0.64: does not hold" in out
     assert "not monotone in k; first below 2: None" in out
     assert "(at most half of IMP-R: no)" in out and "(at least as accurate at every one: no)" in out
     assert bench.CS_PAPER not in out  # no paper's-recipe ticket, no line for it
