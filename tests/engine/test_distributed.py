@@ -80,7 +80,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, kind: str) -> N
     # this function had returned ("terminate called without an active exception", SIGABRT; faulthandler
     # showed no Python frame: C++ destructors at exit, after everything was written): 2026-12-04, 5 of
     # about 300 two-rank runs, with the barrier above; with this exit, 0 of 250. `lottery` under torchrun (the
-    # product's path, test_torchrun_cli_rank0_writes's command) did not abort in 40 runs.
+    # product's path, test_torchrun_cli_rank0_writes's command) did not abort in 160 runs.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
