@@ -693,7 +693,8 @@ def claims(series: dict[str, dict[float, list[dict]]], instability: dict[str, li
             diffs.append(f"{d:.4f}: {100 * (statistics.fmean(a) - statistics.fmean(b)):+.2f} (Welch t {welch_t(a, b):+.1f})")
         half = "-" if sc is None or sr is None else "yes" if sc <= sr / 2 + 1e-9 else "no"
         ge = "-" if not shared else "yes" if all(mean(cs[d]) >= mean(impr[d]) for d in shared) else "no"
-        print(f"(c) {name}: sparsest matching: {name} {sc}, IMP-R {sr} (at most half of IMP-R: {half}); {name} - IMP-R "
+        print(f"(c) {name}: sparsest matching: {name} {'none' if sc is None else sc}, IMP-R "
+              f"{'none' if sr is None else sr} (at most half of IMP-R: {half}); {name} - IMP-R "
               f"at shared densities, points: {'; '.join(diffs) or 'none yet'} (at least as accurate at every one: {ge})")
 
 

@@ -106,7 +106,7 @@ def test_claims_verdicts(bench, capsys):
     assert "CS - IMP-R at shared densities, points: 0.6400: +1.00" in out
     assert "0.6400: +1.00 (Welch t +17.3) (at least as accurate at every one: yes)" in out
     paper = next(line for line in out.splitlines() if line.startswith(f"(c) {bench.CS_PAPER}"))
-    assert "sparsest matching: CS (paper's mask recipe) None, IMP-R 0.64 (at most half of IMP-R: -)" in paper
+    assert "sparsest matching: CS (paper's mask recipe) none, IMP-R 0.64 (at most half of IMP-R: -)" in paper
     assert "0.5120: -0.67" in paper and paper.endswith("(at least as accurate at every one: no)")
 
 
