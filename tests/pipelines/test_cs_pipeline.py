@@ -516,8 +516,12 @@ def test_one_epoch_rounds_warn_that_beta_cannot_anneal(tmp_path):
     lines = []
     job = CSJob(data=DATA, model=ModelHparams("lenet_300_100"), training=TRAIN,
                 cs=CS.replace(round_steps="1ep", rounds=1), dense_reference=False)
-    run_cs(job, RunOptions(out=tmp_path, progress=False, log=lines.append))
+    results = run_cs(job, RunOptions(out=tmp_path, progress=False, log=lines.append))
     assert any(l.startswith("plan: CS 1 round(s) x 1 epochs") for l in lines)
+    # the folder is named with the plan, before any training, so that its metrics.csv can be followed
+    plan = next(i for i, l in enumerate(lines) if l.startswith("plan: "))
+    named = lines.index(f"this search's folder: {results['run_dir']}")
+    assert plan < named < next(i for i, l in enumerate(lines) if "epoch 1/" in l)
     assert any("cannot anneal the temperature" in l for l in lines)
 
 

@@ -89,6 +89,9 @@ def run_cs(job: CSJob, options: RunOptions) -> dict[str, Any]:
     k = _check_rewind_fits(job, ipe)
 
     _log_plan(job, options, ipe, k)
+    # Said now, so that a user can follow the run's metrics.csv; the folder itself is made when the search
+    # starts (after the dense reference, when there is one).
+    log_line(options, f"this search's folder: {folder}")
 
     dense = None
     if job.dense_reference:
