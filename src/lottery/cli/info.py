@@ -37,13 +37,15 @@ def _as_flags(values: dict) -> str:
     """Settings written as the command-line flags that set them (None: left to the built-in default)."""
     import shlex
 
+    from lottery.cli.common import _flag
+
     out = []
     for key, value in values.items():
-        flag = "--" + key.replace("_", "-")
+        flag = _flag(key)
         if value is None or value == ():
             continue
         if isinstance(value, bool):
-            out.append(flag if value else "--no-" + key.replace("_", "-"))
+            out.append(flag if value else "--no-" + flag[2:])
         elif isinstance(value, (tuple, list)):
             out.append(f"{flag} {shlex.quote(','.join(map(str, value)))}")
         else:
