@@ -65,6 +65,70 @@ def test_soft_mask_forward_backward_match_cpu():
         torch.testing.assert_close(p.grad.cpu(), grads_cpu[n], rtol=1e-3, atol=1e-6)
 
 
+def test_training_killed_on_cuda_resumes_on_cuda(tmp_path):
+    """A resumed GPU run steps with momentum loaded from its checkpoint: it must sit on the GPU too (it once
+    stayed on the CPU and every resumed GPU run failed at its first step), and the run ends where an
+    uninterrupted one does (to float tolerance: GPU kernels need not be bit-for-bit deterministic)."""
+    from conftest import TensorBatches, blobs, tiny_mlp
+    from lottery.engine import Callback, Trainer
+
+    class Crash(Callback):
+        def on_step_end(self, trainer):
+            if trainer.iteration == 12:
+                raise KeyboardInterrupt("simulated kill")
+
+    x, y = blobs()
+    hp = TrainingHparams(training_steps="3ep", batch_size=32, lr=0.1, momentum=0.9)
+
+    def run(path, callbacks=()):
+        model = tiny_mlp()
+        trainer = Trainer(model, TensorBatches(x, y, 32, seed=0), hp, device="cuda", checkpoint_path=path,
+                          callbacks=list(callbacks), progress=False, log=lambda m: None)
+        trainer.fit()
+        return model, trainer
+
+    reference, _ = run(None)
+    path = tmp_path / "ckpt.safetensors"
+    with pytest.raises(KeyboardInterrupt):
+        run(path, [Crash()])
+    resumed, trainer = run(path)
+    optimizer = trainer.optimizers[0]
+    for p in optimizer.param_groups[0]["params"]:
+        assert optimizer.state[p]["momentum_buffer"].device == p.device
+    for k, v in reference.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[k], v, rtol=1e-4, atol=1e-5)
+
+
+def test_cs_search_killed_on_cuda_resumes_on_cuda(tmp_path, monkeypatch):
+    """The same for a CS search, whose mask logits have an optimizer of their own (the CS callback's)."""
+    import lottery.pipelines.cs as cs_pipe
+    from lottery.engine import Callback
+
+    class Crash(Callback):
+        def on_step_end(self, trainer):
+            if trainer.iteration == 11:  # mid epoch 1 of round 0 (8 iterations an epoch), after a checkpoint
+                raise KeyboardInterrupt("simulated kill")
+
+    original = cs_pipe.search_round_callbacks
+    crashed: list[bool] = []
+
+    def crashing(hp, round_index, *args):
+        callbacks = original(hp, round_index, *args)
+        if round_index == 0 and not crashed:
+            crashed.append(True)
+            callbacks.append(Crash())
+        return callbacks
+
+    monkeypatch.setattr(cs_pipe, "search_round_callbacks", crashing)
+    cs = CSHparams(s0=0.0, lam=5e-6, beta_final=50.0, rounds=2, round_steps="2ep", rewind="1ep")
+    job = CSJob(DATA, MODEL, TRAIN, cs, dense_reference=False)
+    with pytest.raises(KeyboardInterrupt):
+        run_cs(job, _options(tmp_path, "cuda"))
+    assert crashed == [True]
+    res = run_cs(job, _options(tmp_path, "cuda"))
+    assert 0.0 < res["density"] < 1.0
+
+
 def test_cs_search_on_cuda_writes_a_ticket_that_loads_on_cpu(tmp_path):
     cs = CSHparams(s0=0.0, lam=5e-6, beta_final=50.0, rounds=2, round_steps="2ep", rewind="1ep")
     res = run_cs(CSJob(DATA, MODEL, TRAIN, cs, dense_reference=False), _options(tmp_path, "cuda"))

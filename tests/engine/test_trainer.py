@@ -62,6 +62,32 @@ def test_resume_is_bit_for_bit(tiny_data, tmp_path, crash_at):
     assert trainer.history[-1]["test_accuracy"] == ref_trainer.history[-1]["test_accuracy"]
 
 
+def test_resume_moves_the_model_to_its_device_before_loading_optimizer_state(tiny_data, tmp_path, monkeypatch):
+    """torch puts loaded optimizer state (momentum) on the device its parameter is on at load time; loaded
+    before the model moved to the GPU, it stayed on the CPU and the first step of a resumed GPU run failed
+    ("Expected all tensors to be on the same device"; seen on an H200). A CPU-only machine cannot show the
+    failure itself (tests/test_cuda.py does on a GPU), so this pins the order that prevents it."""
+    path = tmp_path / "ckpt.safetensors"
+    with pytest.raises(KeyboardInterrupt):
+        _run(tiny_data, path, callbacks=[Crash(10)])
+    events: list[str] = []
+    real_load = torch.optim.SGD.load_state_dict
+
+    def recording_load(self, state):
+        events.append("optimizer state loaded")
+        return real_load(self, state)
+
+    monkeypatch.setattr(torch.optim.SGD, "load_state_dict", recording_load)
+    train, test = tiny_data
+    model = tiny_mlp()
+    real_to = model.to
+    model.to = lambda *a, **k: (events.append("model moved"), real_to(*a, **k))[1]
+    Trainer(model, train, HP, eval_loaders={"test": test}, checkpoint_path=path, progress=False,
+            log=lambda m: None).fit()
+    assert "optimizer state loaded" in events and "model moved" in events
+    assert events.index("model moved") < events.index("optimizer state loaded")
+
+
 def test_start_mid_run_uses_schedule_from_there(tiny_data):
     train, _ = tiny_data
     seen = []

@@ -124,8 +124,11 @@ class Trainer:
 
     def fit(self) -> list[dict[str, Any]]:
         """Train to the end (resuming from the checkpoint when there is one); return metrics rows."""
-        self._maybe_resume()
+        # The model goes to its device before a checkpoint is loaded: torch puts optimizer state (momentum)
+        # next to each parameter as it loads, so loading first would leave it on the CPU beside weights
+        # on the GPU, and the first step after a resume would fail.
         self.model.to(self.device)
+        self._maybe_resume()
         self._channels_last = use_channels_last(self.model, self.device)
         if self._channels_last:
             self.model.to(memory_format=torch.channels_last)
