@@ -5,26 +5,19 @@ written after a day of training."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
+from benchmark_module import benchmark_module
 from lottery.presets import get_preset
-
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("resnet_fashion_under_test", BENCHMARKS / "resnet_fashion.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    with benchmark_module("resnet_fashion.py") as module:
+        yield module
 
 
 def _stability_run(out: Path, seed: int, instability: dict[str, float], points=("0it", "100it", "1ep"),

@@ -3,24 +3,17 @@ GPU-only graph mode is left out there, and a mistyped mode is refused (RESULTS.m
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+from benchmark_module import benchmark_module
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("resnet_gpu_step_under_test", BENCHMARKS / "resnet_gpu_step.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    with benchmark_module("resnet_gpu_step.py") as module:
+        yield module
 
 
 def test_each_mode_is_timed_and_graph_is_left_out_on_cpu(bench, tmp_path, capsys):
