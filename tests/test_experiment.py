@@ -69,6 +69,19 @@ def test_folder_with_other_hparams_is_refused(tmp_path):
         prepare_run_folder(tmp_path / "run", {"kind": "train", "training": {"lr": 0.2}})
 
 
+def test_folder_written_before_a_new_field_existed_is_still_reused(tmp_path):
+    """A field added later is missing from an older folder's hparams.json: at None (not used) it matches;
+    set to anything else, or a field the folder has and this run does not, it does not."""
+    _create(tmp_path / "run", {"kind": "stability", "stability": {"mask": None, "points": 30}})
+    prepare_run_folder(tmp_path / "run", {"kind": "stability", "stability": {"mask": None, "points": 30,
+                                                                             "start_state": None}})
+    with pytest.raises(ConfigError, match=r"stability.start_state: '<missing>' there, 'a.safetensors' now"):
+        prepare_run_folder(tmp_path / "run", {"kind": "stability", "stability": {"mask": None, "points": 30,
+                                                                                 "start_state": "a.safetensors"}})
+    with pytest.raises(ConfigError, match=r"stability.mask: None there, '<missing>' now"):
+        prepare_run_folder(tmp_path / "run", {"kind": "stability", "stability": {"points": 30}})
+
+
 def test_second_process_on_same_folder_gets_a_clear_error(tmp_path):
     import multiprocessing as mp
 

@@ -178,7 +178,7 @@ def prepare_run_folder(path: Path, description: dict[str, Any]) -> Path:
         except (ValueError, OSError) as e:  # damaged outside lottery: its own writes are atomic
             raise ConfigError(f"{hp_file} is unreadable ({e}); it cannot tell which run this folder holds: "
                               "choose another --out or delete that folder") from None
-        if existing != description:
+        if not _same_description(existing, description):
             diffs = _dict_diff(existing, description)
             raise ConfigError(
                 f"{path} holds a run with other hparams ({'; '.join(diffs[:8])}), written by {_written_by(path)}; "
@@ -242,6 +242,17 @@ def check_run_model_known(folder: Path, description: dict[str, Any]) -> None:
             raise UnknownNameError(f"the model {name!r} of {folder} is not registered; that run was made with "
                                    f"{flags}: give the same flag(s) here") from None
         raise e from None
+
+
+def _same_description(existing: Any, description: Any) -> bool:
+    """Whether a folder's hparams.json describes this run. A field added to lottery after the folder was
+    written is missing from its file; it still matches when its value here is None (such a field's "not used"
+    setting, which leaves the run as it was), so runs of older versions are still found and resumed."""
+    if isinstance(existing, dict) and isinstance(description, dict):
+        if set(existing) - set(description):
+            return False
+        return all(_same_description(existing[k], v) if k in existing else v is None for k, v in description.items())
+    return existing == description
 
 
 def _dict_diff(a: Any, b: Any, prefix: str = "") -> list[str]:

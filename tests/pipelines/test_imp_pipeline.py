@@ -412,6 +412,50 @@ def test_stability_reuses_a_sibling_runs_dense_network(imp_run, tmp_path):
     assert "dense" in log3
 
 
+def test_stability_of_a_ticket_starts_from_the_state_it_is_given(imp_run, tmp_path):
+    """``start_state``: the copies start from that state times the mask (a ticket's own rewind weights), not
+    from the dense network's state at k; the file is named in results.json."""
+    from lottery.io import save_tensors
+
+    _, source, _, _ = imp_run
+    mask_path = source / "level_1" / "mask.safetensors"
+    mask = Mask.load(mask_path)
+    own = {k: (v * 0.5 if v.is_floating_point() else v) for k, v in load_tensors(source / "rewind.safetensors").items()}
+    save_tensors(tmp_path / "own.safetensors", own)  # surely not the dense run's state at 3 iterations
+    hp = StabilityHparams(rewind_points=("3it",), points=4, mask=str(mask_path),
+                          start_state=str(tmp_path / "own.safetensors"))
+    log = {}
+    results = run_stability(StabilityJob(DATA, ModelHparams(model=MODEL), TRAIN, hp, seed=0),
+                            _options(tmp_path / "out"), callbacks=recorder(log))
+    for i in range(2):
+        start = log[f"k_3it_copy_{i}"]
+        assert start["iteration"] == 3
+        _assert_state_equal(start["state"], own, mask)
+    assert results["start_state"] == str(tmp_path / "own.safetensors")
+    assert results["rows"][0]["density"] == mask.density()
+
+
+def test_stability_start_state_refuses_bad_input_before_training(imp_run, tmp_path):
+    from lottery.errors import ConfigError
+    from lottery.io import save_tensors
+
+    _, source, _, _ = imp_run
+    with pytest.raises(ConfigError, match="one rewind point"):
+        StabilityHparams(rewind_points=("0it", "3it"), start_state=str(source / "rewind.safetensors"))
+    job = lambda path: StabilityJob(DATA, ModelHparams(model=MODEL), TRAIN,  # noqa: E731
+                                    StabilityHparams(rewind_points=("3it",), points=4, start_state=str(path)), seed=0)
+    log = {}
+    with pytest.raises(ConfigError, match="does not exist"):
+        run_stability(job(tmp_path / "missing.safetensors"), _options(tmp_path / "a"), callbacks=recorder(log))
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ConfigError, match="not a readable safetensors file"):
+        run_stability(job(tmp_path / "junk.safetensors"), _options(tmp_path / "b"), callbacks=recorder(log))
+    save_tensors(tmp_path / "other.safetensors", {"some.weight": torch.zeros(3, 3)})
+    with pytest.raises(ConfigError, match="does not fit the model"):
+        run_stability(job(tmp_path / "other.safetensors"), _options(tmp_path / "c"), callbacks=recorder(log))
+    assert log == {}  # nothing trained
+
+
 # -- the command line -------------------------------------------------------------------------------------
 def _parser():
     from lottery import cli

@@ -43,6 +43,10 @@ class StabilityHparams(Hparams):
     points: int = 30  # evaluations on the line, the two end points included
     copy_seeds: tuple[int, ...] = (1, 2)  # data-order seeds of the two copies
     mask: str | None = None  # a mask.safetensors: the copies are that sparse network, from the state at k
+    # The state the copies start from, instead of the dense network's at k. Why: a ticket is its mask *and*
+    # its rewind weights, and those are its own run's (a CS ticket's come from the search's first round,
+    # trained under the soft mask; an IMP-R ticket's from its level 0), not this run's dense network's.
+    start_state: str | None = None
 
     _prefix = "stability"
     _help = {
@@ -50,6 +54,9 @@ class StabilityHparams(Hparams):
         "points": "evenly spaced points on the line between the copies (end points included)",
         "copy_seeds": "the two copies' data-order seeds",
         "mask": "mask file (e.g. RUN/level_5/mask.safetensors): analyse that sparse network",
+        "start_state": "state file the two copies start from (times the mask) instead of the dense network's "
+                       "state at k, e.g. a ticket's own RUN/rewind.safetensors; needs exactly one rewind point, "
+                       "the one that state was saved at",
     }
 
     def __post_init__(self) -> None:
@@ -63,6 +70,10 @@ class StabilityHparams(Hparams):
             raise ConfigError(f"StabilityHparams.points must be an integer >= 2, got {self.points!r}")
         if len(self.copy_seeds) != 2 or self.copy_seeds[0] == self.copy_seeds[1]:
             raise ConfigError(f"StabilityHparams.copy_seeds must be two different seeds, got {self.copy_seeds}")
+        if self.start_state is not None and len(self.rewind_points) != 1:
+            raise ConfigError(f"StabilityHparams.start_state is the state at one rewind point, but "
+                              f"{len(self.rewind_points)} are given ({','.join(self.rewind_points)}); give only "
+                              "the one it was saved at (--rewind-points)")
 
 
 def interpolate_states(

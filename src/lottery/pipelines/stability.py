@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 
 from lottery.engine import Callback
-from lottery.errors import CheckpointError
+from lottery.errors import CheckpointError, ConfigError
 from lottery.experiment import write_results, RunOptions, copy_finished_files, describe_run, folder_lock, log_line, reuse_finished, run_folder_name, write_metrics_csv
 from lottery.hparams import DataHparams, ModelHparams, TrainingHparams
 from lottery.io import load_tensors, read_json, save_tensors, write_json
@@ -75,6 +75,7 @@ def run_stability(job: StabilityJob, options: RunOptions, *, callbacks: StageCal
             mask = Mask.load(hp.mask)
             mask.validate(ctx.build())
             names = list(mask)
+        own_start = _load_start_state(hp.start_state, ctx.build()) if hp.start_state is not None else None
         ks = [(spec, ctx.step(spec)) for spec in hp.rewind_points]
         for spec, k in ks:
             ctx.check_before_end(k, "StabilityHparams.rewind_points: the rewind point")
@@ -100,9 +101,12 @@ def run_stability(job: StabilityJob, options: RunOptions, *, callbacks: StageCal
                 rows.append(read_json(result_path))
                 continue
             snap_path = ddir / f"rewind_{k.iteration}it.safetensors"
-            if not snap_path.exists():
+            if own_start is not None:
+                start = own_start
+            elif not snap_path.exists():
                 raise CheckpointError(f"{snap_path} is missing; delete {ddir} to train the dense network again")
-            start = load_tensors(snap_path)
+            else:
+                start = load_tensors(snap_path)
             if mask is not None:
                 start = _masked_state(start, mask)
             finals = []
@@ -138,6 +142,7 @@ def run_stability(job: StabilityJob, options: RunOptions, *, callbacks: StageCal
         results = {
             "kind": job.kind, "model": job.model.model, "dataset": job.data.dataset, "seed": job.seed,
             "mask": hp.mask, "mask_density": mask.density() if mask is not None else 1.0, "points": hp.points,
+            "start_state": hp.start_state,
             "dense_test_accuracy": (dense.get("last") or {}).get("test_accuracy"), "rows": rows,
             "stable_below": 0.02, "run_dir": str(folder),
         }
@@ -145,6 +150,23 @@ def run_stability(job: StabilityJob, options: RunOptions, *, callbacks: StageCal
         write_metrics_csv(folder / "metrics.csv", ctx.rows)
     log_line(options, f"\nstability: {folder}\n" + format_table(table_rows, STABILITY_COLUMNS))
     return results
+
+
+def _load_start_state(path: str, model) -> dict[str, Any]:
+    """``StabilityHparams.start_state`` read and checked against the model before any training."""
+    if not Path(path).is_file():
+        raise ConfigError(f"StabilityHparams.start_state {path} does not exist; give a state file such as a "
+                          "run's rewind.safetensors")
+    try:
+        state = load_tensors(path)
+    except CheckpointError:
+        raise ConfigError(f"StabilityHparams.start_state {path} is not a readable safetensors file; give a state "
+                          "file such as a run's rewind.safetensors") from None
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ConfigError(f"StabilityHparams.start_state {path} does not fit the model: {e}") from None
+    return state
 
 
 def _reuse_sibling_dense(folder: Path, desc: dict[str, Any], iterations: Sequence[int],
