@@ -16,8 +16,11 @@ with this preset, and ``lottery search cs``, so their run folders are the same a
 4. IMP-R and IMP-C rewinding to k; random pruning and random re-initialisation of IMP-R's levels 4, 8, 12;
 5. CS tickets (rewinding to the same k) at IMP's densities 0.4096, 0.1678, 0.0859, 0.0687 and at half
    just under half of the sparsest, 0.0343 (CS's own sparsest setting: where claim (c) needs it to match);
-6. instability of the IMP-R and CS tickets at about 17 % (k = 0 and k) and 7 % (k), each starting from
-   its seed's dense instability run's dense network (k and 0 are among its points, so nothing is retrained);
+6. instability of the IMP-R and CS tickets at about 17 % (k = 0 and k) and 7 % (k). At k the copies start
+   from the ticket's own rewind weights (``--start-state``: the CS search's first round at k, IMP-R's level
+   0 at k), as the ticket retrains; at k = 0 from the initial weights, which are the seed's whatever the
+   run. The first runs (until 2026-12-04) started every ticket from its seed's dense instability run's
+   network at k instead; the CS ones are kept as a control (the CS mask on other weights);
 7. CS with the paper's mask recipe (``--mask-optimizer sgd --temperature-schedule epoch --beta-final 200``,
    docs/cs.md) at 0.0687, 0.0859, 0.1678 and 0.0343: the check of whether lottery's default recipe for the
    mask (Adam logits) is what costs CS accuracy here. Its run folders go to a folder of their own (the
@@ -112,14 +115,16 @@ def imp_job(variant: str, rewind: str, levels: int, seed: int, out: str, recipe:
     return run_imp(IMPJob(*recipe.hparams(), hp, seed=seed), recipe.options(out))
 
 
-def stability_job(seed: int, out: str, points: tuple, recipe: Recipe = DEFAULT, mask: str | None = None) -> dict:
-    """Instability against k of the dense network (``mask`` None) or of a ticket (its mask file), with the
-    copy seeds of benchmarks/imp_lenet_fashion.py and benchmarks/stability_tickets.py (so the folders are
-    theirs)."""
+def stability_job(seed: int, out: str, points: tuple, recipe: Recipe = DEFAULT, mask: str | None = None,
+                  start_state: str | None = None) -> dict:
+    """Instability against k of the dense network (``mask`` None) or of a ticket (its mask file, and its
+    own rewind state at the one point k when ``start_state`` is given), with the copy seeds of
+    benchmarks/imp_lenet_fashion.py and benchmarks/stability_tickets.py (so the folders are theirs)."""
     from lottery.methods.stability import StabilityHparams
     from lottery.pipelines.imp import StabilityJob, run_stability
 
-    hp = StabilityHparams(rewind_points=tuple(points), copy_seeds=(101 + seed, 201 + seed), mask=mask)
+    hp = StabilityHparams(rewind_points=tuple(points), copy_seeds=(101 + seed, 201 + seed), mask=mask,
+                          start_state=start_state)
     return run_stability(StabilityJob(*recipe.hparams(), hp, seed=seed), recipe.options(out))
 
 
@@ -178,12 +183,21 @@ def control_job(control: str, source: str, level: int, out: str, recipe: Recipe 
 
 
 def ticket_stability_job(seed: int, ticket: str, density: float, imp_level: int, rewind: str, points: tuple,
-                         out: str, recipe: Recipe = DEFAULT) -> dict:
+                         out: str, recipe: Recipe = DEFAULT, own_start: bool = False) -> dict:
+    """A ticket's instability at ``points``; ``own_start``: at the one point k (= ``rewind``) from the
+    ticket's own rewind state, its run folder's rewind.safetensors (a CS search's folder holds the mask
+    beside it, an IMP run's folder is the mask's level folder's parent)."""
     masks = ticket_bench.find_masks(Path(out), Path(out), seed, 0.0, imp_level, cs_density=density, imp_rewind=rewind,
                                     cs_rewind=rewind)
     if ticket not in masks:
         raise RuntimeError(f"no {ticket} mask of seed {seed} at density {density} / level {imp_level} in {out}")
-    return stability_job(seed, out, points, recipe, mask=str(masks[ticket]))
+    mask = masks[ticket]
+    start_state = None
+    if own_start:
+        if tuple(points) != (rewind,):
+            raise ValueError(f"a ticket's own rewind state is its state at k = {rewind} alone, not at {points}")
+        start_state = str((mask.parent if ticket == "CS" else mask.parent.parent) / "rewind.safetensors")
+    return stability_job(seed, out, points, recipe, mask=str(mask), start_state=start_state)
 
 
 @dataclass(frozen=True)
@@ -295,6 +309,10 @@ def pick_rewind(out: Path, seeds=SEEDS, points=STABILITY_POINTS, recipe: Recipe 
                   "pass --rewind K to go on with a k of your choice")
 
 
+#: where a ticket's instability copies start (report): its own rewind state, the initial weights (k = 0:
+#: the same for every run of the seed, so the ticket's own), or the dense instability run's state at k
+TICKET_STARTS = {"own": "its own rewind weights", "init": "the initial weights",
+                 "dense": "the dense run's weights at k (control)"}
 PARTS = ("stability", "imp0", "impr", "cs", "controls", "tickets", "impc", "cs_paper")
 
 
@@ -327,11 +345,21 @@ def plan(out: Path, seeds, rewind: str | None, levels: int = LEVELS, recipe: Rec
                         jobs.append(Job(f"{control} level {level} s{s}", 4, control_job,
                                         (control, source[0]["run_dir"], level, o, recipe), (impr,), part="controls"))
             for density, level, at_zero in TICKET_STABILITY:
-                kpoints = ("0it", rewind) if at_zero and rewind != "0it" else (rewind,)
+                needs = (impr, f"CS {density} s{s}", f"stability s{s}")
                 for ticket in ("IMP-R", "CS"):
-                    jobs.append(Job(f"instability {ticket} {density} s{s}", 5, ticket_stability_job,
-                                    (s, ticket, density, level, rewind, kpoints, o, recipe),
-                                    (impr, f"CS {density} s{s}", f"stability s{s}"), part="tickets"))
+                    # at k: from the ticket's own rewind state
+                    jobs.append(Job(f"instability {ticket} {density} own s{s}", 5, ticket_stability_job,
+                                    (s, ticket, density, level, rewind, (rewind,), o, recipe, True), needs,
+                                    part="tickets"))
+                # from the dense instability run's states: k = 0 (the initial weights, every run's of the seed)
+                # and, for CS, k as planned first (its own mask on the dense network's weights: a control;
+                # these runs' folders exist, so they keep their points)
+                if at_zero and rewind != "0it":
+                    jobs.append(Job(f"instability IMP-R {density} s{s}", 5, ticket_stability_job,
+                                    (s, "IMP-R", density, level, rewind, ("0it",), o, recipe), needs, part="tickets"))
+                cs_points = ("0it", rewind) if at_zero and rewind != "0it" else (rewind,)
+                jobs.append(Job(f"instability CS {density} s{s}", 5, ticket_stability_job,
+                                (s, "CS", density, level, rewind, cs_points, o, recipe), needs, part="tickets"))
     jobs = [j for j in jobs if j.part in parts]
     planned = {j.name for j in jobs}
     return [replace(j, needs=tuple(n for n in j.needs if n in planned)) for j in jobs]
@@ -464,7 +492,7 @@ def collect(out: Path, seeds, rewind: str | None, points: tuple[str, ...] = STAB
                     and source.startswith("search-imp_") and r.get("control_seed") == 1
                     and r.get("scope", "layerwise") == "layerwise" and same_recipe(out / source, recipe)):
                 add(f"{control.replace('-', ' ')} (IMP-R masks)", nominal(r["level"]), r)
-    tickets: dict[tuple[str, float, str], dict[int, float]] = {}
+    tickets: dict[tuple[str, float, str, str], dict[int, float]] = {}
     for folder, r in read_results(out, "stability_*/results.json"):
         if r.get("mask") is None or r.get("seed") not in seeds or not same_recipe(folder, recipe):
             continue
@@ -478,7 +506,9 @@ def collect(out: Path, seeds, rewind: str | None, points: tuple[str, ...] = STAB
             continue  # a ticket of another k (IMP at k = 0 included)
         name = "CS" if found["method"] == "cs" else "IMP-R"
         for row in r["rows"]:
-            tickets.setdefault((name, round(r["mask_density"], 4), row["rewind"]), {})[r["seed"]] = row["instability"]
+            start = ("own" if r.get("start_state") else "init" if row["rewind"] == "0it" else "dense")
+            tickets.setdefault((name, round(r["mask_density"], 4), row["rewind"], start), {})[r["seed"]] = \
+                row["instability"]
     return {"series": series, "dense_instability": dense_instability(out, seeds, points, recipe),
             "tickets": {key: [v[s] for s in sorted(v)] for key, v in tickets.items()}}
 
@@ -612,9 +642,11 @@ def report(out: Path, seeds, rewind: str | None, figure: Path | None, points: tu
         if values:
             print(f"| {k} | {_pm(values)} | {' / '.join(f'{100 * v:.2f}' for v in values)} |")
     if data["tickets"]:
-        print("\n| ticket | density | k | instability, points (mean ± std) | seeds |\n|---|---|---|---|---|")
-        for (name, d, k), values in sorted(data["tickets"].items()):
-            print(f"| {name} | {d:.4f} | {k} | {_pm(values)} | {len(values)} |")
+        print("\n| ticket | density | k | copies start from | instability, points (mean ± std) | per seed |\n"
+              "|---|---|---|---|---|---|")
+        for (name, d, k, start), values in sorted(data["tickets"].items()):
+            print(f"| {name} | {d:.4f} | {k} | {TICKET_STARTS[start]} | {_pm(values)} | "
+                  f"{' / '.join(f'{100 * v:.2f}' for v in values)} |")
 
     checks = cs_checks(out, seeds, rewind, recipe)
     if checks:

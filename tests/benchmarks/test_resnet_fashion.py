@@ -133,6 +133,35 @@ def test_parts_plan_a_subset_and_drop_waits_on_parts_left_out(bench, tmp_path):
     assert [j.name for j in bench.plan(tmp_path, (0, 1), None, parts=("stability",))] == ["stability s0", "stability s1"]
 
 
+def test_ticket_instability_at_k_starts_from_each_tickets_own_rewind_state(bench, tmp_path, monkeypatch):
+    """At k every ticket is analysed from its own rewind weights (a CS search's first round, IMP-R's level 0);
+    k = 0 from the dense run (the initial weights are the seed's); CS's first runs keep their points."""
+    jobs = {j.name: j for j in bench.plan(tmp_path, (0,), "1ep", parts=("tickets",))}
+    want = {  # name: (points, own start)
+        "instability IMP-R 0.1678 own s0": (("1ep",), True), "instability CS 0.1678 own s0": (("1ep",), True),
+        "instability IMP-R 0.0687 own s0": (("1ep",), True), "instability CS 0.0687 own s0": (("1ep",), True),
+        "instability IMP-R 0.1678 s0": (("0it",), False), "instability CS 0.1678 s0": (("0it", "1ep"), False),
+        "instability CS 0.0687 s0": (("1ep",), False),
+    }
+    assert set(jobs) == set(want)
+    for name, (points, own) in want.items():
+        args = jobs[name].args
+        assert args[5] == points and (args[8] if len(args) > 8 else False) == own, name
+
+    cs_folder, imp_folder = tmp_path / "search-cs_x", tmp_path / "search-imp_y"
+    masks = {"CS": cs_folder / "mask.safetensors", "IMP-R": imp_folder / "level_8" / "mask.safetensors"}
+    monkeypatch.setattr(bench.ticket_bench, "find_masks", lambda *a, **k: masks)
+    seen = []
+    monkeypatch.setattr(bench, "stability_job", lambda seed, out, points, recipe, mask, start_state: seen.append(
+        (mask, start_state)))
+    for ticket in ("CS", "IMP-R"):
+        bench.ticket_stability_job(0, ticket, 0.1678, 8, "1ep", ("1ep",), str(tmp_path), own_start=True)
+    assert seen == [(str(masks["CS"]), str(cs_folder / "rewind.safetensors")),
+                    (str(masks["IMP-R"]), str(imp_folder / "rewind.safetensors"))]
+    with pytest.raises(ValueError, match="alone"):
+        bench.ticket_stability_job(0, "CS", 0.1678, 8, "1ep", ("0it", "1ep"), str(tmp_path), own_start=True)
+
+
 def test_a_width_is_part_of_the_recipe_and_reaches_the_command_line(bench, tmp_path):
     import argparse
 
