@@ -7,7 +7,10 @@ so the GPU waits on Python and kernel launches. This script times one training s
 cross-entropy, backward, SGD with momentum and weight decay; batch already on the device, no data loading)
 in ways that cut that overhead, to see which would make the comparison fit:
 
-- ``eager``: what the trainer does now (NCHW, float32);
+- ``eager``: a plain step (NCHW, float32), what the trainer does on a GPU since it stopped reading the
+  loss back every step (Trainer.defer_loss_check);
+- ``sync``: the same with the loss read back every step (``bool(torch.isfinite(loss))``), as the trainer
+  did before (and still does on the CPU, where it costs nothing);
 - ``masked``: the same with IMP's hard masks attached (half the weights pruned), as a pruned level trains;
 - ``channels_last``: NHWC memory layout;
 - ``bf16``: bfloat16 autocast;
@@ -42,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import machine  # noqa: E402
 
 STEPS_PER_EPOCH = 430
-MODES = ("eager", "masked", "channels_last", "bf16", "graph")
+MODES = ("eager", "sync", "masked", "channels_last", "bf16", "graph")
 
 
 def _sync(device: str) -> None:
@@ -74,6 +77,8 @@ def _step_fn(mode: str, device: str, model, opt, x, y):
                 loss = F.cross_entropy(model(x), y)
         else:
             loss = F.cross_entropy(model(x), y)
+        if mode == "sync" and not torch.isfinite(loss):
+            raise FloatingPointError("the loss became inf or NaN")
         loss.backward()
         opt.step()
 

@@ -99,6 +99,28 @@ def test_training_killed_on_cuda_resumes_on_cuda(tmp_path):
         torch.testing.assert_close(resumed.state_dict()[k], v, rtol=1e-4, atol=1e-5)
 
 
+def test_a_non_finite_loss_on_cuda_is_caught_by_the_deferred_check(tmp_path):
+    """On a GPU the trainer does not read the loss back every step; a NaN is still caught, named by its
+    step, before the epoch's checkpoint."""
+    from conftest import TensorBatches, blobs, tiny_mlp
+    from lottery.engine import Callback, Trainer, load_checkpoint
+    from lottery.errors import NumericalError
+
+    class Poison(Callback):
+        def extra_loss(self, trainer):
+            return torch.tensor(float("nan"), device="cuda") if trainer.iteration == 10 else None
+
+    x, y = blobs()
+    hp = TrainingHparams(training_steps="3ep", batch_size=32, lr=0.1, momentum=0.9)
+    path = tmp_path / "c.safetensors"
+    trainer = Trainer(tiny_mlp(), TensorBatches(x, y, 32, seed=0), hp, device="cuda", checkpoint_path=path,
+                      callbacks=[Poison()], progress=False, log=lambda m: None)
+    assert trainer.defer_loss_check
+    with pytest.raises(NumericalError, match=r"step 1ep2it"):
+        trainer.fit()
+    assert load_checkpoint(path).info["iteration"] == 8
+
+
 def test_cs_search_killed_on_cuda_resumes_on_cuda(tmp_path, monkeypatch):
     """The same for a CS search, whose mask logits have an optimizer of their own (the CS callback's)."""
     import lottery.pipelines.cs as cs_pipe

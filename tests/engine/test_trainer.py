@@ -102,19 +102,30 @@ def test_start_mid_run_uses_schedule_from_there(tiny_data):
     assert seen[-1][0] == 31 and len(seen) == 13
 
 
-def test_nan_loss_stops_with_step_and_hint(tiny_data, tmp_path):
+@pytest.mark.parametrize("defer", [False, True])
+def test_nan_loss_stops_with_step_and_hint(tiny_data, tmp_path, defer):
+    """At once (the CPU's default) or deferred (a GPU's: no read-back every step), a non-finite loss stops the
+    run naming its first bad step, and no checkpoint holds what followed it."""
     train, _ = tiny_data
 
     class Poison(Callback):
         def extra_loss(self, trainer):
-            return torch.tensor(float("nan")) if trainer.iteration == 10 else None
+            return torch.tensor(float("nan")) if trainer.iteration in (10, 11) else None
 
     model = tiny_mlp()
     path = tmp_path / "c.safetensors"
-    trainer = Trainer(model, train, HP, callbacks=[Poison()], checkpoint_path=path, progress=False, log=lambda m: None)
+    trainer = Trainer(model, train, HP, callbacks=[Poison()], checkpoint_path=path, progress=False, log=lambda m: None,
+                      defer_loss_check=defer)
     with pytest.raises(NumericalError, match=r"step 1ep2it.*learning rate"):
         trainer.fit()
     assert load_checkpoint(path).info["iteration"] == 8  # the last good checkpoint is kept
+    assert trainer.iteration == (16 if defer else 10)  # deferred: noticed before the epoch's end is saved
+
+
+def test_loss_check_is_at_once_on_the_cpu_and_deferred_elsewhere(tiny_data):
+    train, _ = tiny_data
+    assert Trainer(tiny_mlp(), train, HP, progress=False).defer_loss_check is False
+    assert Trainer(tiny_mlp(), train, HP, progress=False, defer_loss_check=True).defer_loss_check is True
 
 
 def test_corrupt_checkpoint_is_a_clear_error(tiny_data, tmp_path):

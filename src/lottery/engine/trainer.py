@@ -72,6 +72,7 @@ class Trainer:
         progress: bool = True,
         desc: str = "train",
         log: Callable[[str], None] | None = None,
+        defer_loss_check: bool | None = None,
     ):
         self.model = model
         # Under torchrun, forward/backward go through DDP (gradient averaging); callbacks and
@@ -109,6 +110,14 @@ class Trainer:
         self._train_loss_count = 0
         self._input_checked = False
         self._channels_last = False
+        # Whether a non-finite loss is noticed at once (reading it back every step) or at the next check
+        # (every LOSS_CHECK_EVERY steps, before every evaluation and checkpoint). Reading a GPU value back
+        # makes the CPU wait for the GPU at every step, so launches can no longer run ahead of the kernels;
+        # on the CPU it costs nothing. None: at once on the CPU, deferred elsewhere. Deferred, the steps
+        # after the bad one still run (on NaN weights), but no checkpoint or evaluation sees them, and the
+        # error names the first bad step all the same.
+        self.defer_loss_check = self.device.type != "cpu" if defer_loss_check is None else bool(defer_loss_check)
+        self._first_bad_loss = torch.full((), -1, dtype=torch.long, device=self.device)
 
     # -- public ------------------------------------------------------------------------------------
     @property
@@ -152,6 +161,7 @@ class Trainer:
 
     def evaluate_now(self) -> dict[str, Any]:
         """Evaluate every eval split now and record one metrics row."""
+        self._raise_if_loss_was_non_finite()
         row: dict[str, Any] = {"step": self.iteration, "epoch": round(self.step.epochs, 4), "lr": self.lr()}
         if self._train_loss_count:
             row["train_loss"] = (self._train_loss_sum / self._train_loss_count).item()
@@ -191,6 +201,8 @@ class Trainer:
                 fault_step("train")
             if bar is not None:
                 bar.update(1)
+            if self.iteration % LOSS_CHECK_EVERY == 0:
+                self._raise_if_loss_was_non_finite()
             if self.iteration % self.eval_interval == 0 or self.iteration == self.end.iteration:
                 row = self.evaluate_now()
                 if self.iteration % self.iterations_per_epoch != 0 and self.iteration != self.end.iteration:
@@ -201,6 +213,7 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_epoch_end(self, epoch)
         self.wall_seconds = time.perf_counter() - t_start
+        self._raise_if_loss_was_non_finite()
         self._check_finite_weights()
         self._save()
 
@@ -261,7 +274,10 @@ class Trainer:
             if self._channels_last:
                 self._probe_channels_last(x)
         loss, task_loss = self._losses(x, y)
-        if not torch.isfinite(loss):
+        if self.defer_loss_check:
+            first = self._first_bad_loss
+            first.masked_fill_(~torch.isfinite(loss) & (first < 0), self.iteration)
+        elif not torch.isfinite(loss):
             raise self._non_finite(loss, task_loss)
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
@@ -285,6 +301,18 @@ class Trainer:
             if extra is not None:
                 loss = loss + extra
         return loss, task_loss
+
+    def _raise_if_loss_was_non_finite(self) -> None:
+        """The deferred loss check (``defer_loss_check``): one read-back for all the steps since the last."""
+        if not self.defer_loss_check:
+            return
+        first = int(self._first_bad_loss)
+        if first >= 0:
+            raise NumericalError(
+                f"the loss became inf or NaN at step {Step(first, self.iterations_per_epoch)} (iteration {first}); "
+                f"the last good checkpoint is kept. Try a smaller learning rate (now {self.lr():g})"
+                " or, for sparsity methods, a smaller penalty (lam)."
+            )
 
     def _non_finite(self, loss: torch.Tensor, task_loss: torch.Tensor) -> NumericalError:
         return NumericalError(
@@ -370,6 +398,8 @@ class Trainer:
 
 
 CHANNELS_LAST_ENV = "LOTTERY_CHANNELS_LAST"
+#: steps between two reads of the deferred loss check (Trainer.defer_loss_check)
+LOSS_CHECK_EVERY = 100
 
 
 def use_channels_last(model: nn.Module, device: torch.device) -> bool:
