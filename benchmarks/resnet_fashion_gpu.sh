@@ -12,7 +12,8 @@
 # After BUDGET seconds the driver and its workers are stopped (every run resumes from its last epoch),
 # and what finished comes back: the report, the figure, the driver's log (per-epoch seconds, to size
 # the next call) and the run folders without their weights (JSON, CSV and Markdown only: the weights of
-# 9 runs at full width are over the device tool's 64 MiB).
+# 9 runs at full width are over the device tool's 64 MiB), and a timing of one training step with and
+# without the per-step loss read-back (step.json). 8 files in all: the device tool's limit.
 #
 # From the repository root, here (the data travels with the call: no network there; as xz, 26 MB, because
 # as gzip it is 31 MB):
@@ -67,6 +68,12 @@ if ! timeout 120 "$PYTHON" -m lottery train --preset fashion_resnet20 --width "$
     --dataset synthetic --synthetic-shape 1,28,28 --synthetic-train-size 256 --synthetic-test-size 128 \
     --val-size 0 --training-steps 2it --no-progress --out "$(mktemp -d)" > "$RETURN/smoke.log" 2>&1; then
   echo "smoke run failed (no comparison run); its log:"; cat "$RETURN/smoke.log"; exit 1
+fi
+# How much the trainer's old per-step loss read-back cost (Trainer.defer_loss_check; RESULTS.md): about
+# 10 s, on the GPU only (on the CPU it is meaningless).
+if [ "$DEVICE" = cuda ]; then
+  timeout 90 "$PYTHON" benchmarks/resnet_gpu_step.py --device cuda --width "$WIDTH" --modes eager,sync \
+      --json "$RETURN/step.json" > "$RETURN/step.log" 2>&1 || echo "step timing failed (see step.log)" >> "$RETURN/step.log"
 fi
 # timeout signals the driver's whole process group, so its workers stop too; each resumes from its last epoch.
 # The log is opened for appending: processes that outlive the driver by a moment (multiprocessing's
