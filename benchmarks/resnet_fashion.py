@@ -444,6 +444,10 @@ def _pm(values: list[float]) -> str:
     return f"{100 * m:.2f} ± {100 * s:.2f}" if values else "-"
 
 
+def _per_seed(values: list[float]) -> str:
+    return " / ".join(f"{100 * v:.2f}" for v in values)
+
+
 def nominal(level: int, rate: float = 0.2) -> float:
     """An IMP level's nominal density, (1 - rate)^level: the row it shares with CS's target density (the
     exact density differs in the 4th digit, as the counts are rounded per layer)."""
@@ -640,13 +644,13 @@ def report(out: Path, seeds, rewind: str | None, figure: Path | None, points: tu
     print("| k | instability of the dense network, points (mean ± std) | per seed |\n|---|---|---|")
     for k, values in data["dense_instability"].items():
         if values:
-            print(f"| {k} | {_pm(values)} | {' / '.join(f'{100 * v:.2f}' for v in values)} |")
+            print(f"| {k} | {_pm(values)} | {_per_seed(values)} |")
     if data["tickets"]:
         print("\n| ticket | density | k | copies start from | instability, points (mean ± std) | per seed |\n"
               "|---|---|---|---|---|---|")
         for (name, d, k, start), values in sorted(data["tickets"].items()):
             print(f"| {name} | {d:.4f} | {k} | {TICKET_STARTS[start]} | {_pm(values)} | "
-                  f"{' / '.join(f'{100 * v:.2f}' for v in values)} |")
+                  f"{_per_seed(values)} |")
 
     checks = cs_checks(out, seeds, rewind, recipe)
     if checks:

@@ -100,12 +100,12 @@ def run_stability(job: StabilityJob, options: RunOptions, *, callbacks: StageCal
                     ctx.load_stage(kdir, f"copy_{i}")
                 rows.append(read_json(result_path))
                 continue
-            snap_path = ddir / f"rewind_{k.iteration}it.safetensors"
             if own_start is not None:
                 start = own_start
-            elif not snap_path.exists():
-                raise CheckpointError(f"{snap_path} is missing; delete {ddir} to train the dense network again")
             else:
+                snap_path = ddir / f"rewind_{k.iteration}it.safetensors"
+                if not snap_path.exists():
+                    raise CheckpointError(f"{snap_path} is missing; delete {ddir} to train the dense network again")
                 start = load_tensors(snap_path)
             if mask is not None:
                 start = _masked_state(start, mask)
