@@ -217,7 +217,10 @@ def check_files_whole(root: Path, context: str = "") -> dict[str, int]:
     from safetensors.torch import load_file
 
     counts = {"json": 0, "safetensors": 0, "csv": 0, "png": 0, "tmp": 0, "other": 0}
-    for path in sorted(Path(root).rglob("*")):
+    # os.walk, not rglob: processes of the killed run may still be ending (a Ray task outlives its driver
+    # for a moment) and remove a folder they had just made; a folder or file that is gone is not broken.
+    paths = sorted(Path(d) / f for d, _, files in os.walk(root) for f in files)
+    for path in paths:
         if not path.is_file():
             continue
         if is_temp(path):
@@ -240,6 +243,8 @@ def check_files_whole(root: Path, context: str = "") -> dict[str, int]:
             else:
                 kind = "other"
         except Exception as e:  # noqa: BLE001
+            if not path.exists():
+                continue  # removed while being read (see above)
             raise AssertionError(f"{path} is not whole after a kill: {type(e).__name__}: {e}\n{context}") from None
         counts[kind] += 1
     return counts
