@@ -14,7 +14,7 @@ with this preset, and ``lottery search cs``, so their run folders are the same a
    line of Frankle et al.; chosen once it and the points before it are in for every seed), or
    ``--rewind``; written to rewind_choice.json;
 4. IMP-R and IMP-C rewinding to k; random pruning and random re-initialisation of IMP-R's levels 4, 8, 12;
-5. CS tickets (rewinding to the same k) at IMP's densities 0.4096, 0.1678, 0.0859, 0.0687 and at half
+5. CS tickets (rewinding to the same k) at IMP's densities 0.4096, 0.1678, 0.0859, 0.0687 and at
    just under half of the sparsest, 0.0343 (CS's own sparsest setting: where claim (c) needs it to match);
 6. instability of the IMP-R and CS tickets at about 17 % (k = 0 and k) and 7 % (k). At k the copies start
    from the ticket's own rewind weights (``--start-state``: the CS search's first round at k, IMP-R's level
