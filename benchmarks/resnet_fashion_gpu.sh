@@ -69,11 +69,17 @@ if ! timeout 120 "$PYTHON" -m lottery train --preset fashion_resnet20 --width "$
     --val-size 0 --training-steps 2it --no-progress --out "$(mktemp -d)" > "$RETURN/smoke.log" 2>&1; then
   echo "smoke run failed (no comparison run); its log:"; cat "$RETURN/smoke.log"; exit 1
 fi
-# How much the trainer's old per-step loss read-back cost (Trainer.defer_loss_check; RESULTS.md): about
-# 10 s, on the GPU only (on the CPU it is meaningless).
+# How much the trainer's old per-step loss read-back cost (Trainer.defer_loss_check; RESULTS.md), and
+# how fast the seeds train as one stack (grouped convolutions: one launch per layer for 3 or 9 networks,
+# where 9 processes each launch their own; plain and as a CUDA graph): about 30 s, on the GPU only (on the
+# CPU it is meaningless). The stack of 9 adds its lines to step.log (the files that come back are at the
+# tool's limit).
 if [ "$DEVICE" = cuda ]; then
-  timeout 90 "$PYTHON" benchmarks/resnet_gpu_step.py --device cuda --width "$WIDTH" --modes eager,sync \
+  timeout 120 "$PYTHON" benchmarks/resnet_gpu_step.py --device cuda --width "$WIDTH" \
+      --modes eager,sync,stacked,stacked_graph --stack 3 \
       --json "$RETURN/step.json" > "$RETURN/step.log" 2>&1 || echo "step timing failed (see step.log)" >> "$RETURN/step.log"
+  timeout 90 "$PYTHON" benchmarks/resnet_gpu_step.py --device cuda --width "$WIDTH" --modes stacked,stacked_graph \
+      --stack 9 >> "$RETURN/step.log" 2>&1 || echo "stack-9 timing failed" >> "$RETURN/step.log"
 fi
 # timeout signals the driver's whole process group, so its workers stop too; each resumes from its last epoch.
 # The log is opened for appending: processes that outlive the driver by a moment (multiprocessing's

@@ -15,12 +15,17 @@ in ways that cut that overhead, to see which would make the comparison fit:
 - ``channels_last``: NHWC memory layout;
 - ``bf16``: bfloat16 autocast;
 - ``graph``: the whole step captured once as a CUDA graph and replayed (GPU only);
+- ``stacked``: ``--stack K`` networks (seeds 0..K-1) as one stacked network (lottery.engine.stacking:
+  grouped convolutions, each member its own weights and BatchNorm statistics), one step trains all K, as
+  ``lottery sweep --stack`` and the stacked IMP replicates do; its epochs a second count member epochs
+  (K per stacked epoch), so they compare with P processes' total;
+- ``stacked_graph``: ``stacked`` captured as one CUDA graph (GPU only);
 - ``--processes P``: P copies of ``eager`` at once, to see how processes share the GPU.
 
 Each mode: ``--warmup`` steps, then ``--repeats`` timings of ``--steps`` steps, medians; milliseconds a step
 and the epochs a second they mean (430 steps an epoch: 55,000 training images, batch 128).
 
-    PYTHONPATH=src python benchmarks/resnet_gpu_step.py --device cuda [--processes 1,4,9] [--json OUT]
+    PYTHONPATH=src python benchmarks/resnet_gpu_step.py --device cuda [--processes 1,4,9] [--stack 3] [--json OUT]
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from lottery.engine.stacking import fused, stack, stacked_cross_entropy
 from lottery.masking import attach_hard_mask
 from lottery.models import build_model
 from lottery.parameters import prunable_weights
@@ -45,7 +51,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import machine  # noqa: E402
 
 STEPS_PER_EPOCH = 430
-MODES = ("eager", "sync", "masked", "channels_last", "bf16", "graph")
+MODES = ("eager", "sync", "masked", "channels_last", "bf16", "graph", "stacked", "stacked_graph")
+GPU_ONLY = ("graph", "stacked_graph")
 
 
 def _sync(device: str) -> None:
@@ -53,9 +60,16 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _setup(mode: str, device: str, batch: int, width: float):
-    torch.manual_seed(0)
-    model = build_model("resnet20", input_shape=(1, 28, 28), num_classes=10, width=width)
+def _resnet(seed: int, width: float):
+    torch.manual_seed(seed)
+    return build_model("resnet20", input_shape=(1, 28, 28), num_classes=10, width=width)
+
+
+def _setup(mode: str, device: str, batch: int, width: float, k: int = 1):
+    if mode.startswith("stacked"):
+        model = stack([_resnet(seed, width) for seed in range(k)])
+    else:
+        model = _resnet(0, width)
     if mode == "masked":
         g = torch.Generator().manual_seed(0)
         attach_hard_mask(model, {n: torch.rand(p.shape, generator=g) < 0.5 for n, p in prunable_weights(model).items()})
@@ -66,7 +80,17 @@ def _setup(mode: str, device: str, batch: int, width: float):
         model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    if mode == "stacked":
+        opt = fused(opt)  # what the stacked trainer steps with (one pass over the K-times larger parameters)
     return model, opt, x, y
+
+
+def _loss(mode: str, model, x, y):
+    """The step's loss; a stack's is the sum of its members' mean cross-entropies (each member's gradient is
+    its own run's)."""
+    if mode.startswith("stacked"):
+        return stacked_cross_entropy(model(x), y).sum()
+    return F.cross_entropy(model(x), y)
 
 
 def _step_fn(mode: str, device: str, model, opt, x, y):
@@ -74,15 +98,15 @@ def _step_fn(mode: str, device: str, model, opt, x, y):
         opt.zero_grad(set_to_none=True)
         if mode == "bf16":
             with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16):
-                loss = F.cross_entropy(model(x), y)
+                loss = _loss(mode, model, x, y)
         else:
-            loss = F.cross_entropy(model(x), y)
+            loss = _loss(mode, model, x, y)
         if mode == "sync" and not torch.isfinite(loss):
             raise FloatingPointError("the loss became inf or NaN")
         loss.backward()
         opt.step()
 
-    if mode != "graph":
+    if mode not in GPU_ONLY:
         return step
     # Whole-step capture: warm up on a side stream (creates the momentum buffers and picks the kernels),
     # then record one step; replaying it runs every kernel with one launch from Python.
@@ -95,14 +119,16 @@ def _step_fn(mode: str, device: str, model, opt, x, y):
     graph = torch.cuda.CUDAGraph()
     opt.zero_grad(set_to_none=True)
     with torch.cuda.graph(graph):
-        loss = F.cross_entropy(model(x), y)
+        loss = _loss(mode, model, x, y)
         loss.backward()
         opt.step()
     return graph.replay
 
 
-def time_mode(mode: str, device: str, batch: int, width: float, steps: int, repeats: int, warmup: int) -> dict:
-    model, opt, x, y = _setup(mode, device, batch, width)
+def time_mode(mode: str, device: str, batch: int, width: float, steps: int, repeats: int, warmup: int,
+              k: int = 1) -> dict:
+    k = k if mode.startswith("stacked") else 1
+    model, opt, x, y = _setup(mode, device, batch, width, k)
     step = _step_fn(mode, device, model, opt, x, y)
     for _ in range(warmup):
         step()
@@ -116,7 +142,8 @@ def time_mode(mode: str, device: str, batch: int, width: float, steps: int, repe
         times.append((time.perf_counter() - t0) / steps)
     ms = 1000 * statistics.median(times)
     finite = all(torch.isfinite(p).all() for p in model.parameters())
-    return {"mode": mode, "ms_per_step": round(ms, 3), "epochs_per_s": round(1000 / ms / STEPS_PER_EPOCH, 3),
+    return {"mode": mode, "networks": k, "ms_per_step": round(ms, 3),
+            "epochs_per_s": round(k * 1000 / ms / STEPS_PER_EPOCH, 3),
             "repeats_ms": [round(1000 * t, 3) for t in times], "finite_after": bool(finite)}
 
 
@@ -125,6 +152,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--processes", default="1", help="comma list: P copies of eager at once (1: none)")
+    ap.add_argument("--stack", type=int, default=3, help="networks in the stacked modes' stack (default 3: one per seed)")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--width", type=float, default=1.0)
     ap.add_argument("--steps", type=int, default=100)
@@ -133,14 +161,16 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--one-line", action="store_true", help=argparse.SUPPRESS)  # a child of --processes
     a = ap.parse_args(argv)
+    if a.stack < 1:
+        ap.error(f"--stack must be at least 1, got {a.stack}")
     torch.backends.cudnn.benchmark = True
     rows = []
     for mode in [m for m in a.modes.split(",") if m]:
         if mode not in MODES:
             ap.error(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
-        if mode == "graph" and not a.device.startswith("cuda"):
+        if mode in GPU_ONLY and not a.device.startswith("cuda"):
             continue
-        rows.append(time_mode(mode, a.device, a.batch, a.width, a.steps, a.repeats, a.warmup))
+        rows.append(time_mode(mode, a.device, a.batch, a.width, a.steps, a.repeats, a.warmup, a.stack))
         if not a.one_line:
             print(json.dumps(rows[-1]), flush=True)
     if a.one_line:
