@@ -496,7 +496,7 @@ def collect(out: Path, seeds, rewind: str | None, points: tuple[str, ...] = STAB
                     and source.startswith("search-imp_") and r.get("control_seed") == 1
                     and r.get("scope", "layerwise") == "layerwise" and same_recipe(out / source, recipe)):
                 add(f"{control.replace('-', ' ')} (IMP-R masks)", nominal(r["level"]), r)
-    tickets: dict[tuple[str, float, str, str], dict[int, float]] = {}
+    tickets: dict[tuple[str, float, str, str], dict[int, dict[str, Any]]] = {}
     for folder, r in read_results(out, "stability_*/results.json"):
         if r.get("mask") is None or r.get("seed") not in seeds or not same_recipe(folder, recipe):
             continue
@@ -511,10 +511,12 @@ def collect(out: Path, seeds, rewind: str | None, points: tuple[str, ...] = STAB
         name = "CS" if found["method"] == "cs" else "IMP-R"
         for row in r["rows"]:
             start = ("own" if r.get("start_state") else "init" if row["rewind"] == "0it" else "dense")
-            tickets.setdefault((name, round(r["mask_density"], 4), row["rewind"], start), {})[r["seed"]] = \
-                row["instability"]
+            ends = [1 - row[e] for e in ("error_a", "error_b") if row.get(e) is not None]
+            tickets.setdefault((name, round(r["mask_density"], 4), row["rewind"], start), {})[r["seed"]] = {
+                "instability": row["instability"], "ends": ends, "l2_between": row.get("l2_between")}
     return {"series": series, "dense_instability": dense_instability(out, seeds, points, recipe),
-            "tickets": {key: [v[s] for s in sorted(v)] for key, v in tickets.items()}}
+            "tickets": {key: [v[s]["instability"] for s in sorted(v)] for key, v in tickets.items()},
+            "ticket_details": {key: [v[s] for s in sorted(v)] for key, v in tickets.items()}}
 
 
 def paper_recipe(folder: Path) -> bool:
@@ -646,11 +648,16 @@ def report(out: Path, seeds, rewind: str | None, figure: Path | None, points: tu
         if values:
             print(f"| {k} | {_pm(values)} | {_per_seed(values)} |")
     if data["tickets"]:
-        print("\n| ticket | density | k | copies start from | instability, points (mean ± std) | per seed |\n"
-              "|---|---|---|---|---|---|")
-        for (name, d, k, start), values in sorted(data["tickets"].items()):
+        print("\n| ticket | density | k | copies start from | instability, points (mean ± std) | per seed "
+              "| copies end at, test % | copies apart, L2 (per seed) |\n|---|---|---|---|---|---|---|---|")
+        for key, values in sorted(data["tickets"].items()):
+            name, d, k, start = key
+            details = data["ticket_details"][key]
+            ends = [a for row in details for a in row["ends"]]
+            span = f"{100 * min(ends):.2f}-{100 * max(ends):.2f}" if ends else "-"
+            apart = " / ".join("-" if row["l2_between"] is None else f"{row['l2_between']:.2f}" for row in details)
             print(f"| {name} | {d:.4f} | {k} | {TICKET_STARTS[start]} | {_pm(values)} | "
-                  f"{_per_seed(values)} |")
+                  f"{_per_seed(values)} | {span} | {apart} |")
 
     checks = cs_checks(out, seeds, rewind, recipe)
     if checks:

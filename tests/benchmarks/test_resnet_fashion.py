@@ -307,3 +307,36 @@ def test_dense_is_each_seeds_dense_run_and_imp_level_0_only_stands_in(bench, tmp
     out = capsys.readouterr().out
     assert "dense (each seed's dense run): 91.50 ± 0.71 % over 2 seeds (91.00 / 92.00); trained again as IMP k=0's " \
            "level 0: 93.00 / 92.00" in out
+
+
+def test_ticket_instability_rows_carry_the_copies_end_accuracy_and_distance(bench, tmp_path):
+    """The report's ticket table names where each ticket's copies started, what they ended at and how far apart
+    they ended; a ticket of another rewind point (IMP at k = 0) stays out of it."""
+    preset = get_preset("fashion_resnet20")
+    recipe_hp = {"data": preset.data.to_dict(), "model": preset.model.to_dict(), "training": preset.training.to_dict()}
+
+    def search(name: str, rewind: str) -> Path:
+        folder = tmp_path / name
+        (folder / "level_12").mkdir(parents=True)
+        (folder / "results.json").write_text(json.dumps({"method": "imp", "rewind": rewind, "seed": 0}))
+        return folder / "level_12" / "mask.safetensors"
+
+    def ticket(name: str, mask: Path, instability: float, errors: tuple, l2: float, start_state: str | None) -> None:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "hparams.json").write_text(json.dumps({"seed": 0, **recipe_hp}))
+        row = {"rewind": "1ep", "instability": instability, "error_a": errors[0], "error_b": errors[1],
+               "l2_between": l2}
+        (folder / "results.json").write_text(json.dumps({
+            "seed": 0, "mask": str(mask), "mask_density": 0.06864, "start_state": start_state, "rows": [row]}))
+
+    ticket("stability_resnet20_fashion-mnist_s0_a", search("search-imp_resnet20_fashion-mnist_s0_r", "1ep"),
+           0.0049, (0.0956, 0.0979), 5.86, "rewind.safetensors")
+    ticket("stability_resnet20_fashion-mnist_s0_b", search("search-imp_resnet20_fashion-mnist_s0_z", "0it"),
+           0.5, (0.2, 0.2), 20.0, None)
+    data = bench.collect(tmp_path, (0,), "1ep")
+    key = ("IMP-R", 0.0686, "1ep", "own")
+    assert list(data["tickets"]) == [key]
+    assert data["tickets"][key] == [pytest.approx(0.0049)]
+    (row,) = data["ticket_details"][key]
+    assert row["ends"] == [pytest.approx(0.9044), pytest.approx(0.9021)] and row["l2_between"] == 5.86
