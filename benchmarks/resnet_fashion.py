@@ -291,6 +291,30 @@ def imp_levels(out: Path, seed: int, rewind: str, kind: str = "search-imp", reci
     return sorted(levels, key=lambda lv: lv["level"])
 
 
+def imp_c_overlap(out: Path, seeds, rewind: str, recipe: Recipe = DEFAULT) -> dict[int, dict[int, float]]:
+    """{level: {seed: share of the weights IMP-R keeps that IMP-C keeps too}} for every level both runs of a
+    seed have a mask for. Why: IMP-C's level 1 must be IMP-R's (both prune the same dense network), and how
+    far their masks part afterwards says how different a ticket IMP-C's continued training finds."""
+    from lottery.io import load_tensors
+
+    table: dict[int, dict[int, float]] = {}
+    for s in seeds:
+        rewound, continued = imp_folder(out, s, rewind, "search-imp", recipe), imp_folder(out, s, rewind, "search-imp-c", recipe)
+        if rewound is None or continued is None:
+            continue
+        for mask_file in sorted(continued.glob("level_*/mask.safetensors")):
+            if mask_file.parent.name == "level_0":
+                continue  # the dense network: nothing pruned yet
+            other = rewound / mask_file.parent.name / "mask.safetensors"
+            if not other.exists():
+                continue
+            a, b = load_tensors(other), load_tensors(mask_file)
+            kept = sum(int(v.bool().sum()) for v in a.values())
+            both = sum(int((v.bool() & b[name].bool()).sum()) for name, v in a.items())
+            table.setdefault(int(mask_file.parent.name.split("_")[1]), {})[s] = both / kept if kept else float("nan")
+    return dict(sorted(table.items()))
+
+
 def pick_rewind(out: Path, seeds=SEEDS, points=STABILITY_POINTS, recipe: Recipe = DEFAULT) -> tuple[str | None, str]:
     """(k, why): the earliest rewind point whose mean instability over every seed is below the line.
     Points are looked at in order, and k is chosen as soon as it and every earlier point are finished for
@@ -658,6 +682,14 @@ def report(out: Path, seeds, rewind: str | None, figure: Path | None, points: tu
             apart = " / ".join("-" if row["l2_between"] is None else f"{row['l2_between']:.2f}" for row in details)
             print(f"| {name} | {d:.4f} | {k} | {TICKET_STARTS[start]} | {_pm(values)} | "
                   f"{_per_seed(values)} | {span} | {apart} |")
+
+    overlap = imp_c_overlap(out, seeds, rewind, recipe) if rewind else {}
+    if overlap:
+        print(f"\nIMP-C's masks against IMP-R's (k={rewind}, same seed and level): share of the weights IMP-R keeps "
+              "that IMP-C keeps too, %\n\n| level | density | per seed |\n|---|---|---|")
+        for level, shares in overlap.items():
+            print(f"| {level} | {nominal(level):.4f} | "
+                  + " / ".join(f"s{s} {100 * v:.1f}" for s, v in sorted(shares.items())) + " |")
 
     checks = cs_checks(out, seeds, rewind, recipe)
     if checks:

@@ -340,3 +340,29 @@ def test_ticket_instability_rows_carry_the_copies_end_accuracy_and_distance(benc
     assert data["tickets"][key] == [pytest.approx(0.0049)]
     (row,) = data["ticket_details"][key]
     assert row["ends"] == [pytest.approx(0.9044), pytest.approx(0.9021)] and row["l2_between"] == 5.86
+
+
+def test_imp_c_overlap_is_the_share_of_imp_r_kept_weights_imp_c_keeps(bench, tmp_path, capsys):
+    """The report's comparison of IMP-C's masks with IMP-R's: per seed and level, of the weights IMP-R keeps,
+    the share IMP-C keeps too; level 0 (nothing pruned) and IMP-R runs of another k are not read."""
+    import torch
+
+    from lottery.io import save_tensors
+
+    recipe = bench.DEFAULT
+
+    def run(kind: str, rewind: str, masks: dict[int, list[int]]) -> None:
+        folder = tmp_path / f"{kind}_resnet20_fashion-mnist_s0_{rewind}"
+        folder.mkdir()
+        (folder / "hparams.json").write_text(_hparams(recipe, seed=0, imp={"rewind": rewind}))
+        for level, kept in masks.items():
+            (folder / f"level_{level}").mkdir()
+            save_tensors(folder / f"level_{level}" / "mask.safetensors", {"w": torch.tensor(kept, dtype=torch.bool)})
+
+    run("search-imp", "1ep", {0: [1, 1, 1, 1], 1: [1, 1, 1, 0], 2: [1, 1, 0, 0]})
+    run("search-imp", "0it", {1: [0, 0, 0, 1], 2: [0, 0, 1, 1]})  # IMP at k = 0: another run, never compared
+    run("search-imp-c", "1ep", {0: [1, 1, 1, 1], 1: [1, 1, 1, 0], 2: [1, 0, 1, 0], 3: [1, 0, 0, 0]})
+    assert bench.imp_c_overlap(tmp_path, (0, 1), "1ep") == {1: {0: 1.0}, 2: {0: 0.5}}
+    bench.report(tmp_path, (0,), "1ep", None)
+    out = capsys.readouterr().out
+    assert "| 2 | 0.6400 | s0 50.0 |" in out and "| 1 | 0.8000 | s0 100.0 |" in out
