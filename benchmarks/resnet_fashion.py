@@ -584,9 +584,9 @@ def cs_checks(out: Path, seeds, rewind: str | None, recipe: Recipe = DEFAULT) ->
 
 
 def layer_densities(out: Path, seeds, rewind: str | None, density: float, recipe: Recipe = DEFAULT) -> dict:
-    """Per-layer density of the CS tickets at ``density`` and of the IMP-R level of that nominal density
-    (their mask.json), as {layer: {"CS": [per seed], CS_PAPER: [per seed], "IMP-R": [per seed]}}: where each
-    method keeps its weights, the first thing to compare when two differ in accuracy at one density."""
+    """Per-layer density of the CS tickets at ``density`` and of the IMP-R and IMP-C levels of that nominal
+    density (their mask.json), as {layer: {"CS": [per seed], CS_PAPER: [...], "IMP-R": [...], "IMP-C": [...]}}:
+    where each method keeps its weights, the first thing to compare when two differ in accuracy at one density."""
     from lottery.io import read_json
 
     table: dict[str, dict[str, list[float]]] = {}
@@ -595,16 +595,17 @@ def layer_densities(out: Path, seeds, rewind: str | None, density: float, recipe
             for name, layer in read_json(row["folder"] / "mask.json")["layers"].items():
                 table.setdefault(name, {}).setdefault(row["series"], []).append(layer["density"])
     level = round(math.log(density) / math.log(0.8)) if 0 < density < 1 else None
-    for s in seeds:
-        folder = imp_folder(out, s, rewind, "search-imp", recipe) if rewind not in (None, "0it") else None
-        if folder is None or level is None or round(nominal(level), 4) != round(density, 4):
-            continue
-        try:
-            layers = read_json(folder / f"level_{level}" / "mask.json")["layers"]
-        except (OSError, ValueError):
-            continue  # that level has not finished
-        for name, layer in layers.items():
-            table.setdefault(name, {}).setdefault("IMP-R", []).append(layer["density"])
+    for series, kind in (("IMP-R", "search-imp"), ("IMP-C", "search-imp-c")):
+        for s in seeds:
+            folder = imp_folder(out, s, rewind, kind, recipe) if rewind not in (None, "0it") else None
+            if folder is None or level is None or round(nominal(level), 4) != round(density, 4):
+                continue
+            try:
+                layers = read_json(folder / f"level_{level}" / "mask.json")["layers"]
+            except (OSError, ValueError):
+                continue  # that level has not finished
+            for name, layer in layers.items():
+                table.setdefault(name, {}).setdefault(series, []).append(layer["density"])
     return table
 
 
@@ -704,9 +705,10 @@ def report(out: Path, seeds, rewind: str | None, figure: Path | None, points: tu
         for d in sorted({c["asked"] for c in checks}):
             layers = layer_densities(out, seeds, rewind, d, recipe)
             if any(("CS" in v or CS_PAPER in v) and "IMP-R" in v for v in layers.values()):
-                columns = [m for m in ("CS", CS_PAPER, "IMP-R") if any(m in v for v in layers.values())]
+                columns = [m for m in ("CS", CS_PAPER, "IMP-R", "IMP-C") if any(m in v for v in layers.values())]
                 print(f"\nwhere the weights are at density {d:.4f}: per-layer density, % (mean over the seeds "
-                      f"that have it)\n\n| layer | " + " | ".join(f"IMP-R k={rewind}" if m == "IMP-R" else m for m in columns)
+                      f"that have it)\n\n| layer | " + " | ".join(f"{m} k={rewind}" if m.startswith("IMP") else m
+                                                                for m in columns)
                       + " |\n" + "|---" * (len(columns) + 1) + "|")
                 for name, v in layers.items():
                     cells = [f"{100 * statistics.fmean(v[m]):.1f} ({len(v[m])})" if m in v else "-" for m in columns]

@@ -190,7 +190,7 @@ def _hparams(recipe, **extra) -> str:
 
 def test_cs_checks_and_where_each_method_keeps_its_weights(bench, tmp_path, capsys):
     """The report's evidence for claim (c): each CS search's last round (converged or not, soft against hard
-    accuracy) and the per-layer densities of CS and IMP-R at one density, read from their run folders.
+    accuracy) and the per-layer densities of CS, IMP-R and IMP-C at one density, read from their run folders.
     Runs of another k or another recipe must not be read; CS with the paper's mask recipe, in its own folder,
     is a column of its own."""
     recipe = bench.DEFAULT
@@ -212,6 +212,11 @@ def test_cs_checks_and_where_each_method_keeps_its_weights(bench, tmp_path, caps
         (imp / "hparams.json").write_text(_hparams(recipe, seed=seed, imp={"rewind": "1ep"}))
         (imp / f"level_{level}" / "mask.json").write_text(
             json.dumps({"layers": {"a": {"density": 0.1}, "b": {"density": (0.06, 0.07)[seed]}}}))
+    imp_c = out / "search-imp-c_resnet20_fashion-mnist_s1_x"  # IMP-C: one seed has reached the level
+    (imp_c / f"level_{level}").mkdir(parents=True)
+    (imp_c / "hparams.json").write_text(_hparams(recipe, seed=1, imp={"rewind": "1ep"}))
+    (imp_c / f"level_{level}" / "mask.json").write_text(
+        json.dumps({"layers": {"a": {"density": 0.2}, "b": {"density": 0.03}}}))
     other_k = out / "search-cs_resnet20_fashion-mnist_s0_otherk"
     other_k.mkdir()
     (other_k / "hparams.json").write_text(_hparams(recipe))
@@ -244,16 +249,17 @@ def test_cs_checks_and_where_each_method_keeps_its_weights(bench, tmp_path, caps
     assert [(c["seed"], c["converged"], c["hard"], c["flips"], c["test"]) for c in checks] == [
         (0, True, 0.8, 7, 0.9), (1, False, 0.9, 7, 0.89)]  # the last round's figures; other k / width left out
     layers = bench.layer_densities(out, (0, 1, 2), "1ep", 0.0687)
-    assert layers == {"a": {"CS": [0.5, 0.25], bench.CS_PAPER: [0.4], "IMP-R": [0.1, 0.1]},
-                      "b": {"CS": [0.05, 0.05], bench.CS_PAPER: [0.06], "IMP-R": [0.06, 0.07]}}
+    assert layers == {"a": {"CS": [0.5, 0.25], bench.CS_PAPER: [0.4], "IMP-R": [0.1, 0.1], "IMP-C": [0.2]},
+                      "b": {"CS": [0.05, 0.05], bench.CS_PAPER: [0.06], "IMP-R": [0.06, 0.07], "IMP-C": [0.03]}}
     assert bench.layer_densities(out, (0, 1, 2), "1ep", 0.0343) == {}  # no CS ticket, no IMP-R level there
 
     bench.report(out, (0, 1, 2), "1ep", None)
     out = capsys.readouterr().out
     assert "| CS | 0.0687 | 1 | 0.0687 | False | 88.00 / 90.00 | 0.100 | 7 | 89.00 |" in out
     assert f"| {bench.CS_PAPER} | 0.0687 | 0 | 0.0687 | False | 90.00 / 80.00 | - | - | 90.50 |" in out
-    assert f"| layer | CS | {bench.CS_PAPER} | IMP-R k=1ep |" in out
-    assert "| a | 37.5 (2) | 40.0 (1) | 10.0 (2) |" in out and "| b | 5.0 (2) | 6.0 (1) | 6.5 (2) |" in out
+    assert f"| layer | CS | {bench.CS_PAPER} | IMP-R k=1ep | IMP-C k=1ep |" in out
+    assert "| a | 37.5 (2) | 40.0 (1) | 10.0 (2) | 20.0 (1) |" in out
+    assert "| b | 5.0 (2) | 6.0 (1) | 6.5 (2) | 3.0 (1) |" in out
     assert f"| 0.0687 | 89.50 ± 0.71 (2) | 90.50 ± 0.00 (1) |" in out  # the accuracy table has both CS columns
 
 
