@@ -78,14 +78,39 @@ def imp_levels(imp_out: Path, seeds: list[int], method: str, rewind: str) -> lis
 
 def imp_epochs_to(density: float, levels: list[dict], rate: float) -> tuple[int, float, bool]:
     """(level, epochs, measured?) of the first IMP level at or below ``density``; past the last measured
-    level, extrapolated at the run's last epochs per level (flagged)."""
+    level, extrapolated at the epochs of the run's last level step (flagged)."""
     for lv in levels:
         if lv["density"] <= density * (1 + 1e-9):
             return lv["level"], lv["epochs"], True
     last = levels[-1]
-    per_level = (last["epochs"] - levels[0]["epochs"]) / max(last["level"], 1)
+    # the last step, not the mean from level 0: IMP-C's first level costs less than its later ones (T - k vs T)
+    before = levels[-2] if len(levels) > 1 else levels[0]
+    per_level = (last["epochs"] - before["epochs"]) / max(last["level"] - before["level"], 1)
     level = math.ceil(math.log(density) / math.log(1 - rate) - 1e-9)
     return level, last["epochs"] + per_level * (level - last["level"]), False
+
+
+def retrain_epochs(levels: list[dict]) -> float:
+    """IMP-C's epochs for one ticket's retraining from k (T - k), from its levels' epochs: level L's ticket
+    costs e_L = L T + (T - k) (the dense run, the continued runs of levels 1..L-1, the retraining;
+    lottery.pipelines.imp), so consecutive levels differ by T and e_L - L T is the retraining."""
+    if len(levels) < 2:
+        raise ValueError("IMP-C needs two finished levels to tell its chain from its retraining")
+    a, b = levels[-2], levels[-1]
+    per_level = (b["epochs"] - a["epochs"]) / (b["level"] - a["level"])
+    return b["epochs"] - b["level"] * per_level
+
+
+def k_ticket_cost(name: str, levels: list[dict], sparsest: float, k: int, rate: float) -> tuple[int, float, float, bool]:
+    """(level, work, critical path, measured?) of ``k`` IMP tickets down to ``sparsest``. IMP k = 0 and IMP-R
+    are one chain whose every level is a ticket, so work = critical path = the level's epochs. IMP-C's
+    tickets are side branches of its chain of continued runs: work = the chain to the level + ``k``
+    retrainings; the critical path = the chain + one retraining (the level's own epochs)."""
+    level, epochs, measured = imp_epochs_to(sparsest, levels, rate)
+    if not name.startswith("IMP-C"):
+        return level, epochs, epochs, measured
+    retrain = retrain_epochs(levels)
+    return level, epochs - retrain + k * retrain, epochs, measured
 
 
 def main() -> None:
@@ -136,10 +161,20 @@ def main() -> None:
     print("|---|---|---|---|")
     print(f"| CS, {k} independent runs | {total:.0f} | {longest:.0f} | {sparsest:.4f} |")
     for n in names:
-        level, epochs, measured = imp_epochs_to(sparsest, imps[n], args.imp_rate)
+        level, work, path, measured = k_ticket_cost(n, imps[n], sparsest, k, args.imp_rate)
         mark = "" if measured else " (extrapolated)"
-        print(f"| {n}, one run to level {level} | {epochs:.0f}{mark} | {epochs:.0f}{mark} (sequential) | "
+        how = (f"one chain to level {level} + {k} ticket retrainings beside it" if n.startswith("IMP-C")
+               else f"one run to level {level}")
+        print(f"| {n}, {how} | {work:.0f}{mark} | {path:.0f}{mark} (sequential) | "
               f"{(1 - args.imp_rate) ** level:.4f} |")
+    if any(n.startswith("IMP-C") for n in names):
+        n = next(n for n in names if n.startswith("IMP-C"))
+        retrain = retrain_epochs(imps[n])
+        level, work, path, _ = k_ticket_cost(n, imps[n], sparsest, k, args.imp_rate)
+        print(f"\n{n}: each ticket is retrained from k ({retrain:.0f} epochs) beside the chain of continued runs "
+              f"({path - retrain:.0f} epochs to level {level}); lottery's IMP-C run retrains every level's ticket in "
+              f"turn, {path - retrain:.0f} + {level} x {retrain:.0f} = {path - retrain + level * retrain:.0f} epochs "
+              "to that level.")
 
 
 if __name__ == "__main__":
