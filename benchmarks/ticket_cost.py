@@ -165,7 +165,8 @@ def main() -> None:
         mark = "" if measured else " (extrapolated)"
         how = (f"one chain to level {level} + {k} ticket retrainings beside it" if n.startswith("IMP-C")
                else f"one run to level {level}")
-        print(f"| {n}, {how} | {work:.0f}{mark} | {path:.0f}{mark} (sequential) | "
+        chain = "chain + one retraining" if n.startswith("IMP-C") else "sequential"
+        print(f"| {n}, {how} | {work:.0f}{mark} | {path:.0f}{mark} ({chain}) | "
               f"{(1 - args.imp_rate) ** level:.4f} |")
     if any(n.startswith("IMP-C") for n in names):
         n = next(n for n in names if n.startswith("IMP-C"))
@@ -174,7 +175,7 @@ def main() -> None:
         print(f"\n{n}: each ticket is retrained from k ({retrain:.0f} epochs) beside the chain of continued runs "
               f"({path - retrain:.0f} epochs to level {level}); lottery's IMP-C run retrains every level's ticket in "
               f"turn, {path - retrain:.0f} + {level} x {retrain:.0f} = {path - retrain + level * retrain:.0f} epochs "
-              "to that level.")
+              "to that level's ticket (its results.json's epochs_total adds the continued run after its last level).")
 
 
 if __name__ == "__main__":

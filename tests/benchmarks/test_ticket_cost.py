@@ -68,5 +68,5 @@ def test_the_k_ticket_table_from_run_folders(cost, tmp_path, monkeypatch, capsys
     assert "| CS, 2 independent runs | 62 | 31 | 0.4100 |" in out
     # 0.41 is first reached at level 4 (0.4096): IMP-R 16 + 4 x 15; IMP-C 4 x 16 + 2 x 15 of work, 4 x 16 + 15 of path
     assert "| IMP-R k=1ep, one run to level 4 | 76 | 76 (sequential) | 0.4096 |" in out
-    assert "| IMP-C k=1ep, one chain to level 4 + 2 ticket retrainings beside it | 94 | 79 (sequential) | 0.4096 |" in out
+    assert "| IMP-C k=1ep, one chain to level 4 + 2 ticket retrainings beside it | 94 | 79 (chain + one retraining) | 0.4096 |" in out
     assert "64 + 4 x 15 = 124 epochs" in out
