@@ -39,6 +39,43 @@ def dying_runner(job, options):
     os._exit(3)  # a worker killed outright (as by the OOM killer): no exception ever reaches the pool
 
 
+def _dying_task(options):
+    os._exit(3)
+
+
+def _fine_task(options):
+    return {"fine": True}
+
+
+def test_a_job_submitted_to_a_pool_that_just_broke_is_handed_back_not_raised(tmp_path):
+    """The race behind a sweep that ended in BrokenProcessPool: a worker dies after the sweep's last wait()
+    and before its next submit. That submit must hand the job back as crashed (to be retried, as every job
+    of a broken pool is), and the next one must run in a fresh pool."""
+    from types import SimpleNamespace
+
+    from lottery.sweep.backends import _LocalBackend
+
+    backend = _LocalBackend(workers=1, threads=1, log=lambda line: None)
+    opts = {"out": str(tmp_path), "data_dir": None, "device": "cpu", "download": False}
+    dies, meets_the_broken_pool, runs_after = (SimpleNamespace(label=name) for name in ("dies", "next", "after"))
+    try:
+        backend.submit(dies, _dying_task, opts)
+        deadline = time.monotonic() + 60
+        while not getattr(backend.pool, "_broken", False):  # the pool has seen its worker die; no wait() yet
+            assert time.monotonic() < deadline, "the worker did not die within 60 s"
+            time.sleep(0.05)
+        backend.submit(meets_the_broken_pool, _fine_task, opts)
+        handed_back = {}
+        while len(handed_back) < 2:
+            handed_back.update({item.label: outcome for item, outcome in backend.wait()})
+        assert handed_back["dies"]["crashed"] and handed_back["next"]["crashed"]
+        backend.submit(runs_after, _fine_task, opts)
+        [(item, outcome)] = backend.wait()
+        assert item is runs_after and outcome["ok"] and outcome["results"] == {"fine": True}
+    finally:
+        backend.close()
+
+
 def _options(out: Path) -> RunOptions:
     return RunOptions(out=out, progress=False, log=lambda line: None)
 

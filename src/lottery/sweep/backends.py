@@ -232,8 +232,18 @@ class _LocalBackend:
         self.queue = self.drain = None
 
     def submit(self, item: Any, task: Callable[[Any], Any], opts: dict[str, Any]) -> Any:
+        from concurrent.futures import Future
+        from concurrent.futures.process import BrokenProcessPool
+
         with _no_sigint():  # the pool starts its worker processes here, on demand
-            fut = self._pool().submit(_local_task, task, opts, item.label)
+            try:
+                fut = self._pool().submit(_local_task, task, opts, item.label)
+            except BrokenProcessPool as e:
+                # A worker died after the last wait() and before this submit, so the pool takes no more jobs.
+                # The job goes back as one of the broken pool's (wait() reports it at once, as crashed, and
+                # replaces the pool), instead of the exception ending the whole sweep.
+                fut = Future()
+                fut.set_exception(e)
         self.futures[fut] = item
         return fut
 
