@@ -76,6 +76,13 @@ def imp_levels(imp_out: Path, seeds: list[int], method: str, rewind: str) -> lis
     return out
 
 
+def _epochs_per_level(levels: list[dict]) -> float:
+    """Epochs between the run's last two levels. The last step, not the mean from level 0: IMP-C's first
+    level costs less than its later ones (T - k against T)."""
+    before, last = (levels[-2] if len(levels) > 1 else levels[0]), levels[-1]
+    return (last["epochs"] - before["epochs"]) / max(last["level"] - before["level"], 1)
+
+
 def imp_epochs_to(density: float, levels: list[dict], rate: float) -> tuple[int, float, bool]:
     """(level, epochs, measured?) of the first IMP level at or below ``density``; past the last measured
     level, extrapolated at the epochs of the run's last level step (flagged)."""
@@ -83,11 +90,8 @@ def imp_epochs_to(density: float, levels: list[dict], rate: float) -> tuple[int,
         if lv["density"] <= density * (1 + 1e-9):
             return lv["level"], lv["epochs"], True
     last = levels[-1]
-    # the last step, not the mean from level 0: IMP-C's first level costs less than its later ones (T - k vs T)
-    before = levels[-2] if len(levels) > 1 else levels[0]
-    per_level = (last["epochs"] - before["epochs"]) / max(last["level"] - before["level"], 1)
     level = math.ceil(math.log(density) / math.log(1 - rate) - 1e-9)
-    return level, last["epochs"] + per_level * (level - last["level"]), False
+    return level, last["epochs"] + _epochs_per_level(levels) * (level - last["level"]), False
 
 
 def retrain_epochs(levels: list[dict]) -> float:
@@ -96,18 +100,17 @@ def retrain_epochs(levels: list[dict]) -> float:
     lottery.pipelines.imp), so consecutive levels differ by T and e_L - L T is the retraining."""
     if len(levels) < 2:
         raise ValueError("IMP-C needs two finished levels to tell its chain from its retraining")
-    a, b = levels[-2], levels[-1]
-    per_level = (b["epochs"] - a["epochs"]) / (b["level"] - a["level"])
-    return b["epochs"] - b["level"] * per_level
+    return levels[-1]["epochs"] - levels[-1]["level"] * _epochs_per_level(levels)
 
 
-def k_ticket_cost(name: str, levels: list[dict], sparsest: float, k: int, rate: float) -> tuple[int, float, float, bool]:
+def k_ticket_cost(levels: list[dict], sparsest: float, k: int, rate: float,
+                  continued: bool = False) -> tuple[int, float, float, bool]:
     """(level, work, critical path, measured?) of ``k`` IMP tickets down to ``sparsest``. IMP k = 0 and IMP-R
     are one chain whose every level is a ticket, so work = critical path = the level's epochs. IMP-C's
-    tickets are side branches of its chain of continued runs: work = the chain to the level + ``k``
+    (``continued``) tickets are side branches of its chain of continued runs: work = the chain to the level + ``k``
     retrainings; the critical path = the chain + one retraining (the level's own epochs)."""
     level, epochs, measured = imp_epochs_to(sparsest, levels, rate)
-    if not name.startswith("IMP-C"):
+    if not continued:
         return level, epochs, epochs, measured
     retrain = retrain_epochs(levels)
     return level, epochs - retrain + k * retrain, epochs, measured
@@ -126,9 +129,10 @@ def main() -> None:
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     cs = cs_settings(Path(args.cs_out), seeds, args.rewind if args.cs_rewind else None)
-    imps = {name: imp_levels(Path(args.imp_out), seeds, method, rewind)
-            for name, method, rewind in (("IMP k=0", "imp", "0it"), (f"IMP-R k={args.rewind}", "imp", args.rewind),
-                                         (f"IMP-C k={args.rewind}", "imp-c", args.rewind))}
+    series = (("IMP k=0", "imp", "0it"), (f"IMP-R k={args.rewind}", "imp", args.rewind),
+              (f"IMP-C k={args.rewind}", "imp-c", args.rewind))
+    imps = {name: imp_levels(Path(args.imp_out), seeds, method, rewind) for name, method, rewind in series}
+    continued_runs = {name for name, method, _ in series if method == "imp-c"}  # tickets beside a chain
     imps = {name: levels for name, levels in imps.items() if levels or name.startswith("IMP-R")}  # IMP-C if run
     if not cs or not all(imps.values()):
         sys.exit("no finished CS or IMP runs with all seeds under --cs-out / --imp-out: run the CS and IMP benchmarks first")
@@ -160,22 +164,24 @@ def main() -> None:
     print("| method | epochs, all K tickets (work) | epochs of the longest run (wall with K workers) | sparsest density |")
     print("|---|---|---|---|")
     print(f"| CS, {k} independent runs | {total:.0f} | {longest:.0f} | {sparsest:.4f} |")
+    continued_note = ""
     for n in names:
-        level, work, path, measured = k_ticket_cost(n, imps[n], sparsest, k, args.imp_rate)
+        continued = n in continued_runs
+        level, work, path, measured = k_ticket_cost(imps[n], sparsest, k, args.imp_rate, continued)
         mark = "" if measured else " (extrapolated)"
-        how = (f"one chain to level {level} + {k} ticket retrainings beside it" if n.startswith("IMP-C")
-               else f"one run to level {level}")
-        chain = "chain + one retraining" if n.startswith("IMP-C") else "sequential"
+        how = f"one chain to level {level} + {k} ticket retrainings beside it" if continued else f"one run to level {level}"
+        chain = "chain + one retraining" if continued else "sequential"
         print(f"| {n}, {how} | {work:.0f}{mark} | {path:.0f}{mark} ({chain}) | "
               f"{(1 - args.imp_rate) ** level:.4f} |")
-    if any(n.startswith("IMP-C") for n in names):
-        n = next(n for n in names if n.startswith("IMP-C"))
-        retrain = retrain_epochs(imps[n])
-        level, work, path, _ = k_ticket_cost(n, imps[n], sparsest, k, args.imp_rate)
-        print(f"\n{n}: each ticket is retrained from k ({retrain:.0f} epochs) beside the chain of continued runs "
-              f"({path - retrain:.0f} epochs to level {level}); lottery's IMP-C run retrains every level's ticket in "
-              f"turn, {path - retrain:.0f} + {level} x {retrain:.0f} = {path - retrain + level * retrain:.0f} epochs "
-              "to that level's ticket (its results.json's epochs_total adds the continued run after its last level).")
+        if continued:
+            retrain = retrain_epochs(imps[n])
+            continued_note = (f"\n{n}: each ticket is retrained from k ({retrain:.0f} epochs) beside the chain of continued runs "
+                              f"({path - retrain:.0f} epochs to level {level}); lottery's IMP-C run retrains every "
+                              f"level's ticket in turn, {path - retrain:.0f} + {level} x {retrain:.0f} = "
+                              f"{path - retrain + level * retrain:.0f} epochs to that level's ticket (its results.json's "
+                              "epochs_total adds the continued run after its last level).")
+    if continued_note:
+        print(continued_note)
 
 
 if __name__ == "__main__":

@@ -34,14 +34,14 @@ def test_imp_c_tickets_cost_their_chain_plus_one_retraining_each(cost):
     Past the last level both are extrapolated (flagged)."""
     imp_c = _imp_levels("imp-c", 12)
     assert cost.retrain_epochs(imp_c) == T - K_REWIND
-    level, work, path, measured = cost.k_ticket_cost("IMP-C k=1ep", imp_c, 0.8 ** 12, 5, 0.2)
+    level, work, path, measured = cost.k_ticket_cost(imp_c, 0.8 ** 12, 5, 0.2, continued=True)
     assert (level, path, measured) == (12, 12 * T + 15, True)
     assert work == 12 * T + 5 * 15  # the chain (dense + 11 continued runs) and 5 retrainings
-    level, work, path, measured = cost.k_ticket_cost("IMP-C k=1ep", imp_c, 0.0343, 5, 0.2)
+    level, work, path, measured = cost.k_ticket_cost(imp_c, 0.0343, 5, 0.2, continued=True)
     assert (level, path, work, measured) == (16, 16 * T + 15, 16 * T + 5 * 15, False)
 
     imp_r = _imp_levels("imp", 12)
-    assert cost.k_ticket_cost("IMP-R k=1ep", imp_r, 0.8 ** 12, 5, 0.2) == (12, T + 12 * 15, T + 12 * 15, True)
+    assert cost.k_ticket_cost(imp_r, 0.8 ** 12, 5, 0.2) == (12, T + 12 * 15, T + 12 * 15, True)
     with pytest.raises(ValueError, match="two finished levels"):
         cost.retrain_epochs(imp_c[:1])
 
