@@ -609,6 +609,24 @@ def layer_densities(out: Path, seeds, rewind: str | None, density: float, recipe
     return table
 
 
+def imp_c_layer_gaps(out: Path, seeds, rewind: str, levels: list[int], recipe: Recipe = DEFAULT,
+                     top: int = 3) -> dict[int, dict[str, tuple[float, float]]]:
+    """{level: {layer: (IMP-R's, IMP-C's mean density)}} for the ``top`` layers whose densities differ most at the
+    sparsest of ``levels`` every seed of both has finished; every such level gets a row. Whether where the two
+    masks part follows where their tickets part in accuracy is read off this table."""
+    by_level = {}
+    for level in levels:
+        layers = layer_densities(out, seeds, rewind, nominal(level), recipe)
+        if layers and all(len(v.get("IMP-R", [])) == len(v.get("IMP-C", [])) == len(seeds) for v in layers.values()):
+            by_level[level] = {name: (statistics.fmean(v["IMP-R"]), statistics.fmean(v["IMP-C"]))
+                               for name, v in layers.items()}
+    if not by_level:
+        return {}
+    sparsest = by_level[max(by_level)]
+    chosen = sorted(sparsest, key=lambda name: -abs(sparsest[name][0] - sparsest[name][1]))[:top]
+    return {level: {name: row[name] for name in chosen} for level, row in by_level.items()}
+
+
 def sparsest_matching(rows_by_density: dict[float, list[dict]], dense: float) -> float | None:
     """The smallest density whose mean accuracy over seeds is at most MATCHING below the dense mean."""
     ok = [d for d, rows in rows_by_density.items() if d < 1
@@ -691,6 +709,16 @@ def report(out: Path, seeds, rewind: str | None, figure: Path | None, points: tu
         for level, shares in overlap.items():
             print(f"| {level} | {nominal(level):.4f} | "
                   + " / ".join(f"s{s} {100 * v:.1f}" for s, v in sorted(shares.items())) + " |")
+
+        gaps = imp_c_layer_gaps(out, seeds, rewind, sorted(overlap), recipe)
+        if gaps:
+            layers = list(next(iter(gaps.values())))
+            print(f"\nIMP-R's and IMP-C's per-layer density (k={rewind}), %, mean over the seeds, in the {len(layers)} "
+                  "layers where they differ most at the sparsest level\n\n| level | density | "
+                  + " | ".join(f"{name}: IMP-R / IMP-C" for name in layers) + " |\n" + "|---" * (len(layers) + 2) + "|")
+            for level, row in gaps.items():
+                print(f"| {level} | {nominal(level):.4f} | "
+                      + " | ".join(f"{100 * r:.1f} / {100 * c:.1f}" for r, c in row.values()) + " |")
 
     checks = cs_checks(out, seeds, rewind, recipe)
     if checks:

@@ -372,3 +372,30 @@ def test_imp_c_overlap_is_the_share_of_imp_r_kept_weights_imp_c_keeps(bench, tmp
     bench.report(tmp_path, (0,), "1ep", None)
     out = capsys.readouterr().out
     assert "| 2 | 0.6400 | s0 50.0 |" in out and "| 1 | 0.8000 | s0 100.0 |" in out
+
+
+def test_imp_c_layer_gaps_follow_the_layers_that_part_most_at_the_sparsest_level(bench, tmp_path):
+    """The report's table of where IMP-C's and IMP-R's masks part: the layers are chosen at the sparsest level
+    both have for every seed, and every such level gets their means; a level one seed lacks is left out."""
+    recipe = bench.DEFAULT
+    out = tmp_path / "resnet_fashion"
+    densities = {  # (kind, level): {layer: density}, the same for both seeds
+        ("search-imp", 1): {"a": 0.8, "b": 0.8, "c": 0.8}, ("search-imp-c", 1): {"a": 0.8, "b": 0.7, "c": 0.9},
+        ("search-imp", 2): {"a": 0.6, "b": 0.6, "c": 0.6}, ("search-imp-c", 2): {"a": 0.3, "b": 0.62, "c": 0.7},
+    }
+    for seed in (0, 1):
+        for kind in ("search-imp", "search-imp-c"):
+            folder = out / f"{kind}_resnet20_fashion-mnist_s{seed}_x"
+            folder.mkdir(parents=True)
+            (folder / "hparams.json").write_text(_hparams(recipe, seed=seed, imp={"rewind": "1ep"}))
+            for level in (1, 2, 3):
+                if level == 3 and (kind, seed) == ("search-imp-c", 1):
+                    continue  # seed 1's IMP-C has not finished level 3
+                layers = densities.get((kind, level), {"a": 0.5, "b": 0.5, "c": 0.5})
+                (folder / f"level_{level}").mkdir()
+                (folder / f"level_{level}" / "mask.json").write_text(
+                    json.dumps({"layers": {name: {"density": d} for name, d in layers.items()}}))
+    gaps = bench.imp_c_layer_gaps(out, (0, 1), "1ep", [1, 2, 3], recipe, top=2)
+    assert list(gaps) == [1, 2]  # level 3 lacks a seed of IMP-C
+    assert gaps[2] == {"a": (0.6, 0.3), "c": (0.6, 0.7)}  # the two largest gaps at level 2; b (0.02) left out
+    assert gaps[1] == {"a": (0.8, 0.8), "c": (0.8, 0.9)}
