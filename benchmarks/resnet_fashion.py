@@ -801,6 +801,16 @@ def claims(series: dict[str, dict[float, list[dict]]], instability: dict[str, li
         print(f"(c) {name}: sparsest matching: {name} {'none' if sc is None else sc}, IMP-R "
               f"{'none' if sr is None else sr} (at most half of IMP-R: {half}); {name} - IMP-R "
               f"at shared densities, points: {'; '.join(diffs) or 'none yet'} (at least as accurate at every one: {ge})")
+    impc = complete(f"IMP-C k={rewind}")
+    if impc and impr:  # not one of the papers' claims: IMP-C beside IMP-R, as RESULTS.md reads it
+        rows = []
+        for d in sorted(set(impc) & set(impr), reverse=True):
+            a, b = [r["test_accuracy"] for r in impc[d]], [r["test_accuracy"] for r in impr[d]]
+            below = " every seed below" if max(a) < min(b) else ""
+            rows.append(f"{d:.4f}: {100 * (statistics.fmean(a) - statistics.fmean(b)):+.2f} (Welch t {welch_t(a, b):+.1f}){below}")
+        sc = sparsest_matching(impc, dense)
+        print(f"IMP-C (not a claim): sparsest matching {'none' if sc is None else sc}; IMP-C - IMP-R, points: "
+              + "; ".join(rows))
 
 
 def plot(series: dict[str, dict[float, list[dict]]], dense_rows: list[dict], path: Path,

@@ -103,6 +103,21 @@ def test_claims_verdicts(bench, capsys):
     assert "0.5120: -0.67" in paper and paper.endswith("(at least as accurate at every one: no)")
 
 
+def test_imp_c_beside_imp_r_in_the_report(bench, capsys):
+    """IMP-C is no claim of the papers, but RESULTS.md compares it with IMP-R: its differences with Welch's t at
+    the densities both have for every seed, and where every IMP-C seed is below every IMP-R seed."""
+    series = {
+        "IMP k=0": {0.8: _rows(0.92, 0.92, 0.92)},
+        "IMP-R k=1ep": {0.8: _rows(0.92, 0.921, 0.919), 0.64: _rows(0.92, 0.919, 0.921), 0.512: _rows(0.91, 0.91, 0.91)},
+        "IMP-C k=1ep": {0.8: _rows(0.925, 0.92, 0.915), 0.64: _rows(0.90, 0.905, 0.91), 0.512: _rows(0.9, 0.9)},
+    }
+    bench.claims(series, {}, 0.92, "1ep", 3)
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("IMP-C (not a claim)"))
+    assert "sparsest matching 0.8;" in line and "0.5120" not in line  # 0.512 has 2 IMP-C seeds
+    assert "0.8000: +0.00 (Welch t +0.0);" in line
+    assert line.endswith("0.6400: -1.50 (Welch t -5.1) every seed below")
+
+
 def test_claims_that_do_not_hold_say_so(bench, capsys):
     dense = 0.92
     series = {
