@@ -809,8 +809,10 @@ def claims(series: dict[str, dict[float, list[dict]]], instability: dict[str, li
             below = " every seed below" if max(a) < min(b) else ""
             rows.append(f"{d:.4f}: {100 * (statistics.fmean(a) - statistics.fmean(b)):+.2f} (Welch t {welch_t(a, b):+.1f}){below}")
         sc = sparsest_matching(impc, dense)
+        continued = [f"{d:.4f}: {100 * statistics.fmean(r['continued_test_accuracy'] for r in impc[d]):.2f}"
+                     for d in sorted(impc, reverse=True) if all(r.get("continued_test_accuracy") is not None for r in impc[d])]
         print(f"IMP-C (not a claim): sparsest matching {'none' if sc is None else sc}; IMP-C - IMP-R, points: "
-              + "; ".join(rows))
+              + "; ".join(rows) + ("; the network IMP-C keeps training, test %: " + "; ".join(continued) if continued else ""))
 
 
 def plot(series: dict[str, dict[float, list[dict]]], dense_rows: list[dict], path: Path,

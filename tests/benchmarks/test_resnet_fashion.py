@@ -111,11 +111,14 @@ def test_imp_c_beside_imp_r_in_the_report(bench, capsys):
         "IMP-R k=1ep": {0.8: _rows(0.92, 0.921, 0.919), 0.64: _rows(0.92, 0.919, 0.921), 0.512: _rows(0.91, 0.91, 0.91)},
         "IMP-C k=1ep": {0.8: _rows(0.925, 0.92, 0.915), 0.64: _rows(0.90, 0.905, 0.91), 0.512: _rows(0.9, 0.9)},
     }
+    for continued, row in zip((0.93, 0.92, 0.91), series["IMP-C k=1ep"][0.64]):
+        row["continued_test_accuracy"] = continued
     bench.claims(series, {}, 0.92, "1ep", 3)
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("IMP-C (not a claim)"))
     assert "sparsest matching 0.8;" in line and "0.5120" not in line  # 0.512 has 2 IMP-C seeds
     assert "0.8000: +0.00 (Welch t +0.0);" in line
-    assert line.endswith("0.6400: -1.50 (Welch t -5.1) every seed below")
+    assert "0.6400: -1.50 (Welch t -5.1) every seed below;" in line
+    assert line.endswith("the network IMP-C keeps training, test %: 0.6400: 92.00")  # 0.8 has none recorded
 
 
 def test_claims_that_do_not_hold_say_so(bench, capsys):
